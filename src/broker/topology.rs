@@ -1,0 +1,166 @@
+//! Declares the worker's exchanges, queues and bindings, idempotently, at start-up.
+//!
+//! AMQP 0-9-1 `exchange.declare` / `queue.declare` succeed when the object exists with the same
+//! arguments and fail with 406 PRECONDITION_FAILED otherwise (AMQP 0-9-1 spec §1.7.2.1,
+//! §1.8.2.1); that failure is turned into a message naming the object and the argument.
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    protocol::{AMQPErrorKind, AMQPSoftError},
+    types::{AMQPValue, FieldTable, LongString},
+};
+
+use crate::config::{QueueType, Settings};
+
+/// Names and types of everything the worker declares.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    /// Topic exchange producers publish provision-ready events to.
+    pub input_exchange: String,
+    /// Binding key of the input queue.
+    pub input_routing_key: String,
+    /// The queue consumed.
+    pub input_queue: String,
+    /// `x-queue-type` of both queues.
+    pub queue_type: QueueType,
+    /// Topic exchange for session events.
+    pub output_exchange: String,
+    /// Topic exchange for dead letters (also the input queue's `x-dead-letter-exchange`).
+    pub dead_letter_exchange: String,
+    /// Queue bound to the dead-letter exchange with `#`.
+    pub dead_letter_queue: String,
+}
+
+impl From<&Settings> for Topology {
+    fn from(s: &Settings) -> Self {
+        Self {
+            input_exchange: s.input_exchange.clone(),
+            input_routing_key: s.input_routing_key.clone(),
+            input_queue: s.input_queue.clone(),
+            queue_type: s.queue_type,
+            output_exchange: s.output_exchange.clone(),
+            dead_letter_exchange: s.dead_letter_exchange.clone(),
+            dead_letter_queue: s.dead_letter_queue.clone(),
+        }
+    }
+}
+
+/// A declaration the broker refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// The object exists with other arguments (406 PRECONDITION_FAILED).
+    #[error(
+        "{object} already exists on the broker with different arguments ({argument} differs; broker said: {broker_text}). Delete it or configure the worker to match (QUEUE_TYPE, DEAD_LETTER_EXCHANGE, the *_EXCHANGE / *_QUEUE names)"
+    )]
+    Inequivalent {
+        /// E.g. `queue 'bunq-session-worker.provision-ready'`.
+        object: String,
+        /// The argument named by the broker, e.g. `x-queue-type`.
+        argument: String,
+        /// The broker's reply text.
+        broker_text: String,
+    },
+    /// Any other failure.
+    #[error("declaring {object} failed: {source}")]
+    Other {
+        /// What was being declared.
+        object: String,
+        /// lapin's error.
+        source: lapin::Error,
+    },
+}
+
+fn classify(object: String, e: lapin::Error) -> TopologyError {
+    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
+        && *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    {
+        let text = amqp.get_message().to_string();
+        let argument = text
+            .split("inequivalent arg '")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .unwrap_or("an argument")
+            .to_owned();
+        return TopologyError::Inequivalent {
+            object,
+            argument: format!("'{argument}'"),
+            broker_text: text,
+        };
+    }
+    TopologyError::Other { object, source: e }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Declares the topology on `channel`.
+///
+/// # Errors
+/// [`TopologyError::Inequivalent`] when an object exists with other arguments (the channel is
+/// then closed by the broker); [`TopologyError::Other`] otherwise.
+pub async fn declare(channel: &Channel, t: &Topology) -> Result<(), TopologyError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for name in [
+        &t.input_exchange,
+        &t.output_exchange,
+        &t.dead_letter_exchange,
+    ] {
+        channel
+            .exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| classify(format!("exchange '{name}'"), e))?;
+    }
+
+    let mut dl_args = FieldTable::default();
+    dl_args.insert("x-queue-type".into(), long(t.queue_type.as_str()));
+    let queue_opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(t.dead_letter_queue.as_str().into(), queue_opts, dl_args)
+        .await
+        .map_err(|e| classify(format!("queue '{}'", t.dead_letter_queue), e))?;
+    channel
+        .queue_bind(
+            t.dead_letter_queue.as_str().into(),
+            t.dead_letter_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| classify(format!("binding of queue '{}'", t.dead_letter_queue), e))?;
+
+    let mut in_args = FieldTable::default();
+    in_args.insert("x-queue-type".into(), long(t.queue_type.as_str()));
+    in_args.insert(
+        "x-dead-letter-exchange".into(),
+        long(&t.dead_letter_exchange),
+    );
+    channel
+        .queue_declare(t.input_queue.as_str().into(), queue_opts, in_args)
+        .await
+        .map_err(|e| classify(format!("queue '{}'", t.input_queue), e))?;
+    channel
+        .queue_bind(
+            t.input_queue.as_str().into(),
+            t.input_exchange.as_str().into(),
+            t.input_routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| classify(format!("binding of queue '{}'", t.input_queue), e))?;
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! The three bunq calls: installation, device-server and session-server.
+//!
+//! Every call after installation carries the documented headers (`User-Agent`,
+//! `Cache-Control`, `Content-Type`, `X-Bunq-Client-Authentication`, `X-Bunq-Client-Signature`,
+//! a new `X-Bunq-Client-Request-Id`, `X-Bunq-Geolocation`, `X-Bunq-Language`, `X-Bunq-Region`)
+//! and is signed over the exact body bytes sent. 2xx answers are checked against
+//! `X-Bunq-Server-Signature` when verification is on.
+//! Sources: bunq swagger.json topic "Headers"; sdk_python `api_client.py`;
+//! <https://doc.bunq.com/basics/signing>.
+
+use std::time::Duration;
+
+use reqwest::{StatusCode, Url, header::HeaderMap};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+
+use super::{
+    context::ApiContext,
+    error::{CallError, RetryClass, classify_status},
+    response::{SessionServer, error_description, merge_response, parse_session_server},
+    signing,
+};
+use crate::outcome::FailureReason;
+
+/// Largest response body the worker reads, in bytes; bunq's answers are a few KiB.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// `POST /installation`.
+pub const INSTALLATION: &str = "POST /installation";
+/// `POST /device-server`.
+pub const DEVICE_SERVER: &str = "POST /device-server";
+/// `POST /session-server`.
+pub const SESSION_SERVER: &str = "POST /session-server";
+
+/// The answer to one successful call.
+#[derive(Debug)]
+pub struct Answer<T> {
+    /// The parsed value.
+    pub value: T,
+    /// bunq's `X-Bunq-Client-Response-Id`, for bunq support.
+    pub response_id: Option<String>,
+}
+
+/// An HTTP client for bunq's public API.
+#[derive(Clone, Debug)]
+pub struct BunqClient {
+    http: reqwest::Client,
+    base: Url,
+    user_agent: String,
+    verify_responses: bool,
+}
+
+impl BunqClient {
+    /// Builds a client for `base` (e.g. `https://public-api.sandbox.bunq.com/v1`) with a
+    /// per-request `timeout` (connect and response).
+    ///
+    /// # Errors
+    /// When reqwest cannot build its TLS configuration.
+    pub fn new(
+        base: Url,
+        user_agent: String,
+        timeout: Duration,
+        verify_responses: bool,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            http,
+            base,
+            user_agent,
+            verify_responses,
+        })
+    }
+
+    fn url(&self, path: &str) -> Url {
+        let mut url = self.base.clone();
+        let joined = format!("{}/{}", url.path().trim_end_matches('/'), path);
+        url.set_path(&joined);
+        url
+    }
+
+    /// `POST /installation` with `client_public_key` (PEM): the only unsigned call.
+    /// Returns the installation token and the server public key (PEM).
+    ///
+    /// # Errors
+    /// [`CallError`] classified as for the other calls; a 2xx without `Token.token` or
+    /// `ServerPublicKey.server_public_key` is `unexpected_response`.
+    pub async fn installation(
+        &self,
+        client_public_key_pem: &str,
+    ) -> Result<Answer<(SecretString, String)>, CallError> {
+        let body = serde_json::to_vec(&json!({ "client_public_key": client_public_key_pem }))
+            .expect("a JSON object of strings always serialises");
+        let (headers, bytes) = self
+            .post(INSTALLATION, "installation", None, body, &[])
+            .await?;
+        let response_id = response_id(&headers);
+        let unexpected = |d: &str| CallError {
+            endpoint: INSTALLATION,
+            class: RetryClass::Permanent(FailureReason::UnexpectedResponse),
+            http_status: Some(200),
+            description: d.to_owned(),
+            response_id: response_id.clone(),
+        };
+        let m = merge_response(&bytes).map_err(|d| unexpected(&d))?;
+        let token = m
+            .get("Token")
+            .and_then(|t| t.get("token"))
+            .and_then(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| unexpected("installation response has no Token.token"))?;
+        let server_key = m
+            .get("ServerPublicKey")
+            .and_then(|t| t.get("server_public_key"))
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| unexpected("installation response has no ServerPublicKey"))?;
+        Ok(Answer {
+            value: (SecretString::from(token.to_owned()), server_key.to_owned()),
+            response_id,
+        })
+    }
+
+    /// `POST /device-server` binding the credential's API key (`secret`) to this installation.
+    ///
+    /// # Errors
+    /// [`CallError`] with the class from the status table.
+    pub async fn device_server(
+        &self,
+        ctx: &ApiContext,
+        secret: &SecretString,
+        description: &str,
+        permitted_ips: &[String],
+    ) -> Result<Answer<()>, CallError> {
+        let body = serde_json::to_vec(&json!({
+            "description": description,
+            "secret": secret.expose_secret(),
+            "permitted_ips": permitted_ips,
+        }))
+        .expect("a JSON object of strings always serialises");
+        let (headers, _) = self
+            .post(DEVICE_SERVER, "device-server", Some(ctx), body, &[secret])
+            .await?;
+        Ok(Answer {
+            value: (),
+            response_id: response_id(&headers),
+        })
+    }
+
+    /// `POST /session-server` with the credential's API key: opens the user's session.
+    ///
+    /// # Errors
+    /// [`CallError`] with the class from the status table; a 2xx without `Id`, `Token` or a
+    /// user object is `unexpected_response`.
+    pub async fn session_server(
+        &self,
+        ctx: &ApiContext,
+        secret: &SecretString,
+    ) -> Result<Answer<SessionServer>, CallError> {
+        let body = serde_json::to_vec(&json!({ "secret": secret.expose_secret() }))
+            .expect("a JSON object of strings always serialises");
+        let (headers, bytes) = self
+            .post(SESSION_SERVER, "session-server", Some(ctx), body, &[secret])
+            .await?;
+        let response_id = response_id(&headers);
+        let value = parse_session_server(&bytes).map_err(|d| CallError {
+            endpoint: SESSION_SERVER,
+            class: RetryClass::Permanent(FailureReason::UnexpectedResponse),
+            http_status: Some(200),
+            description: d,
+            response_id: response_id.clone(),
+        })?;
+        Ok(Answer { value, response_id })
+    }
+
+    /// Sends one attempt. `secrets` are scrubbed from any error description bunq echoes.
+    async fn post(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        ctx: Option<&ApiContext>,
+        body: Vec<u8>,
+        secrets: &[&SecretString],
+    ) -> Result<(HeaderMap, Vec<u8>), CallError> {
+        let fail = |class, http_status, description: String, response_id| CallError {
+            endpoint,
+            class,
+            http_status,
+            description,
+            response_id,
+        };
+        let mut req = self
+            .http
+            .post(self.url(path))
+            .header("User-Agent", &self.user_agent)
+            .header("Cache-Control", "no-cache")
+            .header("Content-Type", "application/json")
+            .header("X-Bunq-Client-Request-Id", uuid::Uuid::new_v4().to_string())
+            .header("X-Bunq-Geolocation", "0 0 0 0 000")
+            .header("X-Bunq-Language", "en_US")
+            .header("X-Bunq-Region", "nl_NL");
+        if let Some(ctx) = ctx {
+            let signature = signing::sign(ctx.key_pair(), &body).map_err(|_| {
+                fail(
+                    RetryClass::Permanent(FailureReason::SignatureRejected),
+                    None,
+                    "cannot sign the request".into(),
+                    None,
+                )
+            })?;
+            req = req
+                .header(
+                    "X-Bunq-Client-Authentication",
+                    ctx.installation_token().expose_secret(),
+                )
+                .header("X-Bunq-Client-Signature", signature);
+        }
+        let mut resp = req
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| fail(RetryClass::Transient, None, transport_error(&e), None))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let rid = response_id(&headers);
+        let mut bytes = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return Err(fail(
+                            if status.is_success() {
+                                RetryClass::Permanent(FailureReason::UnexpectedResponse)
+                            } else {
+                                classify_status(status.as_u16(), "")
+                            },
+                            Some(status.as_u16()),
+                            format!("response body larger than {MAX_RESPONSE_BYTES} bytes"),
+                            rid,
+                        ));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(fail(
+                        RetryClass::Transient,
+                        Some(status.as_u16()),
+                        format!("reading the response failed: {}", transport_error(&e)),
+                        rid,
+                    ));
+                }
+            }
+        }
+        if status.is_success() {
+            if let (true, Some(ctx)) = (self.verify_responses, ctx) {
+                let valid = headers
+                    .get("X-Bunq-Server-Signature")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|sig| signing::verify(ctx.server_public_key_der(), &bytes, sig));
+                if !valid {
+                    return Err(fail(
+                        RetryClass::Permanent(FailureReason::ResponseSignatureInvalid),
+                        Some(status.as_u16()),
+                        "X-Bunq-Server-Signature is missing or does not match the body and the installation's server public key".into(),
+                        rid,
+                    ));
+                }
+            }
+            return Ok((headers, bytes));
+        }
+        let description = match error_description(&bytes) {
+            Some(d) => scrub(d, ctx, secrets),
+            None => describe_non_json(status, &headers, bytes.len()),
+        };
+        Err(fail(
+            classify_status(status.as_u16(), &description),
+            Some(status.as_u16()),
+            description,
+            rid,
+        ))
+    }
+}
+
+fn response_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("X-Bunq-Client-Response-Id")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(100).collect())
+}
+
+/// Names the kind of transport failure without the URL's query or any header.
+fn transport_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "connection broke while reading the body"
+    } else if e.is_request() {
+        "request failed (connection reset?)"
+    } else {
+        "transport error"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut cause = String::new();
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    if cause.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {cause}")
+    }
+}
+
+fn describe_non_json(status: StatusCode, headers: &HeaderMap, len: usize) -> String {
+    let ct = headers
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("no content type");
+    format!(
+        "{} with a non-JSON body ({ct}, {len} bytes)",
+        status.canonical_reason().unwrap_or("unknown status")
+    )
+}
+
+/// Removes tokens the call carried from text bunq sent back.
+fn scrub(mut text: String, ctx: Option<&ApiContext>, secrets: &[&SecretString]) -> String {
+    let installation = ctx.map(|c| c.installation_token());
+    for s in secrets.iter().copied().chain(installation) {
+        let s = s.expose_secret();
+        if s.len() >= 4 && text.contains(s) {
+            text = text.replace(s, "[REDACTED]");
+        }
+    }
+    text
+}

@@ -1,0 +1,130 @@
+//! A failed bunq call and its retry class.
+//!
+//! The status table follows <https://doc.bunq.com/basics/errors> and bunq swagger.json
+//! topic "Errors"; 491 (maintenance) and 429 are transient, 466 means the request signature is
+//! missing (a worker bug, so permanent).
+
+use std::time::Duration;
+
+use crate::outcome::FailureReason;
+
+/// How the caller should react to a failed call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Try again after a backoff delay.
+    Transient,
+    /// Try again, but not before `window` (from bunq's 429 message) has passed.
+    RateLimited {
+        /// The window bunq named, if its message named one.
+        window: Option<Duration>,
+    },
+    /// Do not retry; dead-letter with this reason.
+    Permanent(FailureReason),
+}
+
+/// One failed call to bunq. Holds no secret: descriptions are scrubbed of the tokens the call
+/// carried before they are stored.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{endpoint}: {}", self.summary())]
+pub struct CallError {
+    /// The endpoint, e.g. `POST /session-server`.
+    pub endpoint: &'static str,
+    /// What to do about it.
+    pub class: RetryClass,
+    /// HTTP status, when a response arrived.
+    pub http_status: Option<u16>,
+    /// bunq's `error_description`, or the worker's description of the fault.
+    pub description: String,
+    /// bunq's `X-Bunq-Client-Response-Id`, when present.
+    pub response_id: Option<String>,
+}
+
+impl CallError {
+    fn summary(&self) -> String {
+        match self.http_status {
+            Some(s) => format!("HTTP {s}: {}", self.description),
+            None => self.description.clone(),
+        }
+    }
+}
+
+/// Classifies an HTTP status that is not 2xx.
+pub fn classify_status(status: u16, description: &str) -> RetryClass {
+    match status {
+        429 => RetryClass::RateLimited {
+            window: rate_limit_window(description),
+        },
+        491 | 500..=599 => RetryClass::Transient,
+        400 | 490 => RetryClass::Permanent(FailureReason::CredentialRejected),
+        401 | 466 => RetryClass::Permanent(FailureReason::SignatureRejected),
+        403 => RetryClass::Permanent(FailureReason::Forbidden),
+        _ => RetryClass::Permanent(FailureReason::UnexpectedResponse),
+    }
+}
+
+/// Reads the window from bunq's 429 message: "You can do a maximum of X calls per Y second(s)".
+pub fn rate_limit_window(description: &str) -> Option<Duration> {
+    let lower = description.to_ascii_lowercase();
+    let after = &lower[lower.find(" per ")? + 5..];
+    let digits: String = after
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    let n: u64 = digits.parse().ok()?;
+    let unit = after.trim_start()[digits.len()..].trim_start();
+    let secs = if unit.starts_with("minute") {
+        n.checked_mul(60)?
+    } else if unit.starts_with("second") || unit.starts_with("sec") || unit.starts_with('s') {
+        n
+    } else {
+        return None;
+    };
+    Some(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table() {
+        use FailureReason::*;
+        let p = |s| classify_status(s, "");
+        assert_eq!(p(400), RetryClass::Permanent(CredentialRejected));
+        assert_eq!(p(490), RetryClass::Permanent(CredentialRejected));
+        assert_eq!(p(401), RetryClass::Permanent(SignatureRejected));
+        assert_eq!(p(466), RetryClass::Permanent(SignatureRejected));
+        assert_eq!(p(403), RetryClass::Permanent(Forbidden));
+        assert_eq!(p(404), RetryClass::Permanent(UnexpectedResponse));
+        assert_eq!(p(405), RetryClass::Permanent(UnexpectedResponse));
+        assert_eq!(p(302), RetryClass::Permanent(UnexpectedResponse));
+        for s in [491, 500, 502, 503, 504] {
+            assert_eq!(p(s), RetryClass::Transient, "{s}");
+        }
+        assert_eq!(p(429), RetryClass::RateLimited { window: None });
+    }
+
+    #[test]
+    fn reads_the_rate_limit_window() {
+        let m =
+            "Too many requests. You can do a maximum of 1 calls per 30 second to this endpoint.";
+        assert_eq!(rate_limit_window(m), Some(Duration::from_secs(30)));
+        assert_eq!(
+            classify_status(429, m),
+            RetryClass::RateLimited {
+                window: Some(Duration::from_secs(30))
+            }
+        );
+        assert_eq!(
+            rate_limit_window("maximum of 5 calls per 3 seconds"),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            rate_limit_window("maximum of 5 calls per 2 minutes"),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(rate_limit_window("slow down"), None);
+        assert_eq!(rate_limit_window("per fortnight"), None);
+    }
+}

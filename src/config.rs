@@ -1,0 +1,425 @@
+//! Configuration: the only module that reads the environment.
+//!
+//! Every setting is an environment variable with a matching `--flag` (clap's `env` support), so
+//! the same binary runs under an orchestrator (env) or by hand (flags). Values are parsed into typed
+//! fields at start-up; an invalid value stops the process with a message that names the variable.
+
+use std::{num::NonZeroU16, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use secrecy::SecretString;
+
+/// The type of the input and dead-letter queues (RabbitMQ `x-queue-type`).
+///
+/// Source: <https://www.rabbitmq.com/docs/quorum-queues>.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QueueType {
+    /// Replicated, durable queue; the default for new deployments.
+    Quorum,
+    /// RabbitMQ's classic queue, for brokers or policies that need it.
+    Classic,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument for this type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// How log lines are written to standard output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The worker's settings, read from environment variables or flags (a flag wins over its env var).
+///
+/// `Debug` output never shows a secret: the AMQP URL's password is masked and the bunq context
+/// values are [`SecretString`]s.
+#[derive(Clone, Parser)]
+#[command(
+    name = "bunq-session-worker",
+    version,
+    about = "Opens bunq sessions for provisioned users: consumes provision-ready events from RabbitMQ and publishes session events."
+)]
+pub struct Settings {
+    /// AMQP 0-9-1 broker URL; `amqps://` uses TLS. `?heartbeat=N` and other lapin URI query
+    /// parameters are honoured.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+
+    /// Base URL of bunq's public API, including `/v1`.
+    #[arg(
+        long,
+        env = "BUNQ_API_URL",
+        default_value = "https://public-api.sandbox.bunq.com/v1"
+    )]
+    pub bunq_api_url: reqwest::Url,
+
+    /// Where the API context (client key pair, installation token, server public key) is read
+    /// from, or saved to (mode 0600) after a fresh `POST /installation`.
+    #[arg(long, env = "BUNQ_CONTEXT_FILE", default_value = "bunq-context.json")]
+    pub bunq_context_file: PathBuf,
+
+    /// PEM PKCS#8 client private key (RSA 2048). With the two settings below it supplies the API
+    /// context from the environment instead of the file; all three or none.
+    #[arg(long, env = "BUNQ_CLIENT_PRIVATE_KEY", hide_env_values = true)]
+    pub bunq_client_private_key: Option<SecretString>,
+
+    /// Installation token that belongs to `BUNQ_CLIENT_PRIVATE_KEY`.
+    #[arg(long, env = "BUNQ_INSTALLATION_TOKEN", hide_env_values = true)]
+    pub bunq_installation_token: Option<SecretString>,
+
+    /// PEM server public key returned by that installation.
+    #[arg(long, env = "BUNQ_SERVER_PUBLIC_KEY")]
+    pub bunq_server_public_key: Option<String>,
+
+    /// Call `POST /device-server` with the credential's token before `POST /session-server`.
+    #[arg(long, env = "BUNQ_REGISTER_DEVICE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub bunq_register_device: bool,
+
+    /// Comma-separated IPv4 addresses for `permitted_ips` in device-server, or `*`.
+    #[arg(
+        long,
+        env = "BUNQ_PERMITTED_IPS",
+        default_value = "*",
+        value_delimiter = ','
+    )]
+    pub bunq_permitted_ips: Vec<String>,
+
+    /// `description` sent to device-server.
+    #[arg(
+        long,
+        env = "BUNQ_DEVICE_DESCRIPTION",
+        default_value = "bunq-session-worker"
+    )]
+    pub bunq_device_description: String,
+
+    /// Verify `X-Bunq-Server-Signature` on every 2xx response after installation.
+    #[arg(long, env = "BUNQ_VERIFY_RESPONSE_SIGNATURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub bunq_verify_response_signature: bool,
+
+    /// `User-Agent` header sent to bunq (required by bunq).
+    #[arg(long, env = "BUNQ_USER_AGENT", default_value = concat!("bunq-session-worker/", env!("CARGO_PKG_VERSION")))]
+    pub bunq_user_agent: String,
+
+    /// Topic exchange that provision-ready events are published to.
+    #[arg(long, env = "INPUT_EXCHANGE", default_value = "bunq.provisioning")]
+    pub input_exchange: String,
+
+    /// Routing key that binds the input queue to the input exchange.
+    #[arg(long, env = "INPUT_ROUTING_KEY", default_value = "provision.ready")]
+    pub input_routing_key: String,
+
+    /// Queue the worker consumes from (competing consumers share it).
+    #[arg(
+        long,
+        env = "INPUT_QUEUE",
+        default_value = "bunq-session-worker.provision-ready"
+    )]
+    pub input_queue: String,
+
+    /// Type of the input and dead-letter queues.
+    #[arg(long, env = "QUEUE_TYPE", value_enum, default_value = "quorum")]
+    pub queue_type: QueueType,
+
+    /// Topic exchange for `session.created` and `session.failed`.
+    #[arg(long, env = "OUTPUT_EXCHANGE", default_value = "bunq.sessions")]
+    pub output_exchange: String,
+
+    /// Dead-letter exchange (topic) of the input queue.
+    #[arg(
+        long,
+        env = "DEAD_LETTER_EXCHANGE",
+        default_value = "bunq.provisioning.dead-letter"
+    )]
+    pub dead_letter_exchange: String,
+
+    /// Queue bound to the dead-letter exchange with `#`.
+    #[arg(
+        long,
+        env = "DEAD_LETTER_QUEUE",
+        default_value = "bunq-session-worker.provision-ready.dead-letter"
+    )]
+    pub dead_letter_queue: String,
+
+    /// AMQP prefetch (`basic.qos` prefetch-count): deliveries in flight at once, 1..=65535.
+    #[arg(long, env = "PREFETCH", default_value = "16")]
+    pub prefetch: NonZeroU16,
+
+    /// Largest accepted message body, in bytes; larger ones are dead-lettered as `too_large`.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 65536)]
+    pub max_message_bytes: usize,
+
+    /// Timeout of one HTTP request to bunq (connect + response), in ms.
+    #[arg(long, env = "HTTP_TIMEOUT_MS", value_name = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
+    pub http_timeout: Duration,
+
+    /// First retry delay before jitter, in ms.
+    #[arg(long, env = "RETRY_INITIAL_DELAY_MS", value_name = "RETRY_INITIAL_DELAY_MS", default_value = "500", value_parser = parse_ms)]
+    pub retry_initial_delay: Duration,
+
+    /// Cap of one retry delay before jitter, in ms.
+    #[arg(long, env = "RETRY_MAX_DELAY_MS", value_name = "RETRY_MAX_DELAY_MS", default_value = "30000", value_parser = parse_ms)]
+    pub retry_max_delay: Duration,
+
+    /// Most attempts of one bunq call, the first included (>= 1).
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value = "8", value_parser = clap::value_parser!(u32).range(1..))]
+    pub retry_max_attempts: u32,
+
+    /// Most time spent on one delivery's bunq calls, retries included, in s.
+    #[arg(long, env = "RETRY_MAX_ELAPSED_S", value_name = "RETRY_MAX_ELAPSED_S", default_value = "300", value_parser = parse_s)]
+    pub retry_max_elapsed: Duration,
+
+    /// Time in-flight deliveries get to finish after SIGINT/SIGTERM, in s.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_S", value_name = "SHUTDOWN_TIMEOUT_S", default_value = "30", value_parser = parse_s)]
+    pub shutdown_timeout: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+fn parse_ms(s: &str) -> Result<Duration, String> {
+    s.trim()
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("expected a whole number of milliseconds: {e}"))
+}
+
+fn parse_s(s: &str) -> Result<Duration, String> {
+    s.trim()
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|e| format!("expected a whole number of seconds: {e}"))
+}
+
+/// A settings error found after parsing, naming the variable at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Reads the settings from the process's arguments and environment.
+    ///
+    /// # Errors
+    /// Exits the process through clap (status 2, message naming the variable and value) when a
+    /// value does not parse; returns [`ConfigError`] when values are inconsistent (see
+    /// [`Settings::validate`]).
+    pub fn load() -> Result<Self, ConfigError> {
+        let settings = Settings::parse();
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what clap cannot check field by field.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the variable when: `AMQP_URL` is not `amqp://` or `amqps://`;
+    /// `BUNQ_API_URL` is not http(s); only some of `BUNQ_CLIENT_PRIVATE_KEY`,
+    /// `BUNQ_INSTALLATION_TOKEN`, `BUNQ_SERVER_PUBLIC_KEY` are set; `BUNQ_PERMITTED_IPS` holds
+    /// something other than IPv4 addresses or `*`; `MAX_MESSAGE_BYTES`, `HTTP_TIMEOUT_MS` or
+    /// `RETRY_INITIAL_DELAY_MS` is 0; `RETRY_MAX_DELAY_MS` < `RETRY_INITIAL_DELAY_MS`; a name is
+    /// empty.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
+            return err("AMQP_URL must start with amqp:// or amqps://".into());
+        }
+        if let Err(e) = self.amqp_url.parse::<lapin::uri::AMQPUri>() {
+            return err(format!("AMQP_URL does not parse: {e}"));
+        }
+        if !matches!(self.bunq_api_url.scheme(), "http" | "https") {
+            return err("BUNQ_API_URL must be an http:// or https:// URL".into());
+        }
+        let given = [
+            self.bunq_client_private_key.is_some(),
+            self.bunq_installation_token.is_some(),
+            self.bunq_server_public_key.is_some(),
+        ];
+        if given.iter().any(|g| *g) && !given.iter().all(|g| *g) {
+            return err("BUNQ_CLIENT_PRIVATE_KEY, BUNQ_INSTALLATION_TOKEN and BUNQ_SERVER_PUBLIC_KEY must be set together or not at all".into());
+        }
+        for ip in &self.bunq_permitted_ips {
+            let ip = ip.trim();
+            if ip != "*" && ip.parse::<std::net::Ipv4Addr>().is_err() {
+                return err(format!(
+                    "BUNQ_PERMITTED_IPS: {ip:?} is neither an IPv4 address nor *"
+                ));
+            }
+        }
+        if self.max_message_bytes == 0 {
+            return err("MAX_MESSAGE_BYTES must be at least 1".into());
+        }
+        if self.http_timeout.is_zero() {
+            return err("HTTP_TIMEOUT_MS must be at least 1".into());
+        }
+        if self.retry_initial_delay.is_zero() {
+            return err("RETRY_INITIAL_DELAY_MS must be at least 1".into());
+        }
+        if self.retry_max_delay < self.retry_initial_delay {
+            return err("RETRY_MAX_DELAY_MS must be at least RETRY_INITIAL_DELAY_MS".into());
+        }
+        for (name, value) in [
+            ("INPUT_EXCHANGE", &self.input_exchange),
+            ("INPUT_QUEUE", &self.input_queue),
+            ("OUTPUT_EXCHANGE", &self.output_exchange),
+            ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
+            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
+            ("BUNQ_USER_AGENT", &self.bunq_user_agent),
+        ] {
+            if value.trim().is_empty() {
+                return err(format!("{name} must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The AMQP URL with its password replaced by `***`, for logs.
+    pub fn amqp_url_redacted(&self) -> String {
+        redact_url_password(&self.amqp_url)
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host/...` URL with `***`.
+pub fn redact_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}://{}:***{}",
+            &url[..scheme_end],
+            &authority[..colon],
+            &rest[at..]
+        ),
+        _ => url.to_owned(),
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("amqp_url", &self.amqp_url_redacted())
+            .field("bunq_api_url", &self.bunq_api_url.as_str())
+            .field("bunq_context_file", &self.bunq_context_file)
+            .field("bunq_client_private_key", &self.bunq_client_private_key)
+            .field("bunq_installation_token", &self.bunq_installation_token)
+            .field(
+                "bunq_server_public_key",
+                &self.bunq_server_public_key.is_some(),
+            )
+            .field("bunq_register_device", &self.bunq_register_device)
+            .field("bunq_permitted_ips", &self.bunq_permitted_ips)
+            .field("bunq_device_description", &self.bunq_device_description)
+            .field(
+                "bunq_verify_response_signature",
+                &self.bunq_verify_response_signature,
+            )
+            .field("bunq_user_agent", &self.bunq_user_agent)
+            .field("input_exchange", &self.input_exchange)
+            .field("input_routing_key", &self.input_routing_key)
+            .field("input_queue", &self.input_queue)
+            .field("queue_type", &self.queue_type)
+            .field("output_exchange", &self.output_exchange)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("prefetch", &self.prefetch)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("http_timeout", &self.http_timeout)
+            .field("retry_initial_delay", &self.retry_initial_delay)
+            .field("retry_max_delay", &self.retry_max_delay)
+            .field("retry_max_attempts", &self.retry_max_attempts)
+            .field("retry_max_elapsed", &self.retry_max_elapsed)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let mut argv = vec!["bunq-session-worker"];
+        argv.extend_from_slice(args);
+        let s = Settings::try_parse_from(argv).map_err(|e| e.to_string())?;
+        s.validate().map_err(|e| e.to_string())?;
+        Ok(s)
+    }
+
+    #[test]
+    fn defaults_match_the_documented_interface() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.prefetch.get(), 16);
+        assert_eq!(s.max_message_bytes, 65536);
+        assert_eq!(s.http_timeout, Duration::from_millis(10_000));
+        assert_eq!(s.retry_max_attempts, 8);
+        assert_eq!(s.retry_max_elapsed, Duration::from_secs(300));
+        assert_eq!(s.queue_type, QueueType::Quorum);
+        assert_eq!(s.input_queue, "bunq-session-worker.provision-ready");
+        assert!(s.bunq_register_device);
+        assert_eq!(s.bunq_permitted_ips, vec!["*".to_string()]);
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        let e = parse(&["--prefetch", "0"]).unwrap_err();
+        assert!(e.contains("--prefetch"), "{e}");
+        let e = parse(&["--http-timeout-ms", "soon"]).unwrap_err();
+        assert!(e.contains("--http-timeout-ms"), "{e}");
+        let e = parse(&["--queue-type", "stream"]).unwrap_err();
+        assert!(e.contains("--queue-type"), "{e}");
+        let e = parse(&["--amqp-url", "http://x"]).unwrap_err();
+        assert!(e.contains("AMQP_URL"), "{e}");
+        let e = parse(&["--bunq-permitted-ips", "10.0.0.1,::1"]).unwrap_err();
+        assert!(e.contains("BUNQ_PERMITTED_IPS"), "{e}");
+        let e = parse(&["--bunq-installation-token", "x"]).unwrap_err();
+        assert!(e.contains("BUNQ_CLIENT_PRIVATE_KEY"), "{e}");
+        let e = parse(&["--retry-max-delay-ms", "10"]).unwrap_err();
+        assert!(e.contains("RETRY_MAX_DELAY_MS"), "{e}");
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let s = parse(&[
+            "--amqp-url",
+            "amqp://user:hunter2@broker:5672/%2f",
+            "--bunq-client-private-key",
+            "PRIVATE-KEY-MATERIAL",
+            "--bunq-installation-token",
+            "INSTALLATION-TOKEN-VALUE",
+            "--bunq-server-public-key",
+            "PUB",
+        ])
+        .unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(!dbg.contains("PRIVATE-KEY-MATERIAL"), "{dbg}");
+        assert!(!dbg.contains("INSTALLATION-TOKEN-VALUE"), "{dbg}");
+        assert!(dbg.contains("amqp://user:***@broker:5672/%2f"), "{dbg}");
+    }
+
+    #[test]
+    fn redacts_only_the_password() {
+        assert_eq!(redact_url_password("amqps://a:b@h/v"), "amqps://a:***@h/v");
+        assert_eq!(redact_url_password("amqp://h:5672/v"), "amqp://h:5672/v");
+        assert_eq!(redact_url_password("amqp://a:b:c@h"), "amqp://a:***@h");
+    }
+}

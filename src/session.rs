@@ -1,0 +1,264 @@
+//! The business step: open a bunq session for a ready credential, with retries.
+//!
+//! Flow (bunq's partner client does the same per credential): `POST /device-server` with the
+//! credential's token (when enabled), then `POST /session-server`. Transient failures are retried
+//! under [`RetryPolicy`]; the budget is shared by both calls and never reaches past the
+//! credential's `expiry_time`. Knows nothing about AMQP.
+
+use std::{sync::Arc, time::Instant};
+
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    bunq::{
+        ApiContext, BunqClient, CallError, RetryClass,
+        client::{Answer, DEVICE_SERVER, SESSION_SERVER},
+        response::SessionServer,
+    },
+    events::{ProvisionReady, rfc3339},
+    outcome::FailureReason,
+    retry::RetryPolicy,
+};
+
+/// Opens sessions with the worker's API context.
+#[derive(Clone, Debug)]
+pub struct SessionFlow {
+    /// The HTTP client.
+    pub client: BunqClient,
+    /// The worker's installation.
+    pub ctx: Arc<ApiContext>,
+    /// Retry limits.
+    pub policy: RetryPolicy,
+    /// Whether to call device-server first.
+    pub register_device: bool,
+    /// device-server `description`.
+    pub device_description: String,
+    /// device-server `permitted_ips`.
+    pub permitted_ips: Vec<String>,
+}
+
+/// A session bunq opened.
+#[derive(Debug)]
+pub struct Opened {
+    /// What bunq returned.
+    pub session: SessionServer,
+    /// Calls made, all endpoints together.
+    pub attempts: u32,
+}
+
+/// Why no session was opened.
+#[derive(Debug)]
+pub enum FlowError {
+    /// Permanent: dead-letter with `reason`.
+    Failed(FlowFailure),
+    /// Shutdown began while waiting to retry; nothing permanent happened.
+    Cancelled,
+}
+
+/// A permanent failure with what `session.failed` reports.
+#[derive(Debug)]
+pub struct FlowFailure {
+    /// Reason code.
+    pub reason: FailureReason,
+    /// Human text, no secrets.
+    pub detail: String,
+    /// Last HTTP status seen.
+    pub http_status: Option<u16>,
+    /// bunq's `error_description` of the last answer, if any.
+    pub error_description: Option<String>,
+    /// Calls made.
+    pub attempts: u32,
+    /// When the first call started (handling time when none was made).
+    pub first_attempt_at: OffsetDateTime,
+    /// When the last call ended.
+    pub last_attempt_at: OffsetDateTime,
+}
+
+struct Budget<'a> {
+    policy: &'a RetryPolicy,
+    started: Instant,
+    expiry: Option<OffsetDateTime>,
+    attempts: u32,
+    first_attempt_at: Option<OffsetDateTime>,
+    last_attempt_at: Option<OffsetDateTime>,
+    last_error: Option<CallError>,
+}
+
+impl Budget<'_> {
+    fn failure(&self, reason: FailureReason, detail: String) -> FlowError {
+        let now = OffsetDateTime::now_utc();
+        let (http_status, error_description) = match &self.last_error {
+            Some(e) => (e.http_status, Some(e.description.clone())),
+            None => (None, None),
+        };
+        FlowError::Failed(FlowFailure {
+            reason,
+            detail,
+            http_status,
+            error_description,
+            attempts: self.attempts,
+            first_attempt_at: self.first_attempt_at.unwrap_or(now),
+            last_attempt_at: self.last_attempt_at.unwrap_or(now),
+        })
+    }
+
+    fn expired(&self, now: OffsetDateTime) -> bool {
+        self.expiry.is_some_and(|e| now >= e)
+    }
+}
+
+impl SessionFlow {
+    /// Opens a session for `p`.
+    ///
+    /// # Errors
+    /// [`FlowError::Failed`] with `credential_expired` when the credential has expired before a
+    /// call (no call is made for an already-expired credential) or would expire before the next
+    /// retry; `retries_exhausted` when transient failures outlast `max_attempts` for one call or
+    /// `max_elapsed` for the delivery; the status table's reason for a permanent answer.
+    /// [`FlowError::Cancelled`] when `cancel` fires during a retry delay.
+    pub async fn open(
+        &self,
+        p: &ProvisionReady,
+        cancel: &CancellationToken,
+    ) -> Result<Opened, FlowError> {
+        let mut budget = Budget {
+            policy: &self.policy,
+            started: Instant::now(),
+            expiry: p.expiry_time,
+            attempts: 0,
+            first_attempt_at: None,
+            last_attempt_at: None,
+            last_error: None,
+        };
+        if budget.expired(OffsetDateTime::now_utc()) {
+            return Err(budget.failure(
+                FailureReason::CredentialExpired,
+                format!(
+                    "credential expired at {} before any call",
+                    rfc3339(p.expiry_time.expect("expired() implies an expiry"))
+                ),
+            ));
+        }
+        if self.register_device {
+            self.with_retries(&mut budget, DEVICE_SERVER, cancel, || {
+                self.client.device_server(
+                    &self.ctx,
+                    &p.token_value,
+                    &self.device_description,
+                    &self.permitted_ips,
+                )
+            })
+            .await?;
+        }
+        let answer = self
+            .with_retries(&mut budget, SESSION_SERVER, cancel, || {
+                self.client.session_server(&self.ctx, &p.token_value)
+            })
+            .await?;
+        Ok(Opened {
+            session: answer.value,
+            attempts: budget.attempts,
+        })
+    }
+
+    async fn with_retries<T, F, Fut>(
+        &self,
+        budget: &mut Budget<'_>,
+        endpoint: &'static str,
+        cancel: &CancellationToken,
+        mut call: F,
+    ) -> Result<Answer<T>, FlowError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Answer<T>, CallError>>,
+    {
+        let mut schedule = budget.policy.schedule();
+        let mut attempt_of_call = 0u32;
+        loop {
+            let now = OffsetDateTime::now_utc();
+            if budget.expired(now) {
+                return Err(budget.failure(
+                    FailureReason::CredentialExpired,
+                    format!(
+                        "credential expired before {endpoint} attempt {}",
+                        attempt_of_call + 1
+                    ),
+                ));
+            }
+            attempt_of_call += 1;
+            budget.attempts += 1;
+            budget.first_attempt_at.get_or_insert(now);
+            let t0 = Instant::now();
+            let result = call().await;
+            budget.last_attempt_at = Some(OffsetDateTime::now_utc());
+            let latency_ms = t0.elapsed().as_millis() as u64;
+            let err = match result {
+                Ok(answer) => {
+                    info!(
+                        endpoint,
+                        attempt = attempt_of_call,
+                        latency_ms,
+                        bunq_response_id = answer.response_id.as_deref().unwrap_or(""),
+                        outcome = "ok",
+                        "bunq call succeeded"
+                    );
+                    return Ok(answer);
+                }
+                Err(e) => e,
+            };
+            warn!(
+                endpoint,
+                attempt = attempt_of_call,
+                latency_ms,
+                http_status = err.http_status,
+                bunq_response_id = err.response_id.as_deref().unwrap_or(""),
+                outcome = ?err.class,
+                error = %err,
+                "bunq call failed"
+            );
+            let class = err.class.clone();
+            let summary = err.to_string();
+            budget.last_error = Some(err);
+            let floor = match class {
+                RetryClass::Permanent(reason) => return Err(budget.failure(reason, summary)),
+                RetryClass::Transient => None,
+                RetryClass::RateLimited { window } => window,
+            };
+            let Some(delay) = schedule.next() else {
+                return Err(budget.failure(
+                    FailureReason::RetriesExhausted,
+                    format!(
+                        "{endpoint} failed {attempt_of_call} times (RETRY_MAX_ATTEMPTS); last: {summary}"
+                    ),
+                ));
+            };
+            let delay = RetryPolicy::jitter(delay).max(floor.unwrap_or_default());
+            if budget.started.elapsed() + delay > budget.policy.max_elapsed {
+                return Err(budget.failure(
+                    FailureReason::RetriesExhausted,
+                    format!(
+                        "{endpoint}: the next retry would pass RETRY_MAX_ELAPSED_S ({} s); last: {summary}",
+                        budget.policy.max_elapsed.as_secs()
+                    ),
+                ));
+            }
+            if let Some(expiry) = budget.expiry
+                && OffsetDateTime::now_utc() + delay >= expiry
+            {
+                return Err(budget.failure(
+                    FailureReason::CredentialExpired,
+                    format!(
+                        "{endpoint}: the credential expires at {} before the next retry; last: {summary}",
+                        rfc3339(expiry)
+                    ),
+                ));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return Err(FlowError::Cancelled),
+            }
+        }
+    }
+}

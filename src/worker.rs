@@ -1,0 +1,566 @@
+//! The worker: consume, open sessions, publish, and only then acknowledge.
+//!
+//! Ordering rule (at-least-once): a delivery is acked only after its outcome is safe at the
+//! broker, i.e. after the publisher confirm of `session.created`, or of `session.failed` and the
+//! dead-letter copy. Until then it stays unacked and a crash makes the broker redeliver it.
+//! [`settle`] is the one place where an [`Outcome`] becomes broker actions.
+
+use std::{sync::Arc, time::Instant};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use time::OffsetDateTime;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::{
+    broker::{PublishError, Publisher, Topology, TopologyError, declare},
+    bunq::{
+        ApiContext, BunqClient, CallError,
+        context::{ContextError, NewKeyPair},
+    },
+    config::Settings,
+    events::{self, Decoded, ProvisionReady, SCHEMA_VERSION, SessionCreated, SessionFailed},
+    outcome::{Failure, Outcome},
+    retry::RetryPolicy,
+    session::{FlowError, SessionFlow},
+};
+
+/// Value of the `app_id` property on everything the worker publishes.
+pub const APP_ID: &str = "bunq-session-worker";
+
+/// Namespace of the deterministic output `message_id`s (UUID v5, RFC 9562 §5.5).
+const MESSAGE_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("5f0c2a8e-3b1d-4e7a-9c6f-1d2e3f4a5b6c");
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The broker is unreachable or refused the login.
+    #[error("cannot connect to the broker at {url}: {source}")]
+    Connect {
+        /// `AMQP_URL` without its password.
+        url: String,
+        /// lapin's error.
+        source: lapin::Error,
+    },
+    /// A declaration failed (see [`TopologyError`]).
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// The API context could not be loaded or saved.
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    /// `POST /installation` failed.
+    #[error("creating the bunq installation failed: {0}")]
+    Installation(#[from] CallError),
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    /// Another broker failure during start-up.
+    #[error("broker error during start-up: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// Why a running worker stopped without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The consumer's channel or connection failed.
+    #[error("consumer failed: {0}")]
+    Consumer(lapin::Error),
+    /// The broker cancelled the consumer (e.g. the queue was deleted).
+    #[error("the broker cancelled the consumer on queue '{0}'")]
+    Cancelled(String),
+    /// Starting to consume failed.
+    #[error("cannot consume from queue '{queue}': {source}")]
+    Consume {
+        /// The input queue.
+        queue: String,
+        /// lapin's error.
+        source: lapin::Error,
+    },
+}
+
+/// Everything a delivery's task needs; shared by all tasks.
+struct Shared {
+    settings: Settings,
+    flow: SessionFlow,
+    publisher: Publisher,
+    shutdown: CancellationToken,
+}
+
+/// A connected worker with its topology declared and its API context ready.
+pub struct Worker {
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    consumer_channel: Channel,
+    consumer_tag: String,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("consumer_tag", &self.consumer_tag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Connects to the broker, declares the topology, loads (or creates) the API context and
+    /// sets the prefetch.
+    ///
+    /// The API context comes from, in order: the `BUNQ_CLIENT_PRIVATE_KEY` /
+    /// `BUNQ_INSTALLATION_TOKEN` / `BUNQ_SERVER_PUBLIC_KEY` settings; `BUNQ_CONTEXT_FILE`; a new
+    /// RSA-2048 key and `POST /installation` (retried under the retry policy), saved to
+    /// `BUNQ_CONTEXT_FILE` with mode 0600.
+    ///
+    /// # Errors
+    /// [`StartError`] naming what failed; a topology conflict names the object and argument.
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let consumer_tag = format!(
+            "{APP_ID}-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let props =
+            ConnectionProperties::default().with_connection_name(consumer_tag.clone().into());
+        let connection = Connection::connect(&settings.amqp_url, props)
+            .await
+            .map_err(|source| StartError::Connect {
+                url: settings.amqp_url_redacted(),
+                source,
+            })?;
+        let connection = Arc::new(connection);
+        let topology_channel = connection.create_channel().await?;
+        declare(&topology_channel, &Topology::from(&settings)).await?;
+        let _ = topology_channel.close(200, "declared".into()).await;
+
+        let client = BunqClient::new(
+            settings.bunq_api_url.clone(),
+            settings.bunq_user_agent.clone(),
+            settings.http_timeout,
+            settings.bunq_verify_response_signature,
+        )?;
+        let policy = RetryPolicy {
+            initial_delay: settings.retry_initial_delay,
+            max_delay: settings.retry_max_delay,
+            max_attempts: settings.retry_max_attempts,
+            max_elapsed: settings.retry_max_elapsed,
+        };
+        let ctx = load_context(&settings, &client, &policy).await?;
+        info!(
+            installation_key_sha256 = ctx.public_key_sha256(),
+            "bunq API context ready"
+        );
+
+        let consumer_channel = connection.create_channel().await?;
+        consumer_channel
+            .basic_qos(settings.prefetch.get(), BasicQosOptions::default())
+            .await?;
+
+        let flow = SessionFlow {
+            client,
+            ctx: Arc::new(ctx),
+            policy,
+            register_device: settings.bunq_register_device,
+            device_description: settings.bunq_device_description.clone(),
+            permitted_ips: settings
+                .bunq_permitted_ips
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .collect(),
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                publisher: Publisher::new(connection.clone()),
+                settings,
+                flow,
+                shutdown: CancellationToken::new(),
+            }),
+            connection,
+            consumer_channel,
+            consumer_tag,
+        })
+    }
+
+    /// The consumer tag, also the AMQP connection name (`connection_name` client property).
+    pub fn consumer_tag(&self) -> &str {
+        &self.consumer_tag
+    }
+
+    /// Consumes until `shutdown` fires or the consumer fails.
+    ///
+    /// On shutdown: cancels the consumer (`basic.cancel`), gives in-flight deliveries
+    /// `SHUTDOWN_TIMEOUT_S` to finish (a delivery waiting to retry bunq is nacked with requeue at
+    /// once), then closes the channels and the connection. Deliveries not finished stay unacked
+    /// and the broker redelivers them.
+    ///
+    /// # Errors
+    /// [`RunError`] when the consumer cannot start or stops on its own (broker cancel, channel or
+    /// connection failure): the process should exit non-zero and be restarted.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), RunError> {
+        let s = &self.shared.settings;
+        let mut consumer = self
+            .consumer_channel
+            .basic_consume(
+                s.input_queue.as_str().into(),
+                self.consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| RunError::Consume {
+                queue: s.input_queue.clone(),
+                source,
+            })?;
+        info!(
+            queue = %s.input_queue,
+            prefetch = s.prefetch.get(),
+            consumer_tag = %self.consumer_tag,
+            amqp_url = %s.amqp_url_redacted(),
+            "consuming"
+        );
+        let tracker = TaskTracker::new();
+        let result = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let shared = self.shared.clone();
+                        tracker.spawn(async move { handle(shared, delivery).await });
+                    }
+                    Some(Err(e)) => break Err(RunError::Consumer(e)),
+                    None => break Err(RunError::Cancelled(s.input_queue.clone())),
+                },
+            }
+        };
+        info!("stopping: cancelling the consumer and draining in-flight deliveries");
+        let _ = self
+            .consumer_channel
+            .basic_cancel(
+                self.consumer_tag.as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await;
+        // Work waiting to retry bunq gives up now; calls under way and publishes finish.
+        self.shared.shutdown.cancel();
+        tracker.close();
+        if tokio::time::timeout(s.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                unfinished = tracker.len(),
+                "shutdown timeout reached; unfinished deliveries stay unacked and will be redelivered"
+            );
+        }
+        let _ = self.consumer_channel.close(200, "shutdown".into()).await;
+        self.shared.publisher.close().await;
+        let _ = self.connection.close(200, "shutdown".into()).await;
+        info!("stopped");
+        result
+    }
+}
+
+async fn load_context(
+    settings: &Settings,
+    client: &BunqClient,
+    policy: &RetryPolicy,
+) -> Result<ApiContext, StartError> {
+    if let (Some(key), Some(token), Some(server)) = (
+        &settings.bunq_client_private_key,
+        &settings.bunq_installation_token,
+        &settings.bunq_server_public_key,
+    ) {
+        return Ok(ApiContext::from_parts(key, token.clone(), server)?);
+    }
+    let path = &settings.bunq_context_file;
+    if let Some(ctx) = ApiContext::load(path)? {
+        info!(path = %path.display(), "loaded the bunq API context");
+        return Ok(ctx);
+    }
+    info!(path = %path.display(), "no API context yet: creating a bunq installation");
+    let key = NewKeyPair::generate()?;
+    let mut schedule = policy.schedule();
+    let answer = loop {
+        match client.installation(&key.public_key_pem).await {
+            Ok(a) => break a,
+            Err(e) if matches!(e.class, crate::bunq::RetryClass::Permanent(_)) => {
+                return Err(e.into());
+            }
+            Err(e) => match schedule.next() {
+                Some(d) => {
+                    warn!(error = %e, "installation failed; retrying");
+                    tokio::time::sleep(RetryPolicy::jitter(d)).await;
+                }
+                None => return Err(e.into()),
+            },
+        }
+    };
+    let (token, server_key) = answer.value;
+    let ctx = key.into_context(token, &server_key)?;
+    ctx.save(path)?;
+    info!(path = %path.display(), bunq_response_id = answer.response_id.as_deref().unwrap_or(""), "created and saved the bunq API context");
+    Ok(ctx)
+}
+
+async fn handle(shared: Arc<Shared>, delivery: Delivery) {
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().chars().take(100).collect::<String>())
+        .unwrap_or_default();
+    let span = info_span!(
+        "delivery",
+        delivery_tag = delivery.delivery_tag,
+        message_id = %message_id,
+        redelivered = delivery.redelivered,
+        provision_id = tracing::field::Empty,
+    );
+    async move {
+        let started = Instant::now();
+        let outcome = process(&shared, &delivery).await;
+        let label = match &outcome {
+            Outcome::Created(_) => "created",
+            Outcome::Skipped(_) => "skipped",
+            Outcome::Failed(_) => "failed",
+            Outcome::Abandoned => "abandoned",
+        };
+        settle(&shared, delivery, outcome).await;
+        let latency_ms = started.elapsed().as_millis() as u64;
+        metrics::counter!("bunq_session_worker_deliveries_total", "outcome" => label).increment(1);
+        metrics::histogram!("bunq_session_worker_delivery_seconds")
+            .record(started.elapsed().as_secs_f64());
+        info!(outcome = label, latency_ms, "delivery handled");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Decodes and, for a ready credential, opens the session. Makes no broker call.
+async fn process(shared: &Shared, delivery: &Delivery) -> Outcome {
+    let ready = match events::decode(&delivery.data, shared.settings.max_message_bytes) {
+        Err(e) => {
+            return Outcome::Failed(Box::new(Failure {
+                reason: e.reason(),
+                detail: e.to_string(),
+                attempts: 0,
+                event: None,
+            }));
+        }
+        Ok(Decoded::NotReady(n)) => {
+            if let Some(id) = &n.provision_id {
+                tracing::Span::current().record("provision_id", tracing::field::display(id));
+            }
+            info!(why = %n.why, "provision not ready; skipping");
+            return Outcome::Skipped(n);
+        }
+        Ok(Decoded::Ready(r)) => r,
+    };
+    tracing::Span::current().record("provision_id", tracing::field::display(&ready.provision_id));
+    match shared.flow.open(&ready, &shared.shutdown).await {
+        Ok(opened) => {
+            let s = opened.session;
+            let created_at = s
+                .token_created
+                .as_deref()
+                .and_then(events::parse_time)
+                .unwrap_or_else(OffsetDateTime::now_utc);
+            let timeout = s.session_timeout_seconds;
+            Outcome::Created(Box::new(SessionCreated {
+                schema_version: SCHEMA_VERSION,
+                provision_id: ready.provision_id.clone(),
+                external_uuid: ready.external_uuid.clone(),
+                credential_id: ready.credential_id,
+                session_id: s.session_id,
+                session_token: s.token,
+                user_id: s.user_id,
+                user_api_key_id: s.user_api_key_id,
+                user_type: s.user_type,
+                session_timeout_seconds: timeout,
+                expires_at: created_at
+                    + time::Duration::seconds(i64::try_from(timeout).unwrap_or(i64::MAX / 2)),
+                created_at,
+                installation_key_sha256: shared.flow.ctx.public_key_sha256().to_owned(),
+            }))
+        }
+        Err(FlowError::Cancelled) => Outcome::Abandoned,
+        Err(FlowError::Failed(f)) => Outcome::Failed(Box::new(Failure {
+            reason: f.reason,
+            detail: f.detail.clone(),
+            attempts: f.attempts,
+            event: Some(failed_event(&ready, f)),
+        })),
+    }
+}
+
+fn failed_event(ready: &ProvisionReady, f: crate::session::FlowFailure) -> SessionFailed {
+    SessionFailed {
+        schema_version: SCHEMA_VERSION,
+        provision_id: ready.provision_id.clone(),
+        external_uuid: ready.external_uuid.clone(),
+        credential_id: ready.credential_id,
+        reason: f.reason,
+        http_status: f.http_status,
+        error_description: f.error_description,
+        attempts: f.attempts,
+        first_attempt_at: f.first_attempt_at,
+        last_attempt_at: f.last_attempt_at,
+    }
+}
+
+/// A deterministic id: the same input body and event type always give the same UUID, so
+/// consumers can drop duplicates caused by redelivery.
+pub fn output_message_id(event_type: &str, input_body: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, input_body);
+    let mut name = Vec::with_capacity(event_type.len() + 1 + 32);
+    name.extend_from_slice(event_type.as_bytes());
+    name.push(b':');
+    name.extend_from_slice(digest.as_ref());
+    uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &name).to_string()
+}
+
+fn output_properties(delivery: &Delivery, event_type: &str, provision_id: &str) -> BasicProperties {
+    let input = &delivery.properties;
+    let correlation_id = input
+        .correlation_id()
+        .clone()
+        .or_else(|| input.message_id().clone())
+        .unwrap_or_else(|| ShortString::from(provision_id.to_owned()));
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_type(event_type.into())
+        .with_message_id(output_message_id(event_type, &delivery.data).into())
+        .with_correlation_id(correlation_id)
+        .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64)
+        .with_app_id(APP_ID.into());
+    if let Some(tp) = input
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("traceparent"))
+    {
+        let mut headers = FieldTable::default();
+        headers.insert("traceparent".into(), tp.clone());
+        props = props.with_headers(headers);
+    }
+    props
+}
+
+fn dead_letter_properties(delivery: &Delivery, failure: &Failure) -> BasicProperties {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()));
+    headers.insert("x-error-reason".into(), s(failure.reason.as_str()));
+    headers.insert("x-error-detail".into(), s(&failure.detail));
+    headers.insert(
+        "x-attempts".into(),
+        AMQPValue::LongLongInt(i64::from(failure.attempts)),
+    );
+    headers.insert("x-original-exchange".into(), s(delivery.exchange.as_str()));
+    headers.insert(
+        "x-original-routing-key".into(),
+        s(delivery.routing_key.as_str()),
+    );
+    headers.insert(
+        "x-failed-at".into(),
+        s(&events::rfc3339(OffsetDateTime::now_utc())),
+    );
+    delivery.properties.clone().with_headers(headers)
+}
+
+/// Publishes until the broker confirms. Each failure is logged; waits follow the retry policy's
+/// schedule, restarting at its cap. Bounded only by the shutdown timeout, because for
+/// `session.created` the alternative is losing a session whose credential is spent.
+async fn publish_confirmed(
+    shared: &Shared,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) {
+    let policy = &shared.flow.policy;
+    let mut schedule = policy.schedule();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match shared
+            .publisher
+            .publish(exchange, routing_key, body, props.clone())
+            .await
+        {
+            Ok(()) => return,
+            Err(e) => {
+                let hint = match &e {
+                    PublishError::Returned { .. } => " (bind a queue to it)",
+                    _ => "",
+                };
+                error!(exchange, routing_key, attempt, error = %e, "publish not confirmed{hint}; retrying, the delivery stays unacked");
+            }
+        }
+        let delay = schedule.next().unwrap_or(policy.max_delay);
+        tokio::time::sleep(RetryPolicy::jitter(delay).max(policy.initial_delay)).await;
+    }
+}
+
+/// Turns an outcome into broker actions: publish and wait for confirms, then ack (or nack with
+/// requeue for abandoned work). Never acks before the outcome is confirmed.
+async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
+    let s = &shared.settings;
+    match outcome {
+        Outcome::Created(event) => {
+            let body = serde_json::to_vec(&*event).expect("SessionCreated always serialises");
+            let props = output_properties(
+                &delivery,
+                "session.created",
+                &event.provision_id.to_string(),
+            );
+            publish_confirmed(shared, &s.output_exchange, "session.created", &body, props).await;
+            info!(
+                session_id = event.session_id,
+                user_id = event.user_id,
+                "session.created confirmed"
+            );
+        }
+        Outcome::Skipped(_) => {}
+        Outcome::Failed(failure) => {
+            if let Some(event) = &failure.event {
+                let body = serde_json::to_vec(event).expect("SessionFailed always serialises");
+                let props =
+                    output_properties(&delivery, "session.failed", &event.provision_id.to_string());
+                publish_confirmed(shared, &s.output_exchange, "session.failed", &body, props).await;
+            }
+            let props = dead_letter_properties(&delivery, &failure);
+            publish_confirmed(
+                shared,
+                &s.dead_letter_exchange,
+                delivery.routing_key.as_str(),
+                &delivery.data,
+                props,
+            )
+            .await;
+            warn!(reason = %failure.reason, detail = %failure.detail, attempts = failure.attempts, "dead-lettered");
+        }
+        Outcome::Abandoned => {
+            if let Err(e) = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+            {
+                warn!(error = %e, "nack failed; the broker redelivers when the channel closes");
+            }
+            return;
+        }
+    }
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        error!(error = %e, "ack failed after a confirmed outcome; the broker will redeliver (duplicates carry the same message_id)");
+    }
+}
