@@ -47,6 +47,7 @@ pub enum LogFormat {
 #[command(
     name = "bunq-session-worker",
     version,
+    args_override_self = true,
     about = "Opens bunq sessions for provisioned users: consumes provision-ready events from RabbitMQ and publishes session events."
 )]
 pub struct Settings {
@@ -164,15 +165,15 @@ pub struct Settings {
     pub max_message_bytes: usize,
 
     /// Timeout of one HTTP request to bunq (connect + response), in ms.
-    #[arg(long, env = "HTTP_TIMEOUT_MS", value_name = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
+    #[arg(long = "http-timeout-ms", env = "HTTP_TIMEOUT_MS", value_name = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
     pub http_timeout: Duration,
 
     /// First retry delay before jitter, in ms.
-    #[arg(long, env = "RETRY_INITIAL_DELAY_MS", value_name = "RETRY_INITIAL_DELAY_MS", default_value = "500", value_parser = parse_ms)]
+    #[arg(long = "retry-initial-delay-ms", env = "RETRY_INITIAL_DELAY_MS", value_name = "RETRY_INITIAL_DELAY_MS", default_value = "500", value_parser = parse_ms)]
     pub retry_initial_delay: Duration,
 
     /// Cap of one retry delay before jitter, in ms.
-    #[arg(long, env = "RETRY_MAX_DELAY_MS", value_name = "RETRY_MAX_DELAY_MS", default_value = "30000", value_parser = parse_ms)]
+    #[arg(long = "retry-max-delay-ms", env = "RETRY_MAX_DELAY_MS", value_name = "RETRY_MAX_DELAY_MS", default_value = "30000", value_parser = parse_ms)]
     pub retry_max_delay: Duration,
 
     /// Most attempts of one bunq call, the first included (>= 1).
@@ -180,11 +181,11 @@ pub struct Settings {
     pub retry_max_attempts: u32,
 
     /// Most time spent on one delivery's bunq calls, retries included, in s.
-    #[arg(long, env = "RETRY_MAX_ELAPSED_S", value_name = "RETRY_MAX_ELAPSED_S", default_value = "300", value_parser = parse_s)]
+    #[arg(long = "retry-max-elapsed-s", env = "RETRY_MAX_ELAPSED_S", value_name = "RETRY_MAX_ELAPSED_S", default_value = "300", value_parser = parse_s)]
     pub retry_max_elapsed: Duration,
 
     /// Time in-flight deliveries get to finish after SIGINT/SIGTERM, in s.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT_S", value_name = "SHUTDOWN_TIMEOUT_S", default_value = "30", value_parser = parse_s)]
+    #[arg(long = "shutdown-timeout-s", env = "SHUTDOWN_TIMEOUT_S", value_name = "SHUTDOWN_TIMEOUT_S", default_value = "30", value_parser = parse_s)]
     pub shutdown_timeout: Duration,
 
     /// Log line format.

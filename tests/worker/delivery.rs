@@ -1,0 +1,176 @@
+//! Acknowledgement order, shutdown and start-up conflicts.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::{
+    options::*,
+    types::{AMQPValue, FieldTable, LongString},
+};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn a_delivery_stays_unacked_until_its_publish_is_confirmed() {
+    // No queue is bound for session.created: every publish comes back unroutable.
+    let mut app = TestApp::new_with_binding(None).await;
+    app.extra_args
+        .extend(["--shutdown-timeout-s".into(), "1".into()]);
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-unacked")).await;
+    eventually("session-server called", || async {
+        !app.requests("session-server").await.is_empty()
+    })
+    .await;
+    // While the worker retries the publish, the delivery is unacked: not ready in the queue.
+    assert_eq!(app.ready_count(&app.names.input_queue).await, 0);
+    app.stop_worker().await.unwrap();
+    // Stopped without a confirmed publish: the broker gives the delivery back.
+    let ch = app.conn.create_channel().await.unwrap();
+    let mut c = ch
+        .basic_consume(
+            app.names.input_queue.as_str().into(),
+            "probe".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(WAIT, c.next())
+        .await
+        .expect("redelivered")
+        .unwrap()
+        .unwrap();
+    assert!(d.redelivered);
+    assert_eq!(body_json(&d)["provision_id"], 1);
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_returned_publish_is_retried_and_acked_once_routable() {
+    let mut app = TestApp::new_with_binding(None).await;
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    app.publish_json(&slim(2, "tok-late-binding")).await;
+    eventually("session-server called", || async {
+        !app.requests("session-server").await.is_empty()
+    })
+    .await;
+    app.channel
+        .queue_bind(
+            app.names.output_queue.as_str().into(),
+            app.names.output_exchange.as_str().into(),
+            "session.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created");
+    assert_eq!(
+        app.requests("session-server").await.len(),
+        1,
+        "bunq was called once"
+    );
+    app.stop_worker().await.unwrap();
+    assert_eq!(
+        app.ready_count(&app.names.input_queue).await,
+        0,
+        "acked after the confirm"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_work() {
+    let mut app = TestApp::new().await;
+    app.mount(
+        "device-server",
+        None,
+        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
+        None,
+    )
+    .await;
+    let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
+    slow.delay = Some(Duration::from_millis(1500));
+    app.mount("session-server", None, slow, None).await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-drain")).await;
+    eventually("session-server called", || async {
+        !app.requests("session-server").await.is_empty()
+    })
+    .await;
+    // Stop while bunq is still answering: the work finishes and is acked.
+    app.stop_worker().await.unwrap();
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created");
+    assert_eq!(
+        app.ready_count(&app.names.input_queue).await,
+        0,
+        "acked, not left for redelivery"
+    );
+    // A delivery published after the stop waits in the queue.
+    app.publish_json(&slim(2, "tok-after-stop")).await;
+    eventually("the new delivery waits", || async {
+        app.ready_count(&app.names.input_queue).await == 1
+    })
+    .await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_inequivalent_queue_stops_start_up_with_a_message_naming_it() {
+    let app = TestApp::new().await;
+    // Someone declared the input queue as a classic queue.
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(b"classic".to_vec())),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(
+            app.names.dead_letter_exchange.as_bytes().to_vec(),
+        )),
+    );
+    app.channel
+        .queue_declare(
+            app.names.input_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    let err = bunq_session_worker::Worker::build(app.settings())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("queue '{}'", app.names.input_queue)),
+        "{err}"
+    );
+    assert!(err.contains("'x-queue-type'"), "{err}");
+    assert!(
+        err.contains("already exists on the broker with different arguments"),
+        "{err}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_classic_queue_type_can_be_configured() {
+    let mut app = TestApp::new().await;
+    app.extra_args
+        .extend(["--queue-type".into(), "classic".into()]);
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-classic")).await;
+    assert_eq!(type_of(&app.next_output().await), "session.created");
+    app.cleanup().await;
+}

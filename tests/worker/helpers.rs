@@ -1,0 +1,620 @@
+//! Test harness: a real RabbitMQ (from `AMQP_URL`), a wiremock fake of bunq that checks headers
+//! and signatures and signs its answers, and a worker with its own `test-<uuid>` names.
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aws_lc_rs::{
+    encoding::AsDer,
+    rand::SystemRandom,
+    rsa::{KeyPair, KeySize},
+    signature::{self, KeyPair as _},
+};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use bunq_session_worker::{Settings, Worker, worker::RunError};
+use clap::Parser;
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    message::Delivery,
+    options::*,
+    types::{AMQPValue, FieldTable},
+};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wiremock::{Match, Mock, MockServer, Request, Respond, ResponseTemplate, matchers};
+
+/// How long a test waits for an expected event before failing.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Connects to the broker or fails the test with a message that says what to do.
+pub async fn connect() -> Connection {
+    let url = amqp_url();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!(
+            "cannot connect to RabbitMQ at AMQP_URL ({url}): {e}. Start it (e.g. `rabbitmq-server -detached`) or set AMQP_URL."
+        ),
+        Err(_) => panic!("connecting to RabbitMQ at AMQP_URL ({url}) timed out"),
+    }
+}
+
+/// Polls `cond` until it holds or `WAIT` passes.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The fake bunq's state: the server key it signs with and what the worker registered.
+pub struct BunqState {
+    pub server_key: KeyPair,
+    pub server_public_pem: String,
+    pub installation_token: String,
+    pub client_public_key_pem: Mutex<Option<String>>,
+}
+
+impl BunqState {
+    fn new() -> Arc<Self> {
+        let server_key = KeyPair::generate(KeySize::Rsa2048).unwrap();
+        let der = server_key.public_key().as_der().unwrap();
+        let server_public_pem = pem_encode("PUBLIC KEY", der.as_ref());
+        Arc::new(Self {
+            server_key,
+            server_public_pem,
+            installation_token: format!("INSTALLATION-TOKEN-{}", uuid::Uuid::new_v4().simple()),
+            client_public_key_pem: Mutex::new(None),
+        })
+    }
+
+    pub fn sign(&self, body: &[u8]) -> String {
+        let mut sig = vec![0u8; self.server_key.public_modulus_len()];
+        self.server_key
+            .sign(
+                &signature::RSA_PKCS1_SHA256,
+                &SystemRandom::new(),
+                body,
+                &mut sig,
+            )
+            .unwrap();
+        STANDARD.encode(sig)
+    }
+}
+
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn pem_decode(pem: &str) -> Vec<u8> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    STANDARD.decode(b64).unwrap()
+}
+
+/// Answers `POST /installation` and remembers the client public key.
+struct Installation(Arc<BunqState>);
+
+impl Respond for Installation {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&req.body).unwrap();
+        let key = body["client_public_key"].as_str().unwrap().to_owned();
+        assert!(key.starts_with("-----BEGIN PUBLIC KEY-----"), "{key}");
+        *self.0.client_public_key_pem.lock().unwrap() = Some(key);
+        ResponseTemplate::new(200).set_body_json(json!({"Response": [
+            {"Id": {"id": 5511}},
+            {"Token": {"id": 5512, "created": "2026-11-29 09:00:00.000000", "updated": "2026-11-29 09:00:00.000000", "token": self.0.installation_token}},
+            {"ServerPublicKey": {"server_public_key": self.0.server_public_pem}}
+        ]}))
+    }
+}
+
+/// Matches only requests that carry every documented header, the installation token and a
+/// valid signature by the key the worker registered.
+pub struct ValidBunqRequest(pub Arc<BunqState>);
+
+impl Match for ValidBunqRequest {
+    fn matches(&self, req: &Request) -> bool {
+        check_request(&self.0, req).is_ok()
+    }
+}
+
+/// Why a request is not what bunq requires, or Ok.
+pub fn check_request(state: &BunqState, req: &Request) -> Result<(), String> {
+    let h = |name: &str| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("missing header {name}"))
+    };
+    if h("User-Agent")?.is_empty() {
+        return Err("empty User-Agent".into());
+    }
+    if h("Cache-Control")? != "no-cache" {
+        return Err("Cache-Control".into());
+    }
+    if h("Content-Type")? != "application/json" {
+        return Err("Content-Type".into());
+    }
+    if h("X-Bunq-Geolocation")? != "0 0 0 0 000" {
+        return Err("X-Bunq-Geolocation".into());
+    }
+    if h("X-Bunq-Language")? != "en_US" || h("X-Bunq-Region")? != "nl_NL" {
+        return Err("language/region".into());
+    }
+    uuid::Uuid::parse_str(&h("X-Bunq-Client-Request-Id")?).map_err(|_| "request id not a UUID")?;
+    if h("X-Bunq-Client-Authentication")? != state.installation_token {
+        return Err("wrong X-Bunq-Client-Authentication".into());
+    }
+    let sig = STANDARD
+        .decode(h("X-Bunq-Client-Signature")?)
+        .map_err(|_| "signature not base64")?;
+    let pem = state
+        .client_public_key_pem
+        .lock()
+        .unwrap()
+        .clone()
+        .ok_or("no installation yet")?;
+    signature::UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, pem_decode(&pem))
+        .verify(&req.body, &sig)
+        .map_err(|_| "signature does not verify over the body".to_string())
+}
+
+/// A response signed with the fake server key (or deliberately not).
+#[derive(Clone)]
+pub struct Signed {
+    pub state: Arc<BunqState>,
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub content_type: &'static str,
+    pub sign: bool,
+    pub bad_signature: bool,
+    pub delay: Option<Duration>,
+}
+
+impl Respond for Signed {
+    fn respond(&self, _req: &Request) -> ResponseTemplate {
+        let mut t = ResponseTemplate::new(self.status)
+            .set_body_raw(self.body.clone(), self.content_type)
+            .insert_header(
+                "X-Bunq-Client-Response-Id",
+                uuid::Uuid::new_v4().to_string().as_str(),
+            );
+        if self.sign {
+            let sig = if self.bad_signature {
+                self.state.sign(b"other bytes")
+            } else {
+                self.state.sign(&self.body)
+            };
+            t = t.insert_header("X-Bunq-Server-Signature", sig.as_str());
+        }
+        if let Some(d) = self.delay {
+            t = t.set_delay(d);
+        }
+        t
+    }
+}
+
+pub const SESSION_TOKEN_API_KEY: &str =
+    "f981bd6d26b8328b89e85a774c404bb02e72d18062dab92bb59c9e59a1c5958f";
+
+pub fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// Names of one test's broker objects.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub input_exchange: String,
+    pub input_queue: String,
+    pub output_exchange: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub output_queue: String,
+}
+
+impl Names {
+    pub fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = &id[..12];
+        Self {
+            input_exchange: format!("test-{id}.provisioning"),
+            input_queue: format!("test-{id}.provision-ready"),
+            output_exchange: format!("test-{id}.sessions"),
+            dead_letter_exchange: format!("test-{id}.dead-letter"),
+            dead_letter_queue: format!("test-{id}.provision-ready.dead-letter"),
+            output_queue: format!("test-{id}.sessions-observer"),
+        }
+    }
+}
+
+/// One test's world.
+pub struct TestApp {
+    pub names: Names,
+    pub bunq: MockServer,
+    pub state: Arc<BunqState>,
+    pub conn: Connection,
+    pub channel: Channel,
+    pub dir: PathBuf,
+    pub context_file: PathBuf,
+    outputs: Option<Consumer>,
+    dead_letters: Option<Consumer>,
+    worker: Option<(CancellationToken, JoinHandle<Result<(), RunError>>)>,
+    pub extra_args: Vec<String>,
+}
+
+impl TestApp {
+    /// Broker connection, names, fake bunq with installation mounted, and an observer queue
+    /// bound to the output exchange with `output_binding` (None: no binding).
+    pub async fn new_with_binding(output_binding: Option<&str>) -> Self {
+        let names = Names::new();
+        let bunq = MockServer::start().await;
+        let state = BunqState::new();
+        Mock::given(matchers::method("POST"))
+            .and(matchers::path("/v1/installation"))
+            .respond_with(Installation(state.clone()))
+            .mount(&bunq)
+            .await;
+        let conn = connect().await;
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .exchange_declare(
+                names.output_exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_declare(
+                names.output_queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if let Some(b) = output_binding {
+            channel
+                .queue_bind(
+                    names.output_queue.as_str().into(),
+                    names.output_exchange.as_str().into(),
+                    b.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("bsw-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let context_file = dir.join("bunq-context.json");
+        Self {
+            names,
+            bunq,
+            state,
+            conn,
+            channel,
+            dir,
+            context_file,
+            outputs: None,
+            dead_letters: None,
+            worker: None,
+            extra_args: vec![
+                "--retry-initial-delay-ms".into(),
+                "10".into(),
+                "--retry-max-delay-ms".into(),
+                "50".into(),
+                "--http-timeout-ms".into(),
+                "2000".into(),
+            ],
+        }
+    }
+
+    pub async fn new() -> Self {
+        Self::new_with_binding(Some("session.#")).await
+    }
+
+    /// The worker's arguments: this test's names, the fake bunq, fast retries, then `extra_args`.
+    pub fn args(&self) -> Vec<String> {
+        let n = &self.names;
+        let mut a: Vec<String> = [
+            "--amqp-url",
+            &amqp_url(),
+            "--bunq-api-url",
+            &format!("{}/v1", self.bunq.uri()),
+            "--bunq-context-file",
+            self.context_file.to_str().unwrap(),
+            "--input-exchange",
+            &n.input_exchange,
+            "--input-queue",
+            &n.input_queue,
+            "--output-exchange",
+            &n.output_exchange,
+            "--dead-letter-exchange",
+            &n.dead_letter_exchange,
+            "--dead-letter-queue",
+            &n.dead_letter_queue,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(self.extra_args.iter().cloned());
+        a
+    }
+
+    pub fn settings(&self) -> Settings {
+        let mut argv = vec!["bunq-session-worker".to_string()];
+        argv.extend(self.args());
+        let s = Settings::try_parse_from(argv).unwrap();
+        s.validate().unwrap();
+        s
+    }
+
+    /// Builds and runs a worker in this process.
+    pub async fn start_worker(&mut self) {
+        let worker = Worker::build(self.settings()).await.expect("worker starts");
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(worker.run_until_stopped(token.clone()));
+        self.worker = Some((token, handle));
+    }
+
+    /// Cancels the worker and returns its result.
+    pub async fn stop_worker(&mut self) -> Result<(), RunError> {
+        let (token, handle) = self.worker.take().expect("a worker is running");
+        token.cancel();
+        tokio::time::timeout(WAIT, handle)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task does not panic")
+    }
+
+    pub fn worker_is_running(&self) -> bool {
+        self.worker.as_ref().is_some_and(|(_, h)| !h.is_finished())
+    }
+
+    /// Mounts session-server (and device-server) answering `body` for requests whose `secret`
+    /// is `token` (any token when None).
+    pub async fn mount(&self, path: &str, token: Option<&str>, resp: Signed, times: Option<u64>) {
+        let mut m = Mock::given(matchers::method("POST"))
+            .and(matchers::path(format!("/v1/{path}")))
+            .and(ValidBunqRequest(self.state.clone()));
+        if let Some(t) = token {
+            m = m.and(matchers::body_partial_json(json!({ "secret": t })));
+        }
+        let mut m = m.respond_with(resp);
+        if let Some(n) = times {
+            m = m.up_to_n_times(n);
+        }
+        m.mount(&self.bunq).await;
+    }
+
+    pub fn answer(&self, status: u16, body: &str) -> Signed {
+        Signed {
+            state: self.state.clone(),
+            status,
+            body: body.as_bytes().to_vec(),
+            content_type: "application/json",
+            sign: (200..300).contains(&status),
+            bad_signature: false,
+            delay: None,
+        }
+    }
+
+    /// device-server 200 and session-server answering with the UserApiKey fixture for any token.
+    pub async fn mount_happy_path(&self) {
+        self.mount(
+            "device-server",
+            None,
+            self.answer(200, r#"{"Response":[{"Id":{"id":77}}]}"#),
+            None,
+        )
+        .await;
+        self.mount(
+            "session-server",
+            None,
+            self.answer(200, &fixture("session-server.user-api-key.json")),
+            None,
+        )
+        .await;
+    }
+
+    pub async fn publish(&self, body: &[u8], props: BasicProperties) {
+        self.publish_to("provision.ready", body, props).await
+    }
+
+    pub async fn publish_to(&self, routing_key: &str, body: &[u8], props: BasicProperties) {
+        let c = self
+            .channel
+            .basic_publish(
+                self.names.input_exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.take_message().is_none(), "input publish was unroutable");
+    }
+
+    pub async fn publish_json(&self, v: &Value) {
+        self.publish(v.to_string().as_bytes(), BasicProperties::default())
+            .await
+    }
+
+    async fn next_from(consumer: &mut Consumer, what: &str) -> Delivery {
+        let d = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("consumer open")
+            .expect("delivery");
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        d
+    }
+
+    async fn consumer(&self, queue: &str) -> Consumer {
+        let ch = self.conn.create_channel().await.unwrap();
+        ch.basic_consume(
+            queue.into(),
+            format!("observer-{}", uuid::Uuid::new_v4()).as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The next message on the output exchange (session.created or session.failed).
+    pub async fn next_output(&mut self) -> Delivery {
+        if self.outputs.is_none() {
+            self.outputs = Some(self.consumer(&self.names.output_queue.clone()).await);
+        }
+        Self::next_from(self.outputs.as_mut().unwrap(), "an output event").await
+    }
+
+    /// The next message in the dead-letter queue.
+    pub async fn next_dead_letter(&mut self) -> Delivery {
+        if self.dead_letters.is_none() {
+            self.dead_letters = Some(self.consumer(&self.names.dead_letter_queue.clone()).await);
+        }
+        Self::next_from(self.dead_letters.as_mut().unwrap(), "a dead letter").await
+    }
+
+    /// Ready-message count of a queue (unacked messages are not counted).
+    pub async fn ready_count(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    /// Requests the fake bunq received on `path` (e.g. "session-server").
+    pub async fn requests(&self, path: &str) -> Vec<Request> {
+        self.bunq
+            .received_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.url.path() == format!("/v1/{path}"))
+            .collect()
+    }
+
+    /// Deletes this test's broker objects and files.
+    pub async fn cleanup(mut self) {
+        if self.worker.is_some() {
+            let _ = self.stop_worker().await;
+        }
+        let ch = self.conn.create_channel().await.unwrap();
+        let n = &self.names;
+        for q in [&n.input_queue, &n.dead_letter_queue, &n.output_queue] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for e in [
+            &n.input_exchange,
+            &n.output_exchange,
+            &n.dead_letter_exchange,
+        ] {
+            let _ = ch
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.conn.close(200, "".into()).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A header of a delivery as text (long or short string), or an integer's decimal form.
+pub fn header(d: &Delivery, name: &str) -> Option<String> {
+    let v = d.properties.headers().as_ref()?.inner().get(name)?.clone();
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).unwrap(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::LongLongInt(i) => i.to_string(),
+        AMQPValue::LongInt(i) => i.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+pub fn body_json(d: &Delivery) -> Value {
+    serde_json::from_slice(&d.data).expect("output body is JSON")
+}
+
+/// A slim event with a fresh token, expiring in an hour.
+pub fn slim(provision_id: i64, token: &str) -> Value {
+    let expiry = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    json!({
+        "provision_id": provision_id,
+        "token_value": token,
+        "credential_id": provision_id + 1000,
+        "external_uuid": format!("ext-{provision_id}"),
+        "expiry_time": expiry.format(&time::format_description::well_known::Rfc3339).unwrap(),
+    })
+}
+
+pub fn type_of(d: &Delivery) -> String {
+    d.properties
+        .kind()
+        .as_ref()
+        .map(|k| k.to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the worker against a real RabbitMQ (`AMQP_URL`) and a wiremock bunq.
+
+mod bad_input;
+mod bunq_errors;
+mod delivery;
+mod happy;
+mod helpers;
+mod process;

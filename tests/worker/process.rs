@@ -1,0 +1,271 @@
+//! The binary as an operator runs it: exit codes, signals, and logs without secrets.
+
+use std::{
+    io::Read,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use lapin::{
+    options::QueueDeclareOptions,
+    types::{AMQPValue, FieldTable, LongString},
+};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bunq-session-worker");
+
+struct Running {
+    child: Child,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Running {
+    fn start(args: &[String], envs: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .env("LOG_FORMAT", "text")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("the worker binary starts");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for mut pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        Self { child, output }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    async fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain the pipes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker did not exit; output:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+async fn consumers(app: &TestApp) -> u32 {
+    let ch = app.conn.create_channel().await.unwrap();
+    let n = match ch
+        .queue_declare(
+            app.names.input_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(q) => q.consumer_count(),
+        Err(_) => 0,
+    };
+    let _ = ch.close(200, "".into()).await;
+    n
+}
+
+#[tokio::test]
+async fn logs_hold_no_secret_and_sigterm_exits_zero() {
+    let mut app = TestApp::new().await;
+    app.mount(
+        "device-server",
+        None,
+        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
+        None,
+    )
+    .await;
+    app.mount(
+        "session-server",
+        Some("SECRET-TOKEN-OK-1111"),
+        app.answer(200, &fixture("session-server.user-api-key.json")),
+        None,
+    )
+    .await;
+    app.mount(
+        "session-server",
+        Some("SECRET-TOKEN-ECHO-2222"),
+        // A misbehaving server that echoes the credential back in its error.
+        app.answer(
+            400,
+            r#"{"Error":[{"error_description":"API key SECRET-TOKEN-ECHO-2222 is not valid"}]}"#,
+        ),
+        None,
+    )
+    .await;
+    app.mount(
+        "session-server",
+        Some("SECRET-TOKEN-FLAKY-3333"),
+        app.answer(500, "<html>oops</html>"),
+        Some(1),
+    )
+    .await;
+    app.mount(
+        "session-server",
+        Some("SECRET-TOKEN-FLAKY-3333"),
+        app.answer(200, &fixture("session-server.user-person.json")),
+        None,
+    )
+    .await;
+    let mut w = Running::start(&app.args(), &[("RUST_LOG", "debug")]);
+    eventually("the worker consumes", || async {
+        consumers(&app).await == 1
+    })
+    .await;
+
+    app.publish_json(&slim(1, "SECRET-TOKEN-OK-1111")).await;
+    assert_eq!(type_of(&app.next_output().await), "session.created");
+    app.publish_json(&slim(2, "SECRET-TOKEN-ECHO-2222")).await;
+    let failed = app.next_output().await;
+    assert_eq!(type_of(&failed), "session.failed");
+    let dl = app.next_dead_letter().await;
+    app.publish_json(&slim(3, "SECRET-TOKEN-FLAKY-3333")).await;
+    assert_eq!(type_of(&app.next_output().await), "session.created");
+    app.publish(
+        br#"{"provision_id": "SECRET-TOKEN-BAD-4444x", "token_value": 7}"#,
+        Default::default(),
+    )
+    .await;
+    let dl2 = app.next_dead_letter().await;
+
+    w.signal("-TERM");
+    let status = w.wait().await;
+    let logs = w.text();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}\n{logs}");
+    assert!(logs.contains("stopped"), "{logs}");
+    assert!(
+        logs.contains("provision_id"),
+        "logs carry the provision id: {logs}"
+    );
+    assert!(logs.contains("latency_ms"), "{logs}");
+
+    let context = std::fs::read_to_string(&app.context_file).unwrap();
+    let private: serde_json::Value = serde_json::from_str(&context).unwrap();
+    let key_body: String = private["client_private_key"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let mut secrets = vec![
+        "SECRET-TOKEN-OK-1111".to_string(),
+        "SECRET-TOKEN-ECHO-2222".to_string(),
+        "SECRET-TOKEN-FLAKY-3333".to_string(),
+        "SECRET-TOKEN-BAD-4444".to_string(),
+        app.state.installation_token.clone(),
+        SESSION_TOKEN_API_KEY.to_string(),
+        "0c5be2f1a9d84e7cb36a1f0d2e4c6b8a9d7f5e3c1b0a2d4f6e8c0b2a4d6f8e0c".to_string(),
+    ];
+    secrets.extend(
+        key_body
+            .as_bytes()
+            .chunks(40)
+            .map(|c| String::from_utf8(c.to_vec()).unwrap()),
+    );
+    let failed_text = String::from_utf8_lossy(&failed.data).into_owned();
+    let dl_headers = format!(
+        "{:?} {:?}",
+        dl.properties.headers(),
+        dl2.properties.headers()
+    );
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "secret {s} in logs:\n{logs}");
+        assert!(
+            !failed_text.contains(s.as_str()),
+            "secret in session.failed: {failed_text}"
+        );
+        assert!(
+            !dl_headers.contains(s.as_str()),
+            "secret in dead-letter headers: {dl_headers}"
+        );
+    }
+    assert!(failed_text.contains("[REDACTED]"), "{failed_text}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_topology_conflict_exits_non_zero_naming_the_object_and_argument() {
+    let app = TestApp::new().await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(b"classic".to_vec())),
+    );
+    app.channel
+        .queue_declare(
+            app.names.dead_letter_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    let mut w = Running::start(&app.args(), &[]);
+    let status = w.wait().await;
+    let out = w.text();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains(&format!("queue '{}'", app.names.dead_letter_queue)),
+        "{out}"
+    );
+    assert!(out.contains("'x-queue-type'"), "{out}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn invalid_configuration_names_the_variable() {
+    let app = TestApp::new().await;
+    let mut w = Running::start(&app.args(), &[("PREFETCH", "lots")]);
+    let status = w.wait().await;
+    assert_eq!(status.code(), Some(2));
+    assert!(w.text().contains("PREFETCH"), "{}", w.text());
+    let mut w = Running::start(&app.args(), &[("BUNQ_PERMITTED_IPS", "10.0.0.1,not-an-ip")]);
+    assert_eq!(w.wait().await.code(), Some(2));
+    assert!(w.text().contains("BUNQ_PERMITTED_IPS"), "{}", w.text());
+    app.cleanup().await;
+}
