@@ -48,6 +48,7 @@ pub enum LogFormat {
     name = "bunq-session-worker",
     version,
     args_override_self = true,
+    long_about = None,
     about = "Opens bunq sessions for provisioned users: consumes provision-ready events from RabbitMQ and publishes session events."
 )]
 pub struct Settings {

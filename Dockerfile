@@ -1,0 +1,16 @@
+# Build: docker build -t bunq-session-worker .
+FROM rust:1.95-slim-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake clang && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin bunq-session-worker
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --home /var/lib/bunq-session-worker --create-home worker
+COPY --from=build /src/target/release/bunq-session-worker /usr/local/bin/bunq-session-worker
+USER worker
+WORKDIR /var/lib/bunq-session-worker
+ENV BUNQ_CONTEXT_FILE=/var/lib/bunq-session-worker/bunq-context.json
+ENTRYPOINT ["/usr/local/bin/bunq-session-worker"]

@@ -1,0 +1,165 @@
+//! A small companion for trying the worker by hand (not part of the service).
+//!
+//! ```text
+//! cargo run --example bus -- publish tests/fixtures/provision-ready.slim.json
+//! cargo run --example bus -- watch          # prints session.created / session.failed
+//! cargo run --example bus -- dead-letters   # prints the dead-letter queue (messages stay there)
+//! ```
+//! Uses `AMQP_URL` and the default exchange and queue names (or `INPUT_EXCHANGE`,
+//! `INPUT_ROUTING_KEY`, `OUTPUT_EXCHANGE`, `DEAD_LETTER_QUEUE`).
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Connection, ConnectionProperties, ExchangeKind,
+    options::*,
+    types::{AMQPValue, FieldTable},
+};
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let url = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+    let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    match args.first().map(String::as_str) {
+        Some("publish") => {
+            let path = args.get(1).ok_or("usage: bus publish FILE")?;
+            let body = std::fs::read(path)?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            let exchange = env("INPUT_EXCHANGE", "bunq.provisioning");
+            let key = env("INPUT_ROUTING_KEY", "provision.ready");
+            let confirm = ch
+                .basic_publish(
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2)
+                        .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into()),
+                )
+                .await?
+                .await?;
+            if confirm.take_message().is_some() {
+                return Err(format!("unroutable: is the worker's queue bound to '{exchange}' with '{key}'? Start the worker once first.").into());
+            }
+            println!(
+                "published {} bytes to {exchange} with routing key {key}",
+                body.len()
+            );
+        }
+        Some("watch") => {
+            let exchange = env("OUTPUT_EXCHANGE", "bunq.sessions");
+            ch.exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            let q = ch
+                .queue_declare(
+                    "".into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            ch.queue_bind(
+                q.name().clone(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+            println!("watching {exchange} (Ctrl-C to stop)");
+            let mut c = ch
+                .basic_consume(
+                    q.name().clone(),
+                    "bus-watch".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            while let Some(d) = c.next().await {
+                let d = d?;
+                println!(
+                    "{} message_id={} {}",
+                    d.routing_key,
+                    d.properties
+                        .message_id()
+                        .as_ref()
+                        .map(|m| m.as_str())
+                        .unwrap_or("-"),
+                    String::from_utf8_lossy(&d.data)
+                );
+            }
+        }
+        Some("dead-letters") => {
+            let queue = env(
+                "DEAD_LETTER_QUEUE",
+                "bunq-session-worker.provision-ready.dead-letter",
+            );
+            // Peek: take every message, print it, then nack them all back with requeue.
+            let mut last = None;
+            while let Some(m) = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await?
+            {
+                let h = m.delivery.properties.headers().clone().unwrap_or_default();
+                let get = |k: &str| match h.inner().get(k) {
+                    Some(AMQPValue::LongString(s)) => {
+                        String::from_utf8_lossy(s.as_bytes()).into_owned()
+                    }
+                    Some(AMQPValue::LongLongInt(i)) => i.to_string(),
+                    Some(v) => format!("{v:?}"),
+                    None => "-".into(),
+                };
+                println!(
+                    "reason={} attempts={} detail={:?} body={}",
+                    get("x-error-reason"),
+                    get("x-attempts"),
+                    get("x-error-detail"),
+                    String::from_utf8_lossy(&m.delivery.data)
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                );
+                last = Some(m.delivery.delivery_tag);
+            }
+            if let Some(tag) = last {
+                ch.basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                )
+                .await?;
+            } else {
+                println!("{queue} is empty");
+            }
+        }
+        _ => return Err("usage: bus publish FILE | bus watch | bus dead-letters".into()),
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(())
+}
