@@ -24,13 +24,46 @@ pub use fake_bunq::*;
 /// How long a test waits for an expected event before failing.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+/// The RabbitMQ image started when `AMQP_URL` is unset and a Docker engine exists (pinned: the
+/// testcontainers module's default tag is end-of-life).
+pub const RABBITMQ_IMAGE: (&str, &str) = ("rabbitmq", "4.1.4-management");
+
+static BROKER_URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
+/// The broker under test: `AMQP_URL`; else, where a Docker engine answers, a RabbitMQ container
+/// started once by testcontainers and reused by later runs; else localhost.
+pub async fn amqp_url() -> String {
+    BROKER_URL
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("AMQP_URL") {
+                return url;
+            }
+            let docker = std::env::var_os("DOCKER_HOST").is_some()
+                || std::path::Path::new("/var/run/docker.sock").exists();
+            if !docker {
+                return "amqp://guest:guest@127.0.0.1:5672/%2f".into();
+            }
+            use testcontainers::{
+                GenericImage, ImageExt, ReuseDirective, core::WaitFor, runners::AsyncRunner,
+            };
+            let container = GenericImage::new(RABBITMQ_IMAGE.0, RABBITMQ_IMAGE.1)
+                .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+                .with_container_name("bunq-session-worker-test-rabbitmq")
+                .with_reuse(ReuseDirective::Always)
+                .start()
+                .await
+                .expect("AMQP_URL is unset and a Docker engine exists, but RabbitMQ did not start in it");
+            let host = container.get_host().await.unwrap();
+            let port = container.get_host_port_ipv4(5672).await.unwrap();
+            format!("amqp://guest:guest@{host}:{port}/%2f")
+        })
+        .await
+        .clone()
 }
 
 /// Connects to the broker or fails the test with a message that says what to do.
 pub async fn connect() -> Connection {
-    let url = amqp_url();
+    let url = amqp_url().await;
     match tokio::time::timeout(
         Duration::from_secs(10),
         Connection::connect(&url, ConnectionProperties::default()),
@@ -110,6 +143,7 @@ pub struct TestApp {
     pub channel: Channel,
     pub dir: PathBuf,
     pub context_file: PathBuf,
+    pub amqp_url: String,
     outputs: Option<Consumer>,
     dead_letters: Option<Consumer>,
     worker: Option<(CancellationToken, JoinHandle<Result<(), RunError>>)>,
@@ -176,6 +210,7 @@ impl TestApp {
             channel,
             dir,
             context_file,
+            amqp_url: amqp_url().await,
             outputs: None,
             dead_letters: None,
             worker: None,
@@ -199,7 +234,7 @@ impl TestApp {
         let n = &self.names;
         let mut a: Vec<String> = [
             "--amqp-url",
-            &amqp_url(),
+            &self.amqp_url,
             "--bunq-api-url",
             &format!("{}/v1", self.bunq.uri()),
             "--bunq-context-file",
