@@ -262,6 +262,9 @@ impl Settings {
                 ));
             }
         }
+        if reqwest::header::HeaderValue::from_str(&self.bunq_user_agent).is_err() {
+            return err("BUNQ_USER_AGENT holds characters an HTTP header cannot carry".into());
+        }
         if self.max_message_bytes == 0 {
             return err("MAX_MESSAGE_BYTES must be at least 1".into());
         }
@@ -394,6 +397,8 @@ mod tests {
         assert!(e.contains("BUNQ_PERMITTED_IPS"), "{e}");
         let e = parse(&["--bunq-installation-token", "x"]).unwrap_err();
         assert!(e.contains("BUNQ_CLIENT_PRIVATE_KEY"), "{e}");
+        let e = parse(&["--bunq-user-agent", "a\nb"]).unwrap_err();
+        assert!(e.contains("BUNQ_USER_AGENT"), "{e}");
         let e = parse(&["--retry-max-delay-ms", "10"]).unwrap_err();
         assert!(e.contains("RETRY_MAX_DELAY_MS"), "{e}");
     }

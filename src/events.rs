@@ -19,6 +19,26 @@ use time::{OffsetDateTime, PrimitiveDateTime, format_description::well_known::Rf
 
 use crate::outcome::FailureReason;
 
+/// Longest accepted string `provision_id`, in bytes (UTF-8).
+pub const MAX_PROVISION_ID_BYTES: usize = 128;
+
+/// Escapes control characters and shortens input text to 100 characters for a log line, so a
+/// field cannot forge log lines or flood them.
+pub fn log_safe(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars().take(100) {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    if s.chars().count() > 100 {
+        out.push('…');
+    }
+    out
+}
+
 /// Version of the output event bodies; bumped on an incompatible change.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -134,6 +154,8 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Decoded, InputError> {
     let text = std::str::from_utf8(body).map_err(|e| InputError::NotUtf8 {
         valid_up_to: e.valid_up_to(),
     })?;
+    // A byte-order mark is legal at the start of a UTF-8 text but not in JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if text.trim().is_empty() {
         return Err(InputError::MalformedJson("body is empty".into()));
     }
@@ -242,7 +264,7 @@ fn bunq_provision(p: &Map<String, Value>, path: &str) -> Result<Decoded, InputEr
         && status != "PENDING_FIRST_USE"
     {
         // Status values are bunq's enum names, never secrets.
-        return not_ready(&format!("credential status is {status}"));
+        return not_ready(&format!("credential status is {}", log_safe(status)));
     }
     let Some(token) = token.filter(|t| !t.trim().is_empty()) else {
         return not_ready("credential has no token_value");
@@ -265,9 +287,10 @@ fn provision_id(v: Option<&Value>, field: &str) -> Result<ProvisionId, InputErro
             ))
         }),
         Some(Value::String(s)) if s.trim().is_empty() => Err(invalid(format!("{field} is empty"))),
-        Some(Value::String(s)) if s.len() > 200 => {
-            Err(invalid(format!("{field} is longer than 200 characters")))
-        }
+        // It may become the AMQP correlation_id, a short string of at most 255 bytes.
+        Some(Value::String(s)) if s.len() > MAX_PROVISION_ID_BYTES => Err(invalid(format!(
+            "{field} is longer than {MAX_PROVISION_ID_BYTES} bytes"
+        ))),
         Some(Value::String(s)) => Ok(ProvisionId::Str(s.clone())),
         Some(other) => Err(invalid(format!(
             "{field}: expected an integer or a string, found {}",
@@ -576,6 +599,25 @@ mod tests {
             r#"{{"provision_id": 1, "token_value": "{TOKEN}"}}"#
         ));
         assert!(!format!("{r:?}").contains(TOKEN));
+    }
+
+    #[test]
+    fn hostile_but_valid_input() {
+        let r = ready("\u{feff}{\"provision_id\": 1, \"token_value\": \"t\"}");
+        assert_eq!(r.provision_id, ProvisionId::Int(1));
+        let long = "é".repeat(65); // 130 bytes
+        let e = err(format!(r#"{{"provision_id": "{long}", "token_value": "t"}}"#).as_bytes());
+        assert_eq!(e.to_string(), "provision_id is longer than 128 bytes");
+        match decode(
+            br#"{"id": 1, "credential": {"status": "X\nFAKE LINE", "token_value": "t"}}"#,
+            1024,
+        )
+        .unwrap()
+        {
+            Decoded::NotReady(n) => assert_eq!(n.why, "credential status is X\\nFAKE LINE"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(log_safe(&"a".repeat(150)).chars().count(), 101);
     }
 
     #[test]

@@ -235,7 +235,7 @@ impl SessionFlow {
                 ));
             };
             let delay = RetryPolicy::jitter(delay).max(floor.unwrap_or_default());
-            if budget.started.elapsed() + delay > budget.policy.max_elapsed {
+            if budget.started.elapsed().saturating_add(delay) > budget.policy.max_elapsed {
                 return Err(budget.failure(
                     FailureReason::RetriesExhausted,
                     format!(
@@ -245,7 +245,9 @@ impl SessionFlow {
                 ));
             }
             if let Some(expiry) = budget.expiry
-                && OffsetDateTime::now_utc() + delay >= expiry
+                && OffsetDateTime::now_utc()
+                    .checked_add(time::Duration::try_from(delay).unwrap_or(time::Duration::MAX))
+                    .is_none_or(|next| next >= expiry)
             {
                 return Err(budget.failure(
                     FailureReason::CredentialExpired,

@@ -5,9 +5,9 @@
 //! dead-letter copy. Until then it stays unacked and a crash makes the broker redeliver it.
 //! [`settle`] is the one place where an [`Outcome`] becomes broker actions.
 
-use std::{sync::Arc, time::Instant};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties,
     message::Delivery,
@@ -28,7 +28,7 @@ use crate::{
     },
     config::Settings,
     events::{self, Decoded, ProvisionReady, SCHEMA_VERSION, SessionCreated, SessionFailed},
-    outcome::{Failure, Outcome},
+    outcome::{Failure, FailureReason, Outcome},
     retry::RetryPolicy,
     session::{FlowError, SessionFlow},
 };
@@ -89,6 +89,7 @@ pub enum RunError {
 /// Everything a delivery's task needs; shared by all tasks.
 struct Shared {
     settings: Settings,
+    topology: Topology,
     flow: SessionFlow,
     publisher: Publisher,
     shutdown: CancellationToken,
@@ -178,6 +179,7 @@ impl Worker {
         Ok(Self {
             shared: Arc::new(Shared {
                 publisher: Publisher::new(connection.clone()),
+                topology: Topology::from(&settings),
                 settings,
                 flow,
                 shutdown: CancellationToken::new(),
@@ -319,13 +321,29 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
     let span = info_span!(
         "delivery",
         delivery_tag = delivery.delivery_tag,
-        message_id = %message_id,
+        message_id = %events::log_safe(&message_id),
         redelivered = delivery.redelivered,
         provision_id = tracing::field::Empty,
     );
     async move {
         let started = Instant::now();
-        let outcome = process(&shared, &delivery).await;
+        // A bug must not strand a delivery unacked with its prefetch slot held: a panic while
+        // processing becomes a dead letter that says so.
+        let outcome = match AssertUnwindSafe(process(&shared, &delivery))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                error!("internal error while handling the delivery; dead-lettering it");
+                Outcome::Failed(Box::new(Failure {
+                    reason: FailureReason::UnexpectedResponse,
+                    detail: "internal error in the worker while handling this delivery (a bug: please report it with the worker's logs)".into(),
+                    attempts: 0,
+                    event: None,
+                }))
+            }
+        };
         let label = match &outcome {
             Outcome::Created(_) => "created",
             Outcome::Skipped(_) => "skipped",
@@ -356,14 +374,17 @@ async fn process(shared: &Shared, delivery: &Delivery) -> Outcome {
         }
         Ok(Decoded::NotReady(n)) => {
             if let Some(id) = &n.provision_id {
-                tracing::Span::current().record("provision_id", tracing::field::display(id));
+                tracing::Span::current().record("provision_id", events::log_safe(&id.to_string()));
             }
             info!(why = %n.why, "provision not ready; skipping");
             return Outcome::Skipped(n);
         }
         Ok(Decoded::Ready(r)) => r,
     };
-    tracing::Span::current().record("provision_id", tracing::field::display(&ready.provision_id));
+    tracing::Span::current().record(
+        "provision_id",
+        events::log_safe(&ready.provision_id.to_string()),
+    );
     match shared.flow.open(&ready, &shared.shutdown).await {
         Ok(opened) => {
             let s = opened.session;
@@ -384,8 +405,12 @@ async fn process(shared: &Shared, delivery: &Delivery) -> Outcome {
                 user_api_key_id: s.user_api_key_id,
                 user_type: s.user_type,
                 session_timeout_seconds: timeout,
+                // bunq's numbers are input too: an absurd timeout or date must not overflow.
                 expires_at: created_at
-                    + time::Duration::seconds(i64::try_from(timeout).unwrap_or(i64::MAX / 2)),
+                    .checked_add(time::Duration::seconds(
+                        i64::try_from(timeout).unwrap_or(i64::MAX),
+                    ))
+                    .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc()),
                 created_at,
                 installation_key_sha256: shared.flow.ctx.public_key_sha256().to_owned(),
             }))
@@ -453,8 +478,13 @@ fn output_properties(delivery: &Delivery, event_type: &str, provision_id: &str) 
     props
 }
 
+/// The dead-letter copy's properties: the input's, plus the `x-error-*` headers, minus what
+/// would make the copy vanish or be refused. RabbitMQ's own dead-lettering drops `expiration`
+/// likewise (<https://www.rabbitmq.com/docs/dlx>); a `user_id` that is not the worker's own
+/// login makes the broker refuse the publish (<https://www.rabbitmq.com/docs/validated-user-id>).
 fn dead_letter_properties(delivery: &Delivery, failure: &Failure) -> BasicProperties {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let input = &delivery.properties;
+    let mut headers = input.headers().clone().unwrap_or_default();
     let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()));
     headers.insert("x-error-reason".into(), s(failure.reason.as_str()));
     headers.insert("x-error-detail".into(), s(&failure.detail));
@@ -471,45 +501,103 @@ fn dead_letter_properties(delivery: &Delivery, failure: &Failure) -> BasicProper
         "x-failed-at".into(),
         s(&events::rfc3339(OffsetDateTime::now_utc())),
     );
-    delivery.properties.clone().with_headers(headers)
+    if let Some(user) = input.user_id() {
+        headers.insert("x-original-user-id".into(), s(user.as_str()));
+    }
+    let mut props = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    macro_rules! keep {
+        ($($get:ident => $with:ident),*) => {
+            $(if let Some(v) = input.$get().clone() { props = props.$with(v); })*
+        };
+    }
+    keep!(content_type => with_content_type, content_encoding => with_content_encoding,
+          priority => with_priority, correlation_id => with_correlation_id,
+          reply_to => with_reply_to, message_id => with_message_id, timestamp => with_timestamp,
+          kind => with_type, app_id => with_app_id, cluster_id => with_cluster_id);
+    props
 }
 
-/// Publishes until the broker confirms. Each failure is logged; waits follow the retry policy's
-/// schedule, restarting at its cap. Bounded only by the shutdown timeout, because for
-/// `session.created` the alternative is losing a session whose credential is spent.
+/// How long [`publish_confirmed`] keeps trying.
+#[derive(Clone, Copy, Debug)]
+enum Patience {
+    /// Until confirmed; only the shutdown timeout ends it. For `session.created`: giving up
+    /// would lose a session whose single-use credential is spent.
+    UntilConfirmed,
+    /// Until `RETRY_MAX_ELAPSED_S` has passed; then the caller falls back.
+    Budget,
+}
+
+/// Publishes until the broker confirms, or until `patience` runs out (returns `false`).
+///
+/// Each failure is logged; waits follow the retry policy's schedule, then stay at its cap. When
+/// the broker says an exchange does not exist (404, e.g. deleted by an operator) the topology is
+/// declared again before the next try.
 async fn publish_confirmed(
     shared: &Shared,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
     props: BasicProperties,
-) {
+    patience: Patience,
+) -> bool {
     let policy = &shared.flow.policy;
+    let started = Instant::now();
     let mut schedule = policy.schedule();
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match shared
+        let err = match shared
             .publisher
             .publish(exchange, routing_key, body, props.clone())
             .await
         {
-            Ok(()) => return,
-            Err(e) => {
-                let hint = match &e {
-                    PublishError::Returned { .. } => " (bind a queue to it)",
-                    _ => "",
-                };
-                error!(exchange, routing_key, attempt, error = %e, "publish not confirmed{hint}; retrying, the delivery stays unacked");
-            }
+            Ok(()) => return true,
+            Err(e) => e,
+        };
+        let hint = match &err {
+            PublishError::Returned { .. } => " (bind a queue to it)",
+            _ => "",
+        };
+        error!(exchange, routing_key, attempt, error = %err, "publish not confirmed{hint}; the delivery stays unacked");
+        metrics::counter!("bunq_session_worker_publish_failures_total", "exchange" => exchange.to_owned())
+            .increment(1);
+        if err.is_not_found()
+            && let Err(e) = shared.publisher.redeclare(&shared.topology).await
+        {
+            error!(error = %e, "declaring the topology again failed");
         }
-        let delay = schedule.next().unwrap_or(policy.max_delay);
-        tokio::time::sleep(RetryPolicy::jitter(delay).max(policy.initial_delay)).await;
+        let delay = RetryPolicy::jitter(schedule.next().unwrap_or(policy.max_delay))
+            .max(policy.initial_delay);
+        if matches!(patience, Patience::Budget)
+            && started.elapsed().saturating_add(delay) > policy.max_elapsed
+        {
+            return false;
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn nack_requeue(delivery: &Delivery) {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    if let Err(e) = delivery.acker.nack(requeue).await {
+        warn!(error = %e, "nack failed; the broker redelivers when the channel closes");
     }
 }
 
 /// Turns an outcome into broker actions: publish and wait for confirms, then ack (or nack with
-/// requeue for abandoned work). Never acks before the outcome is confirmed.
+/// requeue). Never acks before the outcome is confirmed at the broker.
+///
+/// - created: `session.created` until confirmed, then ack;
+/// - skipped: ack;
+/// - failed: the dead-letter copy within the retry budget (else nack with requeue: the input is
+///   kept, nothing is lost); then `session.failed` within the budget (if it cannot be routed the
+///   dead letter still records the failure, and an error is logged); then ack;
+/// - abandoned: nack with requeue.
 async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
     let s = &shared.settings;
     match outcome {
@@ -520,7 +608,15 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
                 "session.created",
                 &event.provision_id.to_string(),
             );
-            publish_confirmed(shared, &s.output_exchange, "session.created", &body, props).await;
+            publish_confirmed(
+                shared,
+                &s.output_exchange,
+                "session.created",
+                &body,
+                props,
+                Patience::UntilConfirmed,
+            )
+            .await;
             info!(
                 session_id = event.session_id,
                 user_id = event.user_id,
@@ -529,34 +625,42 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
         }
         Outcome::Skipped(_) => {}
         Outcome::Failed(failure) => {
-            if let Some(event) = &failure.event {
-                let body = serde_json::to_vec(event).expect("SessionFailed always serialises");
-                let props =
-                    output_properties(&delivery, "session.failed", &event.provision_id.to_string());
-                publish_confirmed(shared, &s.output_exchange, "session.failed", &body, props).await;
-            }
             let props = dead_letter_properties(&delivery, &failure);
-            publish_confirmed(
+            let kept = publish_confirmed(
                 shared,
                 &s.dead_letter_exchange,
                 delivery.routing_key.as_str(),
                 &delivery.data,
                 props,
+                Patience::Budget,
             )
             .await;
+            if !kept {
+                error!(reason = %failure.reason, "the dead-letter copy was not confirmed within RETRY_MAX_ELAPSED_S; requeueing the delivery");
+                nack_requeue(&delivery).await;
+                return;
+            }
             warn!(reason = %failure.reason, detail = %failure.detail, attempts = failure.attempts, "dead-lettered");
+            if let Some(event) = &failure.event {
+                let body = serde_json::to_vec(event).expect("SessionFailed always serialises");
+                let props =
+                    output_properties(&delivery, "session.failed", &event.provision_id.to_string());
+                let sent = publish_confirmed(
+                    shared,
+                    &s.output_exchange,
+                    "session.failed",
+                    &body,
+                    props,
+                    Patience::Budget,
+                )
+                .await;
+                if !sent {
+                    error!(reason = %failure.reason, "session.failed was not confirmed within RETRY_MAX_ELAPSED_S; the dead letter records the failure");
+                }
+            }
         }
         Outcome::Abandoned => {
-            if let Err(e) = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-            {
-                warn!(error = %e, "nack failed; the broker redelivers when the channel closes");
-            }
+            nack_requeue(&delivery).await;
             return;
         }
     }

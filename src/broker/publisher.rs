@@ -15,6 +15,8 @@ use lapin::{
 };
 use tokio::sync::Mutex;
 
+use super::topology::{Topology, TopologyError, declare};
+
 /// Why a publish did not become safe at the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -38,6 +40,17 @@ pub enum PublishError {
     /// The channel or connection failed.
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+}
+
+impl PublishError {
+    /// Whether the broker said the exchange does not exist (404 NOT_FOUND).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, PublishError::Broker(e) if matches!(
+            e.kind(),
+            lapin::ErrorKind::ProtocolError(amqp)
+                if *amqp.kind() == lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+        ))
+    }
 }
 
 /// A confirm-mode channel that reopens itself after a channel error.
@@ -113,6 +126,24 @@ impl Publisher {
             });
         }
         Ok(())
+    }
+
+    /// Declares `topology` again on a channel of its own (after an exchange went missing).
+    ///
+    /// # Errors
+    /// As [`crate::broker::declare`].
+    pub async fn redeclare(&self, topology: &Topology) -> Result<(), TopologyError> {
+        let ch = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|source| TopologyError::Other {
+                object: "a channel".into(),
+                source,
+            })?;
+        let result = declare(&ch, topology).await;
+        let _ = ch.close(200, "declared".into()).await;
+        result
     }
 
     /// Closes the channel, if open.

@@ -17,7 +17,9 @@ use serde_json::json;
 use super::{
     context::ApiContext,
     error::{CallError, RetryClass, classify_status},
-    response::{SessionServer, error_description, merge_response, parse_session_server},
+    response::{
+        SessionServer, error_description, merge_response, parse_session_server, shorten_description,
+    },
     signing,
 };
 use crate::outcome::FailureReason;
@@ -94,14 +96,14 @@ impl BunqClient {
     ) -> Result<Answer<(SecretString, String)>, CallError> {
         let body = serde_json::to_vec(&json!({ "client_public_key": client_public_key_pem }))
             .expect("a JSON object of strings always serialises");
-        let (headers, bytes) = self
+        let (status, headers, bytes) = self
             .post(INSTALLATION, "installation", None, body, &[])
             .await?;
         let response_id = response_id(&headers);
         let unexpected = |d: &str| CallError {
             endpoint: INSTALLATION,
             class: RetryClass::Permanent(FailureReason::UnexpectedResponse),
-            http_status: Some(200),
+            http_status: Some(status),
             description: d.to_owned(),
             response_id: response_id.clone(),
         };
@@ -140,7 +142,7 @@ impl BunqClient {
             "permitted_ips": permitted_ips,
         }))
         .expect("a JSON object of strings always serialises");
-        let (headers, _) = self
+        let (_, headers, _) = self
             .post(DEVICE_SERVER, "device-server", Some(ctx), body, &[secret])
             .await?;
         Ok(Answer {
@@ -161,14 +163,14 @@ impl BunqClient {
     ) -> Result<Answer<SessionServer>, CallError> {
         let body = serde_json::to_vec(&json!({ "secret": secret.expose_secret() }))
             .expect("a JSON object of strings always serialises");
-        let (headers, bytes) = self
+        let (status, headers, bytes) = self
             .post(SESSION_SERVER, "session-server", Some(ctx), body, &[secret])
             .await?;
         let response_id = response_id(&headers);
         let value = parse_session_server(&bytes).map_err(|d| CallError {
             endpoint: SESSION_SERVER,
             class: RetryClass::Permanent(FailureReason::UnexpectedResponse),
-            http_status: Some(200),
+            http_status: Some(status),
             description: d,
             response_id: response_id.clone(),
         })?;
@@ -183,7 +185,7 @@ impl BunqClient {
         ctx: Option<&ApiContext>,
         body: Vec<u8>,
         secrets: &[&SecretString],
-    ) -> Result<(HeaderMap, Vec<u8>), CallError> {
+    ) -> Result<(u16, HeaderMap, Vec<u8>), CallError> {
         let fail = |class, http_status, description: String, response_id| CallError {
             endpoint,
             class,
@@ -269,10 +271,10 @@ impl BunqClient {
                     ));
                 }
             }
-            return Ok((headers, bytes));
+            return Ok((status.as_u16(), headers, bytes));
         }
         let description = match error_description(&bytes) {
-            Some(d) => scrub(d, ctx, secrets),
+            Some(d) => shorten_description(&scrub(d, ctx, secrets)),
             None => describe_non_json(status, &headers, bytes.len()),
         };
         Err(fail(
@@ -293,7 +295,9 @@ fn response_id(headers: &HeaderMap) -> Option<String> {
 
 /// Names the kind of transport failure without the URL's query or any header.
 fn transport_error(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
+    let kind = if e.is_builder() {
+        "the request could not be built"
+    } else if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
         "connection failed"
@@ -328,14 +332,52 @@ fn describe_non_json(status: StatusCode, headers: &HeaderMap, len: usize) -> Str
     )
 }
 
-/// Removes tokens the call carried from text bunq sent back.
-fn scrub(mut text: String, ctx: Option<&ApiContext>, secrets: &[&SecretString]) -> String {
+/// Removes tokens the call carried from text bunq sent back, also in their trimmed form (a
+/// server may echo a token without the whitespace around it).
+pub(crate) fn scrub(
+    mut text: String,
+    ctx: Option<&ApiContext>,
+    secrets: &[&SecretString],
+) -> String {
     let installation = ctx.map(|c| c.installation_token());
     for s in secrets.iter().copied().chain(installation) {
-        let s = s.expose_secret();
-        if s.len() >= 4 && text.contains(s) {
-            text = text.replace(s, "[REDACTED]");
+        let raw = s.expose_secret();
+        for form in [raw, raw.trim()] {
+            // Shorter strings are not real credentials and would garble ordinary words.
+            if form.len() >= 4 && text.contains(form) {
+                text = text.replace(form, "[REDACTED]");
+            }
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrubbing_happens_before_shortening() {
+        let token =
+            SecretString::from(" a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9 ");
+        let bunq_text = format!(
+            "{} API key {} is not valid",
+            "x".repeat(460),
+            token.expose_secret().trim()
+        );
+        let d = shorten_description(&scrub(bunq_text, None, &[&token]));
+        assert!(!d.contains("a1b2c3d4e5f6"), "{d}");
+        assert!(d.contains("[REDACTED]"), "{d}");
+        let long = shorten_description(&"y".repeat(600));
+        assert_eq!(long.chars().count(), 501);
+        assert!(long.ends_with('…'));
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            shorten_description("bad\nFAKE LOG LINE"),
+            "bad\\nFAKE LOG LINE"
+        );
+    }
 }

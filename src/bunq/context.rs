@@ -147,8 +147,17 @@ impl ApiContext {
                 "server public key is not an RSA public key of 2048 to 8192 bits".into(),
             )
         })?;
-        if installation_token.expose_secret().trim().is_empty() {
+        // Secret files often end in a newline; a token is never meant to hold whitespace.
+        let installation_token = SecretString::from(installation_token.expose_secret().trim());
+        if installation_token.expose_secret().is_empty() {
             return Err(ContextError::Key("installation token is empty".into()));
+        }
+        // It is sent as X-Bunq-Client-Authentication: a value no header can carry would fail
+        // every call, so refuse it here rather than save it.
+        if reqwest::header::HeaderValue::from_str(installation_token.expose_secret()).is_err() {
+            return Err(ContextError::Key(
+                "installation token holds characters an HTTP header cannot carry".into(),
+            ));
         }
         let spki = key_pair
             .public_key()
@@ -321,6 +330,26 @@ mod tests {
         let e = ApiContext::load(&path).unwrap_err().to_string();
         assert!(e.contains("not a context file"), "{e}");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn installation_tokens_are_trimmed_and_must_fit_a_header() {
+        let server = server_key_pem();
+        let ctx = NewKeyPair::generate()
+            .unwrap()
+            .into_context(SecretString::from("tok-123\n"), &server)
+            .unwrap();
+        assert_eq!(ctx.installation_token().expose_secret(), "tok-123");
+        let e = NewKeyPair::generate()
+            .unwrap()
+            .into_context(SecretString::from("INSTALL-TOK\nSECRET-77"), &server)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "installation token holds characters an HTTP header cannot carry"
+        );
+        assert!(!e.contains("SECRET-77"));
     }
 
     #[test]

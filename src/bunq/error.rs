@@ -80,8 +80,12 @@ pub fn rate_limit_window(description: &str) -> Option<Duration> {
     } else {
         return None;
     };
-    Some(Duration::from_secs(secs))
+    Some(Duration::from_secs(secs.min(MAX_RATE_LIMIT_WINDOW_S)))
 }
+
+/// Longest rate-limit window honoured, in s (one day): longer than any credential lives, and
+/// small enough that adding it to a clock can never overflow.
+pub const MAX_RATE_LIMIT_WINDOW_S: u64 = 86_400;
 
 #[cfg(test)]
 mod tests {
@@ -125,6 +129,10 @@ mod tests {
             Some(Duration::from_secs(120))
         );
         assert_eq!(rate_limit_window("slow down"), None);
+        assert_eq!(
+            rate_limit_window("maximum of 1 calls per 18446744073709551615 second"),
+            Some(Duration::from_secs(MAX_RATE_LIMIT_WINDOW_S))
+        );
         assert_eq!(rate_limit_window("per fortnight"), None);
     }
 }

@@ -42,7 +42,9 @@ pub fn merge_response(body: &[u8]) -> Result<Map<String, Value>, String> {
     Ok(merged)
 }
 
-/// bunq's `error_description` from an error body `{"Error":[{"error_description":".."}]}`.
+/// bunq's `error_description` from an error body `{"Error":[{"error_description":".."}]}`,
+/// whole: the caller scrubs secrets from it first and shortens it after (see
+/// [`shorten_description`]), so a secret can never be cut into an unrecognisable prefix.
 pub fn error_description(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let d = v
@@ -51,7 +53,27 @@ pub fn error_description(body: &[u8]) -> Option<String> {
         .first()?
         .get("error_description")?
         .as_str()?;
-    Some(d.chars().take(500).collect())
+    Some(d.to_owned())
+}
+
+/// Longest error description kept, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 500;
+
+/// Shortens a (scrubbed) description to [`MAX_DESCRIPTION_CHARS`] and escapes control
+/// characters, so bunq's text cannot forge log lines.
+pub fn shorten_description(d: &str) -> String {
+    let mut out = String::new();
+    for c in d.chars().take(MAX_DESCRIPTION_CHARS) {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    if d.chars().count() > MAX_DESCRIPTION_CHARS {
+        out.push('…');
+    }
+    out
 }
 
 /// What the worker keeps of a session-server answer. `Debug` hides the token.

@@ -5,4 +5,5 @@ mod bunq_errors;
 mod delivery;
 mod happy;
 mod helpers;
+mod hostile;
 mod process;

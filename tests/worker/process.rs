@@ -19,6 +19,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_bunq-session-worker");
 struct Running {
     child: Child,
     output: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -34,12 +35,13 @@ impl Running {
         }
         let mut child = cmd.spawn().expect("the worker binary starts");
         let output = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for mut pipe in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
         ] {
             let output = output.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = pipe.read(&mut buf) {
                     if n == 0 {
@@ -47,9 +49,13 @@ impl Running {
                     }
                     output.lock().unwrap().extend_from_slice(&buf[..n]);
                 }
-            });
+            }));
         }
-        Self { child, output }
+        Self {
+            child,
+            output,
+            readers,
+        }
     }
 
     fn text(&self) -> String {
@@ -60,8 +66,10 @@ impl Running {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader threads drain the pipes.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // The pipes close with the process: the readers end once they have drained them.
+                for r in self.readers.drain(..) {
+                    r.join().unwrap();
+                }
                 return status;
             }
             assert!(

@@ -1,0 +1,202 @@
+//! Hostile or absurd input from the producer, bunq or an operator: each case once broke the
+//! worker (a panic, a stuck delivery, a lost dead letter); each now has an outcome.
+
+use std::time::Duration;
+
+use lapin::{BasicProperties, options::ExchangeDeleteOptions};
+use serde_json::json;
+use wiremock::{Mock, ResponseTemplate, matchers};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn absurd_numbers_from_bunq_do_not_strand_a_session() {
+    let mut app = TestApp::new().await;
+    app.extra_args
+        .extend(["--bunq-register-device".into(), "false".into()]);
+    app.mount(
+        "session-server",
+        Some("t-timeout"),
+        app.answer(200, r#"{"Response":[{"Id":{"id":1}},{"Token":{"token":"s1","created":"2026-11-29 09:25:11.000000"}},{"UserPerson":{"id":2,"session_timeout":1000000000000000}}]}"#),
+        None,
+    )
+    .await;
+    app.mount(
+        "session-server",
+        Some("t-date"),
+        app.answer(200, r#"{"Response":[{"Id":{"id":3}},{"Token":{"token":"s2","created":"9999-12-31 23:00:00.000000"}},{"UserPerson":{"id":4}}]}"#),
+        None,
+    )
+    .await;
+    app.start_worker().await;
+    for (i, token, session_id) in [(1, "t-timeout", 1), (2, "t-date", 3)] {
+        app.publish_json(&slim(i, token)).await;
+        let out = app.next_output().await;
+        assert_eq!(type_of(&out), "session.created", "{token}");
+        let b = body_json(&out);
+        assert_eq!(b["session_id"], session_id);
+        assert!(
+            b["expires_at"].as_str().unwrap().starts_with("9999-12-31"),
+            "{b}"
+        );
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_huge_rate_limit_window_ends_in_retries_exhausted() {
+    let mut app = TestApp::new_with_binding(Some("session.failed")).await;
+    app.extra_args
+        .extend(["--bunq-register-device".into(), "false".into()]);
+    let mut slow = app.answer(
+        429,
+        r#"{"Error":[{"error_description":"Too many requests. You can do a maximum of 1 calls per 18446744073709551615 second to this endpoint."}]}"#,
+    );
+    slow.delay = Some(Duration::from_millis(1200));
+    app.mount("session-server", None, slow, None).await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok")).await;
+    let b = body_json(&app.next_output().await);
+    assert_eq!(b["reason"], "retries_exhausted");
+    assert_eq!(b["http_status"], 429);
+    assert_eq!(b["attempts"], 1, "no call inside the window");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_drops_the_inputs_ttl_and_user_id() {
+    let mut app = TestApp::new().await;
+    app.start_worker().await;
+    let props = BasicProperties::default()
+        .with_expiration("60000".into())
+        .with_user_id("guest".into())
+        .with_message_id("m-ttl".into());
+    app.publish(b"not json", props).await;
+    let d = app.next_dead_letter().await;
+    assert_eq!(d.properties.expiration(), &None);
+    assert_eq!(d.properties.user_id(), &None);
+    assert_eq!(*d.properties.delivery_mode(), Some(2));
+    assert_eq!(header(&d, "x-original-user-id").as_deref(), Some("guest"));
+    assert_eq!(
+        d.properties.message_id().as_ref().unwrap().as_str(),
+        "m-ttl"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_deleted_dead_letter_exchange_is_declared_again() {
+    let mut app = TestApp::new().await;
+    app.start_worker().await;
+    app.channel
+        .exchange_delete(
+            app.names.dead_letter_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    app.publish(b"not json", BasicProperties::default()).await;
+    let d = app.next_dead_letter().await;
+    assert_eq!(
+        header(&d, "x-error-reason").as_deref(),
+        Some("malformed_json")
+    );
+    assert!(app.worker_is_running());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unroutable_session_failed_does_not_hold_the_worker() {
+    // Only session.created has a queue; session.failed is routed nowhere.
+    let mut app = TestApp::new_with_binding(Some("session.created")).await;
+    app.extra_args.extend([
+        "--prefetch".into(),
+        "2".into(),
+        "--retry-max-elapsed-s".into(),
+        "1".into(),
+        "--bunq-register-device".into(),
+        "false".into(),
+    ]);
+    app.mount(
+        "session-server",
+        Some("bad-1"),
+        app.answer(400, &fixture("error.credentials-incorrect.json")),
+        None,
+    )
+    .await;
+    app.mount(
+        "session-server",
+        Some("bad-2"),
+        app.answer(400, &fixture("error.credentials-incorrect.json")),
+        None,
+    )
+    .await;
+    app.mount(
+        "session-server",
+        Some("good"),
+        app.answer(200, &fixture("session-server.user-person.json")),
+        None,
+    )
+    .await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "bad-1")).await;
+    app.publish_json(&slim(2, "bad-2")).await;
+    app.publish_json(&slim(3, "good")).await;
+    // Both failures are in the dead-letter queue and the good event got through.
+    let mut reasons = vec![
+        header(&app.next_dead_letter().await, "x-error-reason").unwrap(),
+        header(&app.next_dead_letter().await, "x-error-reason").unwrap(),
+    ];
+    reasons.sort();
+    assert_eq!(reasons, ["credential_rejected", "credential_rejected"]);
+    let out = app.next_output().await;
+    assert_eq!(body_json(&out)["provision_id"], 3);
+    let q = app.names.input_queue.clone();
+    app.stop_worker().await.unwrap();
+    assert_eq!(app.ready_count(&q).await, 0, "all three were acked");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_installation_token_no_header_can_carry_stops_start_up() {
+    let app = TestApp::new().await;
+    Mock::given(matchers::method("POST"))
+        .and(matchers::path("/v1/installation"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"Response": [
+                {"Id": {"id": 1}},
+                {"Token": {"token": "INSTALL-TOK\nSECRET-77"}},
+                {"ServerPublicKey": {"server_public_key": app.state.server_public_pem}}
+            ]})),
+        )
+        .with_priority(1)
+        .mount(&app.bunq)
+        .await;
+    let err = bunq_session_worker::Worker::build(app.settings())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "installation token holds characters an HTTP header cannot carry"
+    );
+    assert!(!app.context_file.exists(), "nothing saved");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_multibyte_provision_id_at_the_limit_round_trips() {
+    let mut app = TestApp::new().await;
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    let id = "é".repeat(64); // 128 bytes: the limit, and it becomes the correlation_id
+    app.publish_json(&json!({"provision_id": id, "token_value": "tok"}))
+        .await;
+    let out = app.next_output().await;
+    assert_eq!(body_json(&out)["provision_id"], json!(id));
+    assert_eq!(
+        out.properties.correlation_id().as_ref().unwrap().as_str(),
+        id
+    );
+    app.cleanup().await;
+}
