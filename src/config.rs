@@ -62,6 +62,21 @@ pub struct Settings {
     )]
     pub amqp_url: String,
 
+    /// AMQP heartbeat timeout in s (0 disables; a `heartbeat=` in `AMQP_URL` wins). A dead
+    /// connection is noticed within about twice this.
+    #[arg(
+        long = "amqp-heartbeat-s",
+        env = "AMQP_HEARTBEAT_S",
+        value_name = "AMQP_HEARTBEAT_S",
+        default_value_t = 30
+    )]
+    pub amqp_heartbeat_s: u16,
+
+    /// Longest wait for a publisher confirm, in ms; then the publish is retried. While the
+    /// broker blocks publishing (memory or disk alarm) publishes wait this long each.
+    #[arg(long = "publish-confirm-timeout-ms", env = "PUBLISH_CONFIRM_TIMEOUT_MS", value_name = "PUBLISH_CONFIRM_TIMEOUT_MS", default_value = "15000", value_parser = parse_ms)]
+    pub publish_confirm_timeout: Duration,
+
     /// Base URL of bunq's public API, including `/v1`.
     #[arg(
         long,
@@ -271,6 +286,9 @@ impl Settings {
         if self.http_timeout.is_zero() {
             return err("HTTP_TIMEOUT_MS must be at least 1".into());
         }
+        if self.publish_confirm_timeout.is_zero() {
+            return err("PUBLISH_CONFIRM_TIMEOUT_MS must be at least 1".into());
+        }
         if self.retry_initial_delay.is_zero() {
             return err("RETRY_INITIAL_DELAY_MS must be at least 1".into());
         }
@@ -321,6 +339,8 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("amqp_url", &self.amqp_url_redacted())
+            .field("amqp_heartbeat_s", &self.amqp_heartbeat_s)
+            .field("publish_confirm_timeout", &self.publish_confirm_timeout)
             .field("bunq_api_url", &self.bunq_api_url.as_str())
             .field("bunq_context_file", &self.bunq_context_file)
             .field("bunq_client_private_key", &self.bunq_client_private_key)

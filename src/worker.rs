@@ -9,7 +9,7 @@ use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection,
     message::Delivery,
     options::{
         BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -21,7 +21,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::{
-    broker::{PublishError, Publisher, Topology, TopologyError, declare},
+    broker::{Link, PublishError, Publisher, Topology, TopologyError, declare, link},
     bunq::{
         ApiContext, BunqClient, CallError,
         context::{ContextError, NewKeyPair},
@@ -70,19 +70,13 @@ pub enum StartError {
 /// Why a running worker stopped without being asked to.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The consumer's channel or connection failed.
-    #[error("consumer failed: {0}")]
-    Consumer(lapin::Error),
-    /// The broker cancelled the consumer (e.g. the queue was deleted).
-    #[error("the broker cancelled the consumer on queue '{0}'")]
-    Cancelled(String),
-    /// Starting to consume failed.
-    #[error("cannot consume from queue '{queue}': {source}")]
-    Consume {
-        /// The input queue.
-        queue: String,
-        /// lapin's error.
-        source: lapin::Error,
+    /// Declaring the topology and subscribing kept failing on a live connection.
+    #[error("cannot subscribe after {attempts} attempts in a row: {last}")]
+    Subscribe {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        last: String,
     },
 }
 
@@ -93,13 +87,18 @@ struct Shared {
     flow: SessionFlow,
     publisher: Publisher,
     shutdown: CancellationToken,
+    completed: CompletedSessions,
 }
 
-/// A connected worker with its topology declared and its API context ready.
+/// After this many failed attempts in a row to declare the topology and subscribe on a live
+/// connection, the worker exits non-zero rather than stay alive but deaf.
+pub const MAX_SUBSCRIBE_FAILURES: u32 = 5;
+
+/// A worker with its API context ready and a first connection to the broker.
 pub struct Worker {
     shared: Arc<Shared>,
-    connection: Arc<Connection>,
-    consumer_channel: Channel,
+    link: Arc<Link>,
+    first_connection: Option<Arc<Connection>>,
     consumer_tag: String,
 }
 
@@ -111,9 +110,15 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// Why a consumer stopped delivering.
+enum ConsumerEnd {
+    Shutdown,
+    Failed(lapin::Error),
+    CancelledByBroker,
+}
+
 impl Worker {
-    /// Connects to the broker, declares the topology, loads (or creates) the API context and
-    /// sets the prefetch.
+    /// Connects to the broker, declares the topology and loads (or creates) the API context.
     ///
     /// The API context comes from, in order: the `BUNQ_CLIENT_PRIVATE_KEY` /
     /// `BUNQ_INSTALLATION_TOKEN` / `BUNQ_SERVER_PUBLIC_KEY` settings; `BUNQ_CONTEXT_FILE`; a new
@@ -121,22 +126,27 @@ impl Worker {
     /// `BUNQ_CONTEXT_FILE` with mode 0600.
     ///
     /// # Errors
-    /// [`StartError`] naming what failed; a topology conflict names the object and argument.
+    /// [`StartError`] naming what failed: at start-up an unreachable broker is an error (the
+    /// orchestrator retries), unlike later, when the worker reconnects by itself. A topology
+    /// conflict names the object and argument.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let consumer_tag = format!(
             "{APP_ID}-{}-{}",
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let props =
-            ConnectionProperties::default().with_connection_name(consumer_tag.clone().into());
-        let connection = Connection::connect(&settings.amqp_url, props)
-            .await
-            .map_err(|source| StartError::Connect {
-                url: settings.amqp_url_redacted(),
-                source,
-            })?;
-        let connection = Arc::new(connection);
+        let link = Arc::new(
+            Link::new(
+                &settings.amqp_url,
+                consumer_tag.clone(),
+                settings.amqp_heartbeat_s,
+            )
+            .map_err(|e| StartError::Context(ContextError::Key(e)))?,
+        );
+        let connection = link.connect().await.map_err(|source| StartError::Connect {
+            url: settings.amqp_url_redacted(),
+            source,
+        })?;
         let topology_channel = connection.create_channel().await?;
         declare(&topology_channel, &Topology::from(&settings)).await?;
         let _ = topology_channel.close(200, "declared".into()).await;
@@ -159,11 +169,6 @@ impl Worker {
             "bunq API context ready"
         );
 
-        let consumer_channel = connection.create_channel().await?;
-        consumer_channel
-            .basic_qos(settings.prefetch.get(), BasicQosOptions::default())
-            .await?;
-
         let flow = SessionFlow {
             client,
             ctx: Arc::new(ctx),
@@ -178,37 +183,43 @@ impl Worker {
         };
         Ok(Self {
             shared: Arc::new(Shared {
-                publisher: Publisher::new(connection.clone()),
+                publisher: Publisher::new(link.clone(), settings.publish_confirm_timeout),
                 topology: Topology::from(&settings),
                 settings,
                 flow,
                 shutdown: CancellationToken::new(),
+                completed: CompletedSessions::default(),
             }),
-            connection,
-            consumer_channel,
+            link,
+            first_connection: Some(connection),
             consumer_tag,
         })
     }
 
-    /// The consumer tag, also the AMQP connection name (`connection_name` client property).
+    /// The consumer tag, also the AMQP connection name (`connection_name` client property,
+    /// shown by `rabbitmqctl list_connections client_properties`).
     pub fn consumer_tag(&self) -> &str {
         &self.consumer_tag
     }
 
-    /// Consumes until `shutdown` fires or the consumer fails.
-    ///
-    /// On shutdown: cancels the consumer (`basic.cancel`), gives in-flight deliveries
-    /// `SHUTDOWN_TIMEOUT_S` to finish (a delivery waiting to retry bunq is nacked with requeue at
-    /// once), then closes the channels and the connection. Deliveries not finished stay unacked
-    /// and the broker redelivers them.
-    ///
-    /// # Errors
-    /// [`RunError`] when the consumer cannot start or stops on its own (broker cancel, channel or
-    /// connection failure): the process should exit non-zero and be restarted.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), RunError> {
+    /// Declares the topology, opens a consumer channel with the prefetch and subscribes.
+    async fn subscribe(
+        &self,
+        connection: &Connection,
+    ) -> Result<(Channel, lapin::Consumer), String> {
         let s = &self.shared.settings;
-        let mut consumer = self
-            .consumer_channel
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        declare(&channel, &self.shared.topology)
+            .await
+            .map_err(|e| e.to_string())?;
+        channel
+            .basic_qos(s.prefetch.get(), BasicQosOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = channel
             .basic_consume(
                 s.input_queue.as_str().into(),
                 self.consumer_tag.as_str().into(),
@@ -216,39 +227,106 @@ impl Worker {
                 FieldTable::default(),
             )
             .await
-            .map_err(|source| RunError::Consume {
-                queue: s.input_queue.clone(),
-                source,
-            })?;
-        info!(
-            queue = %s.input_queue,
-            prefetch = s.prefetch.get(),
-            consumer_tag = %self.consumer_tag,
-            amqp_url = %s.amqp_url_redacted(),
-            "consuming"
-        );
+            .map_err(|e| format!("cannot consume from queue '{}': {e}", s.input_queue))?;
+        Ok((channel, consumer))
+    }
+
+    /// Consumes until `shutdown` fires, surviving the broker.
+    ///
+    /// - Connection lost (network cut, broker restart, closed by an operator, missed
+    ///   heartbeats): reconnects with backoff ([`Link::reconnect`]), declares the topology again
+    ///   and re-subscribes. Deliveries of the dead channel are never acked on the new one: the
+    ///   broker redelivers them.
+    /// - Consumer cancelled by the broker (queue deleted, `basic.cancel`) or channel closed:
+    ///   declares the topology again and re-subscribes.
+    /// - Shutdown: cancels the consumer (`basic.cancel`), gives in-flight deliveries
+    ///   `SHUTDOWN_TIMEOUT_S` to finish (a delivery waiting to retry bunq is nacked with requeue
+    ///   at once), then closes the channels and the connection. Unfinished deliveries stay
+    ///   unacked and the broker redelivers them.
+    ///
+    /// # Errors
+    /// [`RunError::Subscribe`] when declaring and subscribing fails
+    /// [`MAX_SUBSCRIBE_FAILURES`] times in a row on a live connection: the process should exit
+    /// non-zero and be restarted rather than stay alive but deaf.
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> Result<(), RunError> {
+        let s = &self.shared.settings;
         let tracker = TaskTracker::new();
-        let result = loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let shared = self.shared.clone();
-                        tracker.spawn(async move { handle(shared, delivery).await });
-                    }
-                    Some(Err(e)) => break Err(RunError::Consumer(e)),
-                    None => break Err(RunError::Cancelled(s.input_queue.clone())),
+        let mut reuse = self.first_connection.take();
+        let mut failures = 0u32;
+        let mut consumer_channel: Option<Channel> = None;
+        let result = 'outer: loop {
+            let connection = match reuse.take().filter(|c| c.status().connected()) {
+                Some(c) => c,
+                None => match self.link.reconnect(&shutdown).await {
+                    Some(c) => c,
+                    None => break Ok(()),
                 },
+            };
+            let (channel, mut consumer) = match self.subscribe(&connection).await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    failures += 1;
+                    error!(attempt = failures, error = %e, "cannot subscribe to the input queue");
+                    if failures >= MAX_SUBSCRIBE_FAILURES {
+                        break Err(RunError::Subscribe {
+                            attempts: failures,
+                            last: e,
+                        });
+                    }
+                    let delay = link::RECONNECT_MAX_DELAY * failures;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => break Ok(()),
+                    }
+                    reuse = Some(connection);
+                    continue;
+                }
+            };
+            failures = 0;
+            info!(
+                queue = %s.input_queue,
+                prefetch = s.prefetch.get(),
+                consumer_tag = %self.consumer_tag,
+                amqp_url = %self.link.redacted_url(),
+                "consuming"
+            );
+            let end = loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break ConsumerEnd::Shutdown,
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            let shared = self.shared.clone();
+                            tracker.spawn(async move { handle(shared, delivery).await });
+                        }
+                        Some(Err(e)) => break ConsumerEnd::Failed(e),
+                        None => break ConsumerEnd::CancelledByBroker,
+                    },
+                }
+            };
+            match end {
+                ConsumerEnd::Shutdown => {
+                    consumer_channel = Some(channel);
+                    break 'outer Ok(());
+                }
+                ConsumerEnd::Failed(e) => {
+                    warn!(error = %e, "the consumer failed; reconnecting (unacked deliveries will be redelivered)");
+                }
+                ConsumerEnd::CancelledByBroker => {
+                    warn!(queue = %s.input_queue, "the broker cancelled the consumer (queue deleted?); declaring the topology again and re-subscribing");
+                }
             }
+            let _ = channel.close(200, "re-subscribing".into()).await;
+            reuse = Some(connection);
         };
         info!("stopping: cancelling the consumer and draining in-flight deliveries");
-        let _ = self
-            .consumer_channel
-            .basic_cancel(
-                self.consumer_tag.as_str().into(),
-                BasicCancelOptions::default(),
-            )
-            .await;
+        if let Some(channel) = &consumer_channel {
+            let _ = channel
+                .basic_cancel(
+                    self.consumer_tag.as_str().into(),
+                    BasicCancelOptions::default(),
+                )
+                .await;
+        }
         // Work waiting to retry bunq gives up now; calls under way and publishes finish.
         self.shared.shutdown.cancel();
         tracker.close();
@@ -261,11 +339,55 @@ impl Worker {
                 "shutdown timeout reached; unfinished deliveries stay unacked and will be redelivered"
             );
         }
-        let _ = self.consumer_channel.close(200, "shutdown".into()).await;
+        if let Some(channel) = consumer_channel {
+            let _ = channel.close(200, "shutdown".into()).await;
+        }
         self.shared.publisher.close().await;
-        let _ = self.connection.close(200, "shutdown".into()).await;
+        self.link.close().await;
         info!("stopped");
         result
+    }
+}
+
+/// Sessions whose `session.created` was confirmed but whose delivery could not be acked (its
+/// channel died). When the broker redelivers that input to this process, the same event (same
+/// `message_id`) is published again instead of spending the single-use credential a second
+/// time. Bounded: entries live [`CompletedSessions::TTL`] and at most
+/// [`CompletedSessions::CAPACITY`] are kept; held in memory only, like any in-flight token.
+#[derive(Default)]
+struct CompletedSessions {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Instant, Box<SessionCreated>)>>,
+}
+
+impl CompletedSessions {
+    const TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+    const CAPACITY: usize = 10_000;
+
+    fn key(body: &[u8]) -> [u8; 32] {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body);
+        let mut k = [0u8; 32];
+        k.copy_from_slice(d.as_ref());
+        k
+    }
+
+    fn remember(&self, body: &[u8], event: &SessionCreated) {
+        let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, (at, _)| at.elapsed() < Self::TTL);
+        if m.len() < Self::CAPACITY {
+            m.insert(Self::key(body), (Instant::now(), Box::new(event.clone())));
+        }
+    }
+
+    fn recall(&self, body: &[u8]) -> Option<Box<SessionCreated>> {
+        let m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&Self::key(body))
+            .filter(|(at, _)| at.elapsed() < Self::TTL)
+            .map(|(_, e)| e.clone())
+    }
+
+    fn forget(&self, body: &[u8]) {
+        let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&Self::key(body));
     }
 }
 
@@ -329,7 +451,15 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         let started = Instant::now();
         // A bug must not strand a delivery unacked with its prefetch slot held: a panic while
         // processing becomes a dead letter that says so.
-        let outcome = match AssertUnwindSafe(process(&shared, &delivery))
+        let recalled = if delivery.redelivered {
+            shared.completed.recall(&delivery.data)
+        } else {
+            None
+        };
+        let outcome = if let Some(event) = recalled {
+            info!("redelivered after its session.created was confirmed; publishing the same event again");
+            Outcome::Created(event)
+        } else { match AssertUnwindSafe(process(&shared, &delivery))
             .catch_unwind()
             .await
         {
@@ -343,7 +473,7 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
                     event: None,
                 }))
             }
-        };
+        }};
         let label = match &outcome {
             Outcome::Created(_) => "created",
             Outcome::Skipped(_) => "skipped",
@@ -622,6 +752,7 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
                 user_id = event.user_id,
                 "session.created confirmed"
             );
+            shared.completed.remember(&delivery.data, &event);
         }
         Outcome::Skipped(_) => {}
         Outcome::Failed(failure) => {
@@ -664,7 +795,11 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
             return;
         }
     }
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-        error!(error = %e, "ack failed after a confirmed outcome; the broker will redeliver (duplicates carry the same message_id)");
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        // Acked: no redelivery expected, the remembered session is not needed.
+        Ok(_) => shared.completed.forget(&delivery.data),
+        Err(e) => {
+            error!(error = %e, "ack failed after a confirmed outcome (channel lost?); the broker will redeliver and the same event is published again")
+        }
     }
 }

@@ -7,15 +7,18 @@
 //! dies (e.g. a publish to a missing exchange closes it with 404), the next publish opens a new
 //! one.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use lapin::{
-    BasicProperties, Channel, Connection,
+    BasicProperties, Channel,
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
 use tokio::sync::Mutex;
 
-use super::topology::{Topology, TopologyError, declare};
+use super::{
+    link::Link,
+    topology::{Topology, TopologyError, declare},
+};
 
 /// Why a publish did not become safe at the broker.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,18 @@ pub enum PublishError {
     /// The channel or connection failed.
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    /// There is no open connection (the worker is reconnecting).
+    #[error("not connected to the broker (reconnecting)")]
+    NotConnected,
+    /// No confirm arrived in time; while the broker blocks publishing (a memory or disk alarm)
+    /// this is expected.
+    #[error("no publisher confirm within {timeout_ms} ms{}", if *.blocked { " (the broker is blocking publishing: memory or disk alarm)" } else { "" })]
+    ConfirmTimeout {
+        /// The wait, ms.
+        timeout_ms: u64,
+        /// Whether the connection was blocked.
+        blocked: bool,
+    },
 }
 
 impl PublishError {
@@ -56,8 +71,9 @@ impl PublishError {
 /// A confirm-mode channel that reopens itself after a channel error.
 #[derive(Clone)]
 pub struct Publisher {
-    connection: Arc<Connection>,
+    link: Arc<Link>,
     channel: Arc<Mutex<Option<Channel>>>,
+    confirm_timeout: Duration,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -67,22 +83,30 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// Creates a publisher on `connection`; the channel is opened on first use.
-    pub fn new(connection: Arc<Connection>) -> Self {
+    /// Creates a publisher on the link's current connection; the channel is opened on first
+    /// use and again after the connection is replaced. A publish waits at most
+    /// `confirm_timeout` for its confirm.
+    pub fn new(link: Arc<Link>, confirm_timeout: Duration) -> Self {
         Self {
-            connection,
+            link,
             channel: Arc::new(Mutex::new(None)),
+            confirm_timeout,
         }
     }
 
-    async fn channel(&self) -> Result<Channel, lapin::Error> {
+    async fn channel(&self) -> Result<Channel, PublishError> {
         let mut guard = self.channel.lock().await;
         if let Some(ch) = guard.as_ref()
             && ch.status().connected()
         {
             return Ok(ch.clone());
         }
-        let ch = self.connection.create_channel().await?;
+        let connection = self
+            .link
+            .current()
+            .await
+            .ok_or(PublishError::NotConnected)?;
+        let ch = connection.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         *guard = Some(ch.clone());
         Ok(ch)
@@ -101,19 +125,27 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let channel = self.channel().await?;
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
+        let publish = async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirm = tokio::time::timeout(self.confirm_timeout, publish)
+            .await
+            .map_err(|_| PublishError::ConfirmTimeout {
+                timeout_ms: self.confirm_timeout.as_millis() as u64,
+                blocked: self.link.is_blocked(),
+            })??;
         if confirm.is_nack() {
             return Err(PublishError::Nacked);
         }
@@ -133,8 +165,10 @@ impl Publisher {
     /// # Errors
     /// As [`crate::broker::declare`].
     pub async fn redeclare(&self, topology: &Topology) -> Result<(), TopologyError> {
-        let ch = self
-            .connection
+        let Some(connection) = self.link.current().await else {
+            return Ok(()); // reconnecting: the supervisor declares the topology on the new one
+        };
+        let ch = connection
             .create_channel()
             .await
             .map_err(|source| TopologyError::Other {

@@ -1,0 +1,157 @@
+//! The AMQP connection, re-established with backoff whenever it is lost.
+//!
+//! lapin 4 offers `enable_auto_recover()`; the worker supervises reconnection itself instead so
+//! that every new connection re-declares the topology, re-applies the prefetch and re-subscribes
+//! in one place ([`crate::worker`]), and so the schedule below is explicit: 100 ms, doubling, at
+//! most 2 s between attempts, which brings the worker back within ~2 s of the broker returning.
+//! Heartbeats (AMQP 0-9-1 §4.2.7) are negotiated at `AMQP_HEARTBEAT_S` so a half-open
+//! connection is noticed within about twice that time.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::{Connection, ConnectionProperties, Event, uri::AMQPUri};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::redact_url_password;
+
+/// Shortest wait between reconnection attempts.
+pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
+/// Longest wait between reconnection attempts.
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// The worker's connection to the broker, shared by the consumer loop and the publisher.
+pub struct Link {
+    uri: AMQPUri,
+    redacted_url: String,
+    name: String,
+    current: Mutex<Option<Arc<Connection>>>,
+    blocked: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("url", &self.redacted_url)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// Prepares a link to `url` with connection name `name` (shown by `rabbitmqctl
+    /// list_connections client_properties` and the management UI) and the heartbeat timeout
+    /// `heartbeat_s` unless the URL sets one.
+    ///
+    /// # Errors
+    /// When `url` does not parse (start-up validation normally catches this first).
+    pub fn new(url: &str, name: String, heartbeat_s: u16) -> Result<Self, String> {
+        let mut uri: AMQPUri = url
+            .parse()
+            .map_err(|e| format!("AMQP_URL does not parse: {e}"))?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(heartbeat_s);
+        }
+        Ok(Self {
+            uri,
+            redacted_url: redact_url_password(url),
+            name,
+            current: Mutex::new(None),
+            blocked: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The connection name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The URL without its password.
+    pub fn redacted_url(&self) -> &str {
+        &self.redacted_url
+    }
+
+    /// Whether the broker has blocked publishing on this connection (a memory or disk alarm,
+    /// `connection.blocked`).
+    pub fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed)
+    }
+
+    /// The current connection if it is open.
+    pub async fn current(&self) -> Option<Arc<Connection>> {
+        let guard = self.current.lock().await;
+        guard.as_ref().filter(|c| c.status().connected()).cloned()
+    }
+
+    /// Opens a new connection (closing nothing: the old one is already dead or is dropped).
+    ///
+    /// # Errors
+    /// lapin's error when the broker is unreachable or refuses the login.
+    pub async fn connect(&self) -> Result<Arc<Connection>, lapin::Error> {
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let conn = Arc::new(Connection::connect_uri(self.uri.clone(), props).await?);
+        self.blocked.store(false, Ordering::Relaxed);
+        let blocked = self.blocked.clone();
+        let mut events = conn.events_listener();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::ConnectionBlocked(reason) => {
+                        blocked.store(true, Ordering::Relaxed);
+                        warn!(%reason, "the broker blocked publishing (connection.blocked); publishes wait until it unblocks");
+                    }
+                    Event::ConnectionUnblocked => {
+                        blocked.store(false, Ordering::Relaxed);
+                        info!("the broker unblocked publishing");
+                    }
+                    _ => {}
+                }
+            }
+        });
+        *self.current.lock().await = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Connects, retrying with backoff until it succeeds or `shutdown` fires (then `None`).
+    pub async fn reconnect(&self, shutdown: &CancellationToken) -> Option<Arc<Connection>> {
+        let mut schedule = ExponentialBuilder::default()
+            .with_min_delay(RECONNECT_MIN_DELAY)
+            .with_max_delay(RECONNECT_MAX_DELAY)
+            .without_max_times()
+            .build();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.connect().await {
+                Ok(c) => {
+                    info!(attempt, "connected to the broker");
+                    return Some(c);
+                }
+                Err(e) => {
+                    warn!(attempt, error = %e, url = %self.redacted_url, "cannot reach the broker; retrying")
+                }
+            }
+            let delay = schedule.next().unwrap_or(RECONNECT_MAX_DELAY);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Closes the current connection, if any.
+    pub async fn close(&self) {
+        if let Some(c) = self.current.lock().await.take() {
+            let _ = c.close(200, "shutdown".into()).await;
+        }
+    }
+}
