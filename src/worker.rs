@@ -88,6 +88,7 @@ struct Shared {
     publisher: Publisher,
     shutdown: CancellationToken,
     completed: CompletedSessions,
+    in_flight: InFlight,
 }
 
 /// After this many failed attempts in a row to declare the topology and subscribe on a live
@@ -189,6 +190,7 @@ impl Worker {
                 flow,
                 shutdown: CancellationToken::new(),
                 completed: CompletedSessions::default(),
+                in_flight: InFlight::default(),
             }),
             link,
             first_connection: Some(connection),
@@ -349,45 +351,86 @@ impl Worker {
     }
 }
 
-/// Sessions whose `session.created` was confirmed but whose delivery could not be acked (its
-/// channel died). When the broker redelivers that input to this process, the same event (same
-/// `message_id`) is published again instead of spending the single-use credential a second
-/// time. Bounded: entries live [`CompletedSessions::TTL`] and at most
-/// [`CompletedSessions::CAPACITY`] are kept; held in memory only, like any in-flight token.
+/// Sessions whose `session.created` was confirmed. AMQP does not confirm acks, so after a
+/// connection loss the broker may redeliver an input whose outcome was already published; this
+/// process then publishes the same event (same `message_id`) again instead of spending the
+/// single-use credential a second time. Bounded: entries live [`CompletedSessions::TTL`] and at
+/// most [`CompletedSessions::CAPACITY`] are kept; held in memory only.
 #[derive(Default)]
 struct CompletedSessions {
-    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Instant, Box<SessionCreated>)>>,
+    entries: std::sync::Mutex<std::collections::HashMap<Key, Remembered>>,
 }
 
 impl CompletedSessions {
-    const TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+    const TTL: std::time::Duration = std::time::Duration::from_secs(900);
     const CAPACITY: usize = 10_000;
 
-    fn key(body: &[u8]) -> [u8; 32] {
+    fn key(body: &[u8]) -> Key {
         let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body);
         let mut k = [0u8; 32];
         k.copy_from_slice(d.as_ref());
         k
     }
 
-    fn remember(&self, body: &[u8], event: &SessionCreated) {
+    fn remember(&self, key: Key, event: &SessionCreated) {
         let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         m.retain(|_, (at, _)| at.elapsed() < Self::TTL);
         if m.len() < Self::CAPACITY {
-            m.insert(Self::key(body), (Instant::now(), Box::new(event.clone())));
+            m.insert(key, (Instant::now(), Box::new(event.clone())));
         }
     }
 
-    fn recall(&self, body: &[u8]) -> Option<Box<SessionCreated>> {
+    fn recall(&self, key: &Key) -> Option<Box<SessionCreated>> {
         let m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(&Self::key(body))
+        m.get(key)
             .filter(|(at, _)| at.elapsed() < Self::TTL)
             .map(|(_, e)| e.clone())
     }
+}
 
-    fn forget(&self, body: &[u8]) {
-        let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(&Self::key(body));
+/// SHA-256 of an input body.
+type Key = [u8; 32];
+
+/// A confirmed session and when it was confirmed.
+type Remembered = (Instant, Box<SessionCreated>);
+
+/// Per-input async locks, removed when nobody holds or waits for them.
+#[derive(Default)]
+struct InFlight {
+    locks: std::sync::Mutex<std::collections::HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Holds an input's lock; releasing it drops the map entry when it is the last user.
+struct InFlightGuard<'a> {
+    owner: &'a InFlight,
+    key: Key,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl InFlight {
+    async fn lock(&self, key: Key) -> InFlightGuard<'_> {
+        let m = {
+            let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key).or_default().clone()
+        };
+        InFlightGuard {
+            owner: self,
+            key,
+            guard: Some(m.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.owner.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.key);
+        }
     }
 }
 
@@ -449,31 +492,17 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
     );
     async move {
         let started = Instant::now();
-        // A bug must not strand a delivery unacked with its prefetch slot held: a panic while
-        // processing becomes a dead letter that says so.
-        let recalled = if delivery.redelivered {
-            shared.completed.recall(&delivery.data)
-        } else {
-            None
-        };
-        let outcome = if let Some(event) = recalled {
-            info!("redelivered after its session.created was confirmed; publishing the same event again");
-            Outcome::Created(event)
-        } else { match AssertUnwindSafe(process(&shared, &delivery))
-            .catch_unwind()
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                error!("internal error while handling the delivery; dead-lettering it");
-                Outcome::Failed(Box::new(Failure {
-                    reason: FailureReason::UnexpectedResponse,
-                    detail: "internal error in the worker while handling this delivery (a bug: please report it with the worker's logs)".into(),
-                    attempts: 0,
-                    event: None,
-                }))
+        // One copy of an input at a time in this process: a copy redelivered while the first is
+        // still at bunq (its channel died) waits for it, then finds its session below.
+        let key = CompletedSessions::key(&delivery.data);
+        let _guard = shared.in_flight.lock(key).await;
+        let outcome = match shared.completed.recall(&key) {
+            Some(event) => {
+                info!("this input's session.created was confirmed but not acked; publishing the same event again");
+                Outcome::Created(event)
             }
-        }};
+            None => process_guarded(&shared, &delivery).await,
+        };
         let label = match &outcome {
             Outcome::Created(_) => "created",
             Outcome::Skipped(_) => "skipped",
@@ -489,6 +518,26 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
     }
     .instrument(span)
     .await
+}
+
+/// [`process`], with a panic turned into a dead letter: a bug must not strand a delivery unacked
+/// with its prefetch slot held.
+async fn process_guarded(shared: &Shared, delivery: &Delivery) -> Outcome {
+    match AssertUnwindSafe(process(shared, delivery))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            error!("internal error while handling the delivery; dead-lettering it");
+            Outcome::Failed(Box::new(Failure {
+                reason: FailureReason::UnexpectedResponse,
+                detail: "internal error in the worker while handling this delivery (a bug: please report it with the worker's logs)".into(),
+                attempts: 0,
+                event: None,
+            }))
+        }
+    }
 }
 
 /// Decodes and, for a ready credential, opens the session. Makes no broker call.
@@ -714,8 +763,12 @@ async fn nack_requeue(delivery: &Delivery) {
         requeue: true,
         ..Default::default()
     };
-    if let Err(e) = delivery.acker.nack(requeue).await {
-        warn!(error = %e, "nack failed; the broker redelivers when the channel closes");
+    match delivery.acker.nack(requeue).await {
+        Ok(true) => {}
+        Ok(false) => {
+            warn!("nack impossible: the delivery's channel is gone; the broker redelivers it")
+        }
+        Err(e) => warn!(error = %e, "nack failed; the broker redelivers when the channel closes"),
     }
 }
 
@@ -752,7 +805,9 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
                 user_id = event.user_id,
                 "session.created confirmed"
             );
-            shared.completed.remember(&delivery.data, &event);
+            shared
+                .completed
+                .remember(CompletedSessions::key(&delivery.data), &event);
         }
         Outcome::Skipped(_) => {}
         Outcome::Failed(failure) => {
@@ -795,11 +850,16 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
             return;
         }
     }
+    // lapin answers Ok(false) when the delivery's channel is gone: that is not an ack.
     match delivery.acker.ack(BasicAckOptions::default()).await {
-        // Acked: no redelivery expected, the remembered session is not needed.
-        Ok(_) => shared.completed.forget(&delivery.data),
+        // Sent, but AMQP does not confirm acks: if the connection dies now the broker may still
+        // redeliver, so the session stays remembered for its TTL.
+        Ok(true) => {}
+        Ok(false) => error!(
+            "ack impossible after a confirmed outcome: the delivery's channel is gone; the broker will redeliver and the same event is published again"
+        ),
         Err(e) => {
-            error!(error = %e, "ack failed after a confirmed outcome (channel lost?); the broker will redeliver and the same event is published again")
+            error!(error = %e, "ack failed after a confirmed outcome; the broker will redeliver and the same event is published again")
         }
     }
 }

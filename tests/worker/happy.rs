@@ -128,7 +128,8 @@ async fn session_created_has_the_documented_body_and_properties() {
         )
     );
 
-    // The same input again gives the same message_id; correlation falls back to message_id.
+    // The same input again gives the same event and message_id, without spending the credential
+    // again; correlation falls back to the new message_id.
     app.publish(
         event.to_string().as_bytes(),
         BasicProperties::default().with_message_id("in-2".into()),
@@ -177,8 +178,8 @@ async fn session_created_has_the_documented_body_and_properties() {
         .collect();
     assert_eq!(
         ids.len(),
-        7,
-        "installation + 3 x (device-server, session-server)"
+        5,
+        "installation + 2 x (device-server, session-server): the repeated input made no call"
     );
     app.cleanup().await;
 }

@@ -154,6 +154,11 @@ impl TestApp {
     /// Broker connection, names, fake bunq with installation mounted, and an observer queue
     /// bound to the output exchange with `output_binding` (None: no binding).
     pub async fn new_with_binding(output_binding: Option<&str>) -> Self {
+        // `RUST_LOG=info cargo test -- --nocapture` shows the worker's logs.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let names = Names::new();
         let bunq = MockServer::start().await;
         let state = BunqState::new();

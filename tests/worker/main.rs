@@ -7,3 +7,4 @@ mod happy;
 mod helpers;
 mod hostile;
 mod process;
+mod resilience;

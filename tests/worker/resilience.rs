@@ -1,0 +1,303 @@
+//! Faults of the broker under a running worker: connection cut, queue deleted, exchange deleted.
+//! Each test asserts that nothing was lost.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use lapin::{
+    ExchangeKind,
+    options::{
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use tokio::{
+    io::copy_bidirectional,
+    net::{TcpListener, TcpStream},
+    sync::Mutex,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+/// A TCP proxy between the worker and the broker that can cut every connection and refuse new
+/// ones (a network cut or a broker restart, as the worker sees it) without touching the broker.
+pub struct BrokerProxy {
+    pub port: u16,
+    down: Arc<AtomicBool>,
+    generation: Arc<Mutex<CancellationToken>>,
+}
+
+impl BrokerProxy {
+    pub async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(Mutex::new(CancellationToken::new()));
+        let (d, g) = (down.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if d.load(Ordering::SeqCst) {
+                    continue; // refused: dropped at once
+                }
+                let token = g.lock().await.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = copy_bidirectional(&mut client, &mut server) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            down,
+            generation,
+        }
+    }
+
+    /// Drops every proxied connection and refuses new ones.
+    pub async fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        let mut g = self.generation.lock().await;
+        g.cancel();
+        *g = CancellationToken::new();
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+/// `url` with its host:port replaced by the proxy's.
+fn via_proxy(url: &str, port: u16) -> String {
+    let at = url
+        .rfind('@')
+        .map(|i| i + 1)
+        .unwrap_or_else(|| url.find("://").unwrap() + 3);
+    let rest = &url[at..];
+    let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("");
+    format!("{}127.0.0.1:{port}{path}", &url[..at])
+}
+
+fn host_port(url: &str) -> String {
+    let at = url
+        .rfind('@')
+        .map(|i| i + 1)
+        .unwrap_or_else(|| url.find("://").unwrap() + 3);
+    let rest = &url[at..];
+    let hp = rest.split('/').next().unwrap();
+    if hp.contains(':') {
+        hp.to_owned()
+    } else {
+        format!("{hp}:5672")
+    }
+}
+
+async fn app_behind_proxy() -> (TestApp, BrokerProxy) {
+    let mut app = TestApp::new().await;
+    let proxy = BrokerProxy::start(host_port(&app.amqp_url)).await;
+    let url = via_proxy(&app.amqp_url, proxy.port);
+    app.extra_args.extend([
+        "--amqp-url".into(),
+        url,
+        "--amqp-heartbeat-s".into(),
+        "2".into(),
+    ]);
+    (app, proxy)
+}
+
+#[tokio::test]
+async fn the_worker_reconnects_and_resumes_after_the_connection_is_cut() {
+    let (mut app, proxy) = app_behind_proxy().await;
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-before")).await;
+    let first = app.next_output().await;
+    assert_eq!(body_json(&first)["provision_id"], 1);
+    let first_id = first.properties.message_id().clone();
+
+    proxy.cut().await;
+    // Published while the worker is disconnected: it must not be lost.
+    app.publish_json(&slim(2, "tok-during")).await;
+    proxy.restore();
+    let started = std::time::Instant::now();
+    // The cut may have come before event 1's ack: then event 1 comes again, as the same event.
+    let out = loop {
+        let out = app.next_output().await;
+        if body_json(&out)["provision_id"] == 2 {
+            break out;
+        }
+        assert_eq!(
+            out.properties.message_id(),
+            &first_id,
+            "a duplicate keeps its message_id"
+        );
+    };
+    assert_eq!(type_of(&out), "session.created");
+    assert_eq!(
+        app.requests("session-server").await.len(),
+        2,
+        "no credential used twice"
+    );
+    eprintln!(
+        "resumed {} ms after the broker was reachable again",
+        started.elapsed().as_millis()
+    );
+    assert!(app.worker_is_running(), "no process restart needed");
+    app.publish_json(&slim(3, "tok-after")).await;
+    assert_eq!(body_json(&app.next_output().await)["provision_id"], 3);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_delivery_in_flight_when_the_connection_dies_is_not_spent_twice() {
+    let (mut app, proxy) = app_behind_proxy().await;
+    app.extra_args
+        .extend(["--bunq-register-device".into(), "false".into()]);
+    let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
+    slow.delay = Some(Duration::from_millis(1000));
+    app.mount("session-server", None, slow, None).await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-in-flight")).await;
+    eventually("session-server called", || async {
+        !app.requests("session-server").await.is_empty()
+    })
+    .await;
+    // bunq is answering; the channel the delivery came on dies now.
+    proxy.cut().await;
+    proxy.restore();
+    let first = app.next_output().await;
+    assert_eq!(type_of(&first), "session.created");
+    let id = first.properties.message_id().as_ref().unwrap().to_string();
+    let q = app.names.input_queue.clone();
+    // The redelivered input is settled with the same event, not a second bunq call.
+    eventually("the input is settled", || async {
+        app.ready_count(&q).await == 0
+    })
+    .await;
+    app.stop_worker().await.unwrap();
+    assert_eq!(app.ready_count(&q).await, 0, "acked in the end");
+    assert_eq!(
+        app.requests("session-server").await.len(),
+        1,
+        "the credential was used once"
+    );
+    // Any duplicate carries the same message_id.
+    while app.ready_count(&app.names.output_queue).await > 0 {
+        let dup = app.next_output().await;
+        assert_eq!(
+            dup.properties.message_id().as_ref().unwrap().to_string(),
+            id
+        );
+    }
+    assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_deleted_input_queue_is_declared_again_and_consumed() {
+    let mut app = TestApp::new().await;
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    app.channel
+        .queue_delete(
+            app.names.input_queue.as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    // The worker re-declares the queue and its binding; an event published then is consumed.
+    let q = app.names.input_queue.clone();
+    eventually("the queue is back with a consumer", || async {
+        let ch = app.conn.create_channel().await.unwrap();
+        let ok = ch
+            .queue_declare(
+                q.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.consumer_count() == 1)
+            .unwrap_or(false);
+        let _ = ch.close(200, "".into()).await;
+        ok
+    })
+    .await;
+    app.publish_json(&slim(1, "tok-requeue")).await;
+    assert_eq!(body_json(&app.next_output().await)["provision_id"], 1);
+    assert!(app.worker_is_running());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_deleted_output_exchange_is_declared_again_and_nothing_is_lost() {
+    let mut app = TestApp::new().await;
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    app.channel
+        .exchange_delete(
+            app.names.output_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    app.publish_json(&slim(1, "tok-no-exchange")).await;
+    eventually("session-server called", || async {
+        !app.requests("session-server").await.is_empty()
+    })
+    .await;
+    // The worker declares the exchange again; a consumer binds its queue again, and the held
+    // session is delivered.
+    let ex = app.names.output_exchange.clone();
+    eventually("the exchange is back", || async {
+        let ch = app.conn.create_channel().await.unwrap();
+        let ok = ch
+            .exchange_declare(
+                ex.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = ch.close(200, "".into()).await;
+        ok
+    })
+    .await;
+    app.channel
+        .queue_bind(
+            app.names.output_queue.as_str().into(),
+            ex.as_str().into(),
+            "session.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created");
+    assert_eq!(app.requests("session-server").await.len(), 1);
+    let q = app.names.input_queue.clone();
+    eventually("the input is acked", || async {
+        app.ready_count(&q).await == 0
+    })
+    .await;
+    app.cleanup().await;
+}
