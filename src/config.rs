@@ -7,6 +7,8 @@
 use std::{num::NonZeroU16, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
+
+use crate::pacing::RateLimit;
 use secrecy::SecretString;
 
 /// The type of the input and dead-letter queues (RabbitMQ `x-queue-type`).
@@ -132,6 +134,23 @@ pub struct Settings {
     #[arg(long, env = "BUNQ_USER_AGENT", default_value = concat!("bunq-session-worker/", env!("CARGO_PKG_VERSION")))]
     pub bunq_user_agent: String,
 
+    /// Pace session-server: at most N calls per W seconds for this process, e.g. `1/30s` (bunq's
+    /// documented session-server limit). Unset: no pacing (a 429 still pauses all calls).
+    #[arg(long, env = "BUNQ_SESSION_RATE_LIMIT", value_name = "N/Ws")]
+    pub bunq_session_rate_limit: Option<RateLimit>,
+
+    /// The broker's consumer timeout in s (RabbitMQ `consumer_timeout`, 30 min by default): a
+    /// delivery unacked for longer closes the channel. Prefetch is bounded so paced work finishes
+    /// well within it.
+    #[arg(long = "consumer-timeout-s", env = "CONSUMER_TIMEOUT_S", value_name = "CONSUMER_TIMEOUT_S", default_value = "1800", value_parser = parse_s)]
+    pub consumer_timeout: Duration,
+
+    /// Durable delayed retry: comma-separated delays in s, one per tier (e.g. `60,300,900`);
+    /// when a delivery's in-process retries are spent and its credential still has time, it
+    /// waits in the tier's delay queue and comes back. Empty disables.
+    #[arg(long = "delayed-retry-delays-s", env = "DELAYED_RETRY_DELAYS_S", value_name = "DELAYED_RETRY_DELAYS_S", default_value = "60,300,900", value_parser = parse_delays)]
+    pub delayed_retry_delays: DelayTiers,
+
     /// Topic exchange that provision-ready events are published to.
     #[arg(long, env = "INPUT_EXCHANGE", default_value = "bunq.provisioning")]
     pub input_exchange: String,
@@ -214,6 +233,27 @@ fn parse_ms(s: &str) -> Result<Duration, String> {
         .parse::<u64>()
         .map(Duration::from_millis)
         .map_err(|e| format!("expected a whole number of milliseconds: {e}"))
+}
+
+/// The delayed-retry tiers, in order; empty when disabled.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DelayTiers(pub Vec<Duration>);
+
+fn parse_delays(s: &str) -> Result<DelayTiers, String> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("off") {
+        return Ok(DelayTiers::default());
+    }
+    s.split(',')
+        .map(|item| {
+            let d = parse_s(item)?;
+            if d.is_zero() {
+                return Err("each delay must be at least 1 s".to_string());
+            }
+            Ok(d)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(DelayTiers)
 }
 
 fn parse_s(s: &str) -> Result<Duration, String> {
@@ -310,6 +350,50 @@ impl Settings {
         Ok(())
     }
 
+    /// The prefetch actually used, and a warning when it had to be lowered.
+    ///
+    /// With pacing, deliveries queue behind each other at one session-server call per
+    /// `interval`; the last of `prefetch` deliveries waits about `prefetch × interval`. To finish
+    /// well within the broker's consumer timeout, prefetch is capped at
+    /// `consumer_timeout / 2 / interval` (at least 1).
+    pub fn effective_prefetch(&self) -> (u16, Option<String>) {
+        let wanted = self.prefetch.get();
+        let Some(limit) = self.bunq_session_rate_limit else {
+            return (wanted, None);
+        };
+        let interval = limit.interval().as_secs_f64().max(0.001);
+        let cap = ((self.consumer_timeout.as_secs_f64() / 2.0) / interval).floor();
+        let cap = cap.clamp(1.0, f64::from(u16::MAX)) as u16;
+        if wanted > cap {
+            (
+                cap,
+                Some(format!(
+                    "PREFETCH={wanted} with BUNQ_SESSION_RATE_LIMIT (one call every {:.1} s) could hold deliveries past half the consumer timeout ({} s, CONSUMER_TIMEOUT_S); using prefetch {cap}",
+                    interval,
+                    self.consumer_timeout.as_secs()
+                )),
+            )
+        } else {
+            (wanted, None)
+        }
+    }
+
+    /// Start-up warnings about settings that work but risk the broker's consumer timeout.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if let (_, Some(m)) = self.effective_prefetch() {
+            w.push(m);
+        }
+        if self.retry_max_elapsed >= self.consumer_timeout / 2 {
+            w.push(format!(
+                "RETRY_MAX_ELAPSED_S ({} s) is not well within the broker's consumer timeout ({} s, CONSUMER_TIMEOUT_S): a delivery retried that long may be redelivered",
+                self.retry_max_elapsed.as_secs(),
+                self.consumer_timeout.as_secs()
+            ));
+        }
+        w
+    }
+
     /// The AMQP URL with its password replaced by `***`, for logs.
     pub fn amqp_url_redacted(&self) -> String {
         redact_url_password(&self.amqp_url)
@@ -357,6 +441,9 @@ impl std::fmt::Debug for Settings {
                 &self.bunq_verify_response_signature,
             )
             .field("bunq_user_agent", &self.bunq_user_agent)
+            .field("bunq_session_rate_limit", &self.bunq_session_rate_limit)
+            .field("consumer_timeout", &self.consumer_timeout)
+            .field("delayed_retry_delays", &self.delayed_retry_delays)
             .field("input_exchange", &self.input_exchange)
             .field("input_routing_key", &self.input_routing_key)
             .field("input_queue", &self.input_queue)
@@ -421,6 +508,35 @@ mod tests {
         assert!(e.contains("BUNQ_USER_AGENT"), "{e}");
         let e = parse(&["--retry-max-delay-ms", "10"]).unwrap_err();
         assert!(e.contains("RETRY_MAX_DELAY_MS"), "{e}");
+    }
+
+    #[test]
+    fn prefetch_is_bounded_under_pacing() {
+        let s = parse(&["--bunq-session-rate-limit", "1/30s", "--prefetch", "100"]).unwrap();
+        let (p, warning) = s.effective_prefetch();
+        assert_eq!(p, 30, "1800 s / 2 / 30 s");
+        assert!(warning.unwrap().contains("using prefetch 30"));
+        let s = parse(&["--bunq-session-rate-limit", "1/30s"]).unwrap();
+        assert_eq!(s.effective_prefetch(), (16, None));
+        let s = parse(&["--prefetch", "100"]).unwrap();
+        assert_eq!(s.effective_prefetch(), (100, None));
+        let s = parse(&["--retry-max-elapsed-s", "1000"]).unwrap();
+        assert!(s.warnings()[0].contains("RETRY_MAX_ELAPSED_S"));
+        let e = parse(&["--bunq-session-rate-limit", "30s"]).unwrap_err();
+        assert!(
+            e.contains("BUNQ_SESSION_RATE_LIMIT") || e.contains("--bunq-session-rate-limit"),
+            "{e}"
+        );
+        let s = parse(&["--delayed-retry-delays-s", "1,2"]).unwrap();
+        assert_eq!(
+            s.delayed_retry_delays.0,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        let s = parse(&["--delayed-retry-delays-s", ""]).unwrap();
+        assert!(s.delayed_retry_delays.0.is_empty());
+        let s = parse(&["--delayed-retry-delays-s", "off"]).unwrap();
+        assert!(s.delayed_retry_delays.0.is_empty());
+        assert!(parse(&["--delayed-retry-delays-s", "5,0"]).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`outcome`]: reason codes and the result of handling a delivery.
 //! - [`bunq`]: API context, signing, the calls and their error classes.
 //! - [`retry`]: the backoff policy.
+//! - [`pacing`]: process-wide spacing and 429 pauses of session-server.
 //! - [`session`]: the business step (open a session with retries), knows nothing of AMQP.
 //! - [`broker`]: topology and confirmed publishing.
 //! - [`worker`]: the consumer loop and the one place an outcome becomes ack / publish.
@@ -22,6 +23,7 @@ pub mod bunq;
 pub mod config;
 pub mod events;
 pub mod outcome;
+pub mod pacing;
 pub mod retry;
 pub mod session;
 pub mod telemetry;

@@ -72,9 +72,27 @@ pub enum Outcome {
     /// Permanent failure: publish `session.failed` (when the input named a provision), publish
     /// the delivery to the dead-letter exchange with the reason headers, then ack.
     Failed(Box<Failure>),
+    /// Transient failures spent the in-process budget but the credential has time: publish a
+    /// copy to a delay queue (confirmed), then ack; it comes back through the input exchange.
+    Delayed(Box<Delayed>),
     /// Shutdown interrupted the work before a session existed: nack with requeue so another
     /// consumer takes it.
     Abandoned,
+}
+
+/// A delivery parked for a durable delayed retry.
+#[derive(Debug)]
+pub struct Delayed {
+    /// The tier's delay queue.
+    pub queue: String,
+    /// The tier's delay.
+    pub delay: std::time::Duration,
+    /// Delayed retries including this one (the `x-bunq-delayed-retries` header).
+    pub retries: u32,
+    /// bunq calls made so far, all rounds together (the `x-bunq-calls` header).
+    pub calls: u32,
+    /// Why the in-process retries ended, no secrets.
+    pub detail: String,
 }
 
 /// A permanent failure of one delivery.

@@ -5,7 +5,10 @@
 //! under [`RetryPolicy`]; the budget is shared by both calls and never reaches past the
 //! credential's `expiry_time`. Knows nothing about AMQP.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +22,7 @@ use crate::{
     },
     events::{ProvisionReady, rfc3339},
     outcome::FailureReason,
+    pacing::Pacer,
     retry::RetryPolicy,
 };
 
@@ -37,6 +41,8 @@ pub struct SessionFlow {
     pub device_description: String,
     /// device-server `permitted_ips`.
     pub permitted_ips: Vec<String>,
+    /// Process-wide pacing of session-server calls.
+    pub pacer: Arc<Pacer>,
 }
 
 /// A session bunq opened.
@@ -106,6 +112,22 @@ impl Budget<'_> {
 
     fn expired(&self, now: OffsetDateTime) -> bool {
         self.expiry.is_some_and(|e| now >= e)
+    }
+
+    /// The last moment a call may start: the elapsed-time budget's end or the expiry.
+    fn deadline(&self) -> Instant {
+        let budget_end = self
+            .started
+            .checked_add(self.policy.max_elapsed)
+            .unwrap_or_else(|| self.started + Duration::from_secs(86_400 * 365));
+        match self.expiry {
+            Some(e) => {
+                let left = e - OffsetDateTime::now_utc();
+                let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
+                budget_end.min(Instant::now().checked_add(left).unwrap_or(budget_end))
+            }
+            None => budget_end,
+        }
     }
 }
 
@@ -187,9 +209,35 @@ impl SessionFlow {
                     ),
                 ));
             }
+            if endpoint == SESSION_SERVER {
+                match self.pacer.reserve_before(budget.deadline()) {
+                    Ok(at) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(at.into()) => {}
+                            _ = cancel.cancelled() => return Err(FlowError::Cancelled),
+                        }
+                    }
+                    Err(earliest) => {
+                        let wait_s = earliest.saturating_duration_since(Instant::now()).as_secs();
+                        let reason = if budget.expiry.is_some_and(|e| {
+                            OffsetDateTime::now_utc() + Duration::from_secs(wait_s) >= e
+                        }) {
+                            FailureReason::CredentialExpired
+                        } else {
+                            FailureReason::RetriesExhausted
+                        };
+                        return Err(budget.failure(
+                            reason,
+                            format!("{endpoint} is paced or paused for another {wait_s} s (BUNQ_SESSION_RATE_LIMIT or a 429), past this delivery's budget or the credential's expiry"),
+                        ));
+                    }
+                }
+            }
             attempt_of_call += 1;
             budget.attempts += 1;
-            budget.first_attempt_at.get_or_insert(now);
+            budget
+                .first_attempt_at
+                .get_or_insert(OffsetDateTime::now_utc());
             let t0 = Instant::now();
             let result = call().await;
             budget.last_attempt_at = Some(OffsetDateTime::now_utc());
@@ -224,7 +272,7 @@ impl SessionFlow {
             let floor = match class {
                 RetryClass::Permanent(reason) => return Err(budget.failure(reason, summary)),
                 RetryClass::Transient => None,
-                RetryClass::RateLimited { window } => window,
+                RetryClass::RateLimited { window } => Some(window.unwrap_or_default()),
             };
             let Some(delay) = schedule.next() else {
                 return Err(budget.failure(
@@ -235,6 +283,10 @@ impl SessionFlow {
                 ));
             };
             let delay = RetryPolicy::jitter(delay).max(floor.unwrap_or_default());
+            if endpoint == SESSION_SERVER && floor.is_some() {
+                // A 429 is about this worker, not this delivery: hold every session-server call.
+                self.pacer.pause(delay);
+            }
             if budget.started.elapsed().saturating_add(delay) > budget.policy.max_elapsed {
                 return Err(budget.failure(
                     FailureReason::RetriesExhausted,

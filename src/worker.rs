@@ -28,7 +28,8 @@ use crate::{
     },
     config::Settings,
     events::{self, Decoded, ProvisionReady, SCHEMA_VERSION, SessionCreated, SessionFailed},
-    outcome::{Failure, FailureReason, Outcome},
+    outcome::{Delayed, Failure, FailureReason, Outcome},
+    pacing::Pacer,
     retry::RetryPolicy,
     session::{FlowError, SessionFlow},
 };
@@ -181,7 +182,11 @@ impl Worker {
                 .iter()
                 .map(|s| s.trim().to_owned())
                 .collect(),
+            pacer: Arc::new(Pacer::new(settings.bunq_session_rate_limit)),
         };
+        for w in settings.warnings() {
+            warn!("{w}");
+        }
         Ok(Self {
             shared: Arc::new(Shared {
                 publisher: Publisher::new(link.clone(), settings.publish_confirm_timeout),
@@ -218,7 +223,7 @@ impl Worker {
             .await
             .map_err(|e| e.to_string())?;
         channel
-            .basic_qos(s.prefetch.get(), BasicQosOptions::default())
+            .basic_qos(s.effective_prefetch().0, BasicQosOptions::default())
             .await
             .map_err(|e| e.to_string())?;
         let consumer = channel
@@ -287,7 +292,7 @@ impl Worker {
             failures = 0;
             info!(
                 queue = %s.input_queue,
-                prefetch = s.prefetch.get(),
+                prefetch = s.effective_prefetch().0,
                 consumer_tag = %self.consumer_tag,
                 amqp_url = %self.link.redacted_url(),
                 "consuming"
@@ -508,6 +513,7 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
             Outcome::Skipped(_) => "skipped",
             Outcome::Failed(_) => "failed",
             Outcome::Abandoned => "abandoned",
+            Outcome::Delayed(_) => "delayed",
         };
         settle(&shared, delivery, outcome).await;
         let latency_ms = started.elapsed().as_millis() as u64;
@@ -595,12 +601,46 @@ async fn process(shared: &Shared, delivery: &Delivery) -> Outcome {
             }))
         }
         Err(FlowError::Cancelled) => Outcome::Abandoned,
-        Err(FlowError::Failed(f)) => Outcome::Failed(Box::new(Failure {
-            reason: f.reason,
-            detail: f.detail.clone(),
-            attempts: f.attempts,
-            event: Some(failed_event(&ready, f)),
-        })),
+        Err(FlowError::Failed(mut f)) => {
+            let props = &delivery.properties;
+            let retries_so_far = int_header(props, DELAYED_RETRIES_HEADER);
+            f.attempts = f.attempts.saturating_add(int_header(props, CALLS_HEADER));
+            if f.reason == FailureReason::RetriesExhausted
+                && let Some(delay) = shared
+                    .settings
+                    .delayed_retry_delays
+                    .0
+                    .get(retries_so_far as usize)
+                    .copied()
+            {
+                let back_at = OffsetDateTime::now_utc()
+                    + time::Duration::try_from(delay).unwrap_or(time::Duration::MAX);
+                match ready.expiry_time {
+                    Some(expiry) if back_at >= expiry => {
+                        f.detail = format!(
+                            "{}; no delayed retry: the credential expires at {} before it would come back",
+                            f.detail,
+                            events::rfc3339(expiry)
+                        );
+                    }
+                    _ => {
+                        return Outcome::Delayed(Box::new(Delayed {
+                            queue: shared.topology.delay_queue_name(delay),
+                            delay,
+                            retries: retries_so_far + 1,
+                            calls: f.attempts,
+                            detail: f.detail,
+                        }));
+                    }
+                }
+            }
+            Outcome::Failed(Box::new(Failure {
+                reason: f.reason,
+                detail: f.detail.clone(),
+                attempts: f.attempts,
+                event: Some(failed_event(&ready, f)),
+            }))
+        }
     }
 }
 
@@ -657,31 +697,19 @@ fn output_properties(delivery: &Delivery, event_type: &str, provision_id: &str) 
     props
 }
 
-/// The dead-letter copy's properties: the input's, plus the `x-error-*` headers, minus what
-/// would make the copy vanish or be refused. RabbitMQ's own dead-lettering drops `expiration`
-/// likewise (<https://www.rabbitmq.com/docs/dlx>); a `user_id` that is not the worker's own
-/// login makes the broker refuse the publish (<https://www.rabbitmq.com/docs/validated-user-id>).
-fn dead_letter_properties(delivery: &Delivery, failure: &Failure) -> BasicProperties {
-    let input = &delivery.properties;
-    let mut headers = input.headers().clone().unwrap_or_default();
-    let s = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()));
-    headers.insert("x-error-reason".into(), s(failure.reason.as_str()));
-    headers.insert("x-error-detail".into(), s(&failure.detail));
-    headers.insert(
-        "x-attempts".into(),
-        AMQPValue::LongLongInt(i64::from(failure.attempts)),
-    );
-    headers.insert("x-original-exchange".into(), s(delivery.exchange.as_str()));
-    headers.insert(
-        "x-original-routing-key".into(),
-        s(delivery.routing_key.as_str()),
-    );
-    headers.insert(
-        "x-failed-at".into(),
-        s(&events::rfc3339(OffsetDateTime::now_utc())),
-    );
+fn long_str(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
+}
+
+/// Properties for a copy of the input that the worker publishes itself (dead letter, delayed
+/// retry): the input's, with `headers` set, minus what would make the copy vanish or be
+/// refused. RabbitMQ's own dead-lettering drops `expiration` likewise
+/// (<https://www.rabbitmq.com/docs/dlx>); a `user_id` that is not the worker's own login makes
+/// the broker refuse the publish (<https://www.rabbitmq.com/docs/validated-user-id>), so it is
+/// kept as the header `x-original-user-id`.
+fn copy_properties(input: &BasicProperties, mut headers: FieldTable) -> BasicProperties {
     if let Some(user) = input.user_id() {
-        headers.insert("x-original-user-id".into(), s(user.as_str()));
+        headers.insert("x-original-user-id".into(), long_str(user.as_str()));
     }
     let mut props = BasicProperties::default()
         .with_headers(headers)
@@ -696,6 +724,56 @@ fn dead_letter_properties(delivery: &Delivery, failure: &Failure) -> BasicProper
           reply_to => with_reply_to, message_id => with_message_id, timestamp => with_timestamp,
           kind => with_type, app_id => with_app_id, cluster_id => with_cluster_id);
     props
+}
+
+/// The dead-letter copy's properties: the input's plus the `x-error-*` headers.
+fn dead_letter_properties(delivery: &Delivery, failure: &Failure) -> BasicProperties {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert("x-error-reason".into(), long_str(failure.reason.as_str()));
+    headers.insert("x-error-detail".into(), long_str(&failure.detail));
+    headers.insert(
+        "x-attempts".into(),
+        AMQPValue::LongLongInt(i64::from(failure.attempts)),
+    );
+    headers.insert(
+        "x-original-exchange".into(),
+        long_str(delivery.exchange.as_str()),
+    );
+    headers.insert(
+        "x-original-routing-key".into(),
+        long_str(delivery.routing_key.as_str()),
+    );
+    headers.insert(
+        "x-failed-at".into(),
+        long_str(&events::rfc3339(OffsetDateTime::now_utc())),
+    );
+    copy_properties(&delivery.properties, headers)
+}
+
+/// Header counting the delayed retries an input has been through.
+pub const DELAYED_RETRIES_HEADER: &str = "x-bunq-delayed-retries";
+/// Header carrying the bunq calls made for an input before its latest delayed retry.
+pub const CALLS_HEADER: &str = "x-bunq-calls";
+
+/// An integer header of the delivery (any AMQP integer type, or a decimal string), else 0.
+fn int_header(props: &BasicProperties, name: &str) -> u32 {
+    let Some(v) = props.headers().as_ref().and_then(|h| h.inner().get(name)) else {
+        return 0;
+    };
+    let n: Option<i64> = match v {
+        AMQPValue::ShortShortInt(i) => Some((*i).into()),
+        AMQPValue::ShortShortUInt(i) => Some((*i).into()),
+        AMQPValue::ShortInt(i) => Some((*i).into()),
+        AMQPValue::ShortUInt(i) => Some((*i).into()),
+        AMQPValue::LongInt(i) => Some((*i).into()),
+        AMQPValue::LongUInt(i) => Some((*i).into()),
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse().ok()),
+        _ => None,
+    };
+    n.and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
 }
 
 /// How long [`publish_confirmed`] keeps trying.
@@ -844,6 +922,39 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
                     error!(reason = %failure.reason, "session.failed was not confirmed within RETRY_MAX_ELAPSED_S; the dead letter records the failure");
                 }
             }
+        }
+        Outcome::Delayed(d) => {
+            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                DELAYED_RETRIES_HEADER.into(),
+                AMQPValue::LongLongInt(d.retries.into()),
+            );
+            headers.insert(CALLS_HEADER.into(), AMQPValue::LongLongInt(d.calls.into()));
+            let props = copy_properties(&delivery.properties, headers);
+            // Through the default exchange straight into the tier's delay queue; its TTL
+            // dead-letters the copy back to the input exchange.
+            let parked = publish_confirmed(
+                shared,
+                "",
+                &d.queue,
+                &delivery.data,
+                props,
+                Patience::Budget,
+            )
+            .await;
+            if !parked {
+                error!(queue = %d.queue, "the delayed-retry copy was not confirmed within RETRY_MAX_ELAPSED_S; requeueing the delivery");
+                nack_requeue(&delivery).await;
+                return;
+            }
+            warn!(
+                queue = %d.queue,
+                delay_s = d.delay.as_secs(),
+                delayed_retry = d.retries,
+                calls = d.calls,
+                detail = %d.detail,
+                "retries spent; parked for a delayed retry"
+            );
         }
         Outcome::Abandoned => {
             nack_requeue(&delivery).await;

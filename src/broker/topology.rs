@@ -30,6 +30,15 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     /// Queue bound to the dead-letter exchange with `#`.
     pub dead_letter_queue: String,
+    /// Delays of the delayed-retry tiers; one delay queue each.
+    pub delay_tiers: Vec<std::time::Duration>,
+}
+
+impl Topology {
+    /// The delay queue of a tier: `<input queue>.retry-<seconds>s`.
+    pub fn delay_queue_name(&self, delay: std::time::Duration) -> String {
+        format!("{}.retry-{}s", self.input_queue, delay.as_secs())
+    }
 }
 
 impl From<&Settings> for Topology {
@@ -42,6 +51,7 @@ impl From<&Settings> for Topology {
             output_exchange: s.output_exchange.clone(),
             dead_letter_exchange: s.dead_letter_exchange.clone(),
             dead_letter_queue: s.dead_letter_queue.clone(),
+            delay_tiers: s.delayed_retry_delays.0.clone(),
         }
     }
 }
@@ -162,5 +172,27 @@ pub async fn declare(channel: &Channel, t: &Topology) -> Result<(), TopologyErro
         )
         .await
         .map_err(|e| classify(format!("binding of queue '{}'", t.input_queue), e))?;
+
+    // Plugin-free delayed retry: a message waits out the queue's TTL, then RabbitMQ
+    // dead-letters it back to the input exchange (<https://www.rabbitmq.com/docs/ttl>,
+    // <https://www.rabbitmq.com/docs/dlx>).
+    for delay in &t.delay_tiers {
+        let name = t.delay_queue_name(*delay);
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long(t.queue_type.as_str()));
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+        );
+        args.insert("x-dead-letter-exchange".into(), long(&t.input_exchange));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            long(&t.input_routing_key),
+        );
+        channel
+            .queue_declare(name.as_str().into(), queue_opts, args)
+            .await
+            .map_err(|e| classify(format!("queue '{name}'"), e))?;
+    }
     Ok(())
 }

@@ -148,6 +148,8 @@ pub struct TestApp {
     dead_letters: Option<Consumer>,
     worker: Option<(CancellationToken, JoinHandle<Result<(), RunError>>)>,
     pub extra_args: Vec<String>,
+    /// More queues the test made the worker declare (delay queues), deleted by `cleanup`.
+    pub extra_queues: Vec<String>,
 }
 
 impl TestApp {
@@ -226,7 +228,11 @@ impl TestApp {
                 "50".into(),
                 "--http-timeout-ms".into(),
                 "2000".into(),
+                // Tests of the in-process outcome; the delayed-retry tests turn it on.
+                "--delayed-retry-delays-s".into(),
+                "off".into(),
             ],
+            extra_queues: Vec::new(),
         }
     }
 
@@ -441,7 +447,10 @@ impl TestApp {
         }
         let ch = self.conn.create_channel().await.unwrap();
         let n = &self.names;
-        for q in [&n.input_queue, &n.dead_letter_queue, &n.output_queue] {
+        for q in [&n.input_queue, &n.dead_letter_queue, &n.output_queue]
+            .into_iter()
+            .chain(self.extra_queues.iter())
+        {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;

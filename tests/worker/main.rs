@@ -6,5 +6,6 @@ mod delivery;
 mod happy;
 mod helpers;
 mod hostile;
+mod pacing;
 mod process;
 mod resilience;

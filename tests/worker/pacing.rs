@@ -1,0 +1,238 @@
+//! Pacing session-server: a process-wide rate limit, and a 429 that pauses every call; durable
+//! delayed retry through per-tier delay queues.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use wiremock::{Mock, Request, Respond, ResponseTemplate, matchers};
+
+use crate::helpers::*;
+
+/// Wraps a responder and records when each request arrived.
+struct Timed<R> {
+    inner: R,
+    at: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl<R: Respond> Respond for Timed<R> {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let secret = req.body_json::<serde_json::Value>().unwrap()["secret"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        self.at.lock().unwrap().push((Instant::now(), secret));
+        self.inner.respond(req)
+    }
+}
+
+async fn mount_timed(
+    app: &TestApp,
+    token: Option<&str>,
+    resp: Signed,
+    times: Option<u64>,
+    at: &Arc<Mutex<Vec<(Instant, String)>>>,
+) {
+    let mut m = Mock::given(matchers::method("POST"))
+        .and(matchers::path("/v1/session-server"))
+        .and(ValidBunqRequest(app.state.clone()));
+    if let Some(t) = token {
+        m = m.and(matchers::body_partial_json(
+            serde_json::json!({ "secret": t }),
+        ));
+    }
+    let mut m = m.respond_with(Timed {
+        inner: resp,
+        at: at.clone(),
+    });
+    if let Some(n) = times {
+        m = m.up_to_n_times(n);
+    }
+    m.mount(&app.bunq).await;
+}
+
+#[tokio::test]
+async fn a_429_pauses_every_session_server_call_for_its_window() {
+    let mut app = TestApp::new().await;
+    app.extra_args
+        .extend(["--bunq-register-device".into(), "false".into()]);
+    let at = Arc::new(Mutex::new(Vec::new()));
+    let limited = app.answer(
+        429,
+        r#"{"Error":[{"error_description":"Too many requests. You can do a maximum of 1 calls per 2 second to this endpoint."}]}"#,
+    );
+    mount_timed(&app, Some("tok-a"), limited, Some(1), &at).await;
+    mount_timed(
+        &app,
+        None,
+        app.answer(200, &fixture("session-server.user-person.json")),
+        None,
+        &at,
+    )
+    .await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-a")).await;
+    eventually("the 429", || async { !at.lock().unwrap().is_empty() }).await;
+    // Another delivery arrives inside the window: it must wait too.
+    app.publish_json(&slim(2, "tok-b")).await;
+    let mut got = vec![
+        body_json(&app.next_output().await)["provision_id"]
+            .as_i64()
+            .unwrap(),
+        body_json(&app.next_output().await)["provision_id"]
+            .as_i64()
+            .unwrap(),
+    ];
+    got.sort();
+    assert_eq!(got, [1, 2]);
+    let calls = at.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3, "429, then one call each");
+    let (t429, _) = calls[0];
+    for (t, secret) in &calls[1..] {
+        let after = t.duration_since(t429);
+        assert!(
+            after >= Duration::from_secs(2),
+            "{secret} called {after:?} after the 429, inside its 2 s window"
+        );
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn session_server_calls_are_spaced_by_the_rate_limit() {
+    let mut app = TestApp::new().await;
+    app.extra_args.extend([
+        "--bunq-register-device".into(),
+        "false".into(),
+        "--bunq-session-rate-limit".into(),
+        "2/1s".into(),
+    ]);
+    let at = Arc::new(Mutex::new(Vec::new()));
+    mount_timed(
+        &app,
+        None,
+        app.answer(200, &fixture("session-server.user-person.json")),
+        None,
+        &at,
+    )
+    .await;
+    app.start_worker().await;
+    for i in 0..4 {
+        app.publish_json(&slim(i, &format!("tok-{i}"))).await;
+    }
+    for _ in 0..4 {
+        app.next_output().await;
+    }
+    let mut times: Vec<Instant> = at.lock().unwrap().iter().map(|(t, _)| *t).collect();
+    times.sort();
+    for w in times.windows(2) {
+        let gap = w[1].duration_since(w[0]);
+        // One call every 500 ms; a few ms of scheduling slack on the receiving side.
+        assert!(
+            gap >= Duration::from_millis(480),
+            "calls {gap:?} apart under 2/1s"
+        );
+    }
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_spent_retry_budget_parks_the_delivery_and_it_comes_back() {
+    let mut app = TestApp::new().await;
+    app.extra_args.extend([
+        "--bunq-register-device".into(),
+        "false".into(),
+        "--retry-max-attempts".into(),
+        "2".into(),
+        "--delayed-retry-delays-s".into(),
+        "1,2".into(),
+    ]);
+    app.extra_queues = vec![
+        format!("{}.retry-1s", app.names.input_queue),
+        format!("{}.retry-2s", app.names.input_queue),
+    ];
+    let at = Arc::new(Mutex::new(Vec::new()));
+    // Two failures spend the in-process budget; the call after the delay succeeds.
+    mount_timed(
+        &app,
+        None,
+        app.answer(503, r#"{"Error":[{"error_description":"down"}]}"#),
+        Some(2),
+        &at,
+    )
+    .await;
+    mount_timed(
+        &app,
+        None,
+        app.answer(200, &fixture("session-server.user-person.json")),
+        None,
+        &at,
+    )
+    .await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-delayed")).await;
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created");
+    let calls = at.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3);
+    assert!(
+        calls[2].0.duration_since(calls[1].0) >= Duration::from_secs(1),
+        "the third call waited out the 1 s tier"
+    );
+    assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn delayed_retries_end_in_the_dead_letter_queue_when_every_tier_is_spent() {
+    let mut app = TestApp::new_with_binding(Some("session.failed")).await;
+    app.extra_args.extend([
+        "--bunq-register-device".into(),
+        "false".into(),
+        "--retry-max-attempts".into(),
+        "2".into(),
+        "--delayed-retry-delays-s".into(),
+        "1,1".into(),
+    ]);
+    app.extra_queues = vec![format!("{}.retry-1s", app.names.input_queue)];
+    app.mount("session-server", None, app.answer(500, "{}"), None)
+        .await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-never")).await;
+    let b = body_json(&app.next_output().await);
+    assert_eq!(b["reason"], "retries_exhausted");
+    assert_eq!(b["attempts"], 6, "three rounds of two calls");
+    let d = app.next_dead_letter().await;
+    assert_eq!(header(&d, "x-attempts").as_deref(), Some("6"));
+    assert_eq!(header(&d, "x-bunq-delayed-retries").as_deref(), Some("2"));
+    assert_eq!(app.requests("session-server").await.len(), 6);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn no_delayed_retry_when_the_credential_expires_first() {
+    let mut app = TestApp::new_with_binding(Some("session.failed")).await;
+    app.extra_args.extend([
+        "--bunq-register-device".into(),
+        "false".into(),
+        "--retry-max-attempts".into(),
+        "1".into(),
+        "--delayed-retry-delays-s".into(),
+        "3600".into(),
+    ]);
+    app.extra_queues = vec![format!("{}.retry-3600s", app.names.input_queue)];
+    app.mount("session-server", None, app.answer(500, "{}"), None)
+        .await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-expiring")).await; // expires in 1 h, the tier is 1 h
+    let b = body_json(&app.next_output().await);
+    assert_eq!(b["reason"], "retries_exhausted");
+    let d = app.next_dead_letter().await;
+    assert!(
+        header(&d, "x-error-detail")
+            .unwrap()
+            .contains("no delayed retry")
+    );
+    app.cleanup().await;
+}
