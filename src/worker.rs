@@ -112,6 +112,25 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// The worker's broker state, for health checks and tests.
+#[derive(Clone, Debug)]
+pub struct WorkerStatus {
+    link: Arc<Link>,
+}
+
+impl WorkerStatus {
+    /// Whether the broker currently blocks this worker's publishing (`connection.blocked`, a
+    /// memory or disk alarm).
+    pub fn publishing_blocked(&self) -> bool {
+        self.link.is_blocked()
+    }
+
+    /// Whether the worker has an open connection.
+    pub async fn connected(&self) -> bool {
+        self.link.current().await.is_some()
+    }
+}
+
 /// Why a consumer stopped delivering.
 enum ConsumerEnd {
     Shutdown,
@@ -201,6 +220,13 @@ impl Worker {
             first_connection: Some(connection),
             consumer_tag,
         })
+    }
+
+    /// A handle on the worker's broker state, usable while it runs.
+    pub fn status(&self) -> WorkerStatus {
+        WorkerStatus {
+            link: self.link.clone(),
+        }
     }
 
     /// The consumer tag, also the AMQP connection name (`connection_name` client property,

@@ -147,6 +147,7 @@ pub struct TestApp {
     outputs: Option<Consumer>,
     dead_letters: Option<Consumer>,
     worker: Option<(CancellationToken, JoinHandle<Result<(), RunError>>)>,
+    pub status: Option<bunq_session_worker::worker::WorkerStatus>,
     pub extra_args: Vec<String>,
     /// More queues the test made the worker declare (delay queues), deleted by `cleanup`.
     pub extra_queues: Vec<String>,
@@ -221,6 +222,7 @@ impl TestApp {
             outputs: None,
             dead_letters: None,
             worker: None,
+            status: None,
             extra_args: vec![
                 "--retry-initial-delay-ms".into(),
                 "10".into(),
@@ -279,6 +281,7 @@ impl TestApp {
     /// Builds and runs a worker in this process.
     pub async fn start_worker(&mut self) {
         let worker = Worker::build(self.settings()).await.expect("worker starts");
+        self.status = Some(worker.status());
         let token = CancellationToken::new();
         let handle = tokio::spawn(worker.run_until_stopped(token.clone()));
         self.worker = Some((token, handle));

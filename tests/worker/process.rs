@@ -277,3 +277,94 @@ async fn invalid_configuration_names_the_variable() {
     assert!(w.text().contains("BUNQ_PERMITTED_IPS"), "{}", w.text());
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn sigkill_mid_stream_loses_nothing() {
+    stop_mid_stream("-KILL").await;
+}
+
+#[tokio::test]
+async fn sigterm_under_load_loses_nothing() {
+    stop_mid_stream("-TERM").await;
+}
+
+/// Runs the binary over N events, stops it with `signal` after a few outcomes, starts a new
+/// one, and accounts for all N: each has its `session.created`, duplicates repeat the
+/// `message_id`, nothing stays queued or is dead-lettered.
+async fn stop_mid_stream(signal: &str) {
+    let mut app = TestApp::new().await;
+    app.extra_args.extend(["--prefetch".into(), "4".into()]);
+    app.mount(
+        "device-server",
+        None,
+        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
+        None,
+    )
+    .await;
+    let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
+    slow.delay = Some(Duration::from_millis(100));
+    app.mount("session-server", None, slow, None).await;
+    const N: i64 = 24;
+
+    let mut w = Running::start(&app.args(), &[]);
+    eventually("the worker consumes", || async {
+        consumers(&app).await == 1
+    })
+    .await;
+    for i in 0..N {
+        app.publish_json(&slim(i, &format!("tok-kill-{i}"))).await;
+    }
+    let mut seen: std::collections::HashMap<i64, String> = std::collections::HashMap::new();
+    let record = |d: &lapin::message::Delivery,
+                  seen: &mut std::collections::HashMap<i64, String>| {
+        assert_eq!(type_of(d), "session.created");
+        let id = body_json(d)["provision_id"].as_i64().unwrap();
+        let mid = d.properties.message_id().as_ref().unwrap().to_string();
+        if let Some(prev) = seen.insert(id, mid.clone()) {
+            assert_eq!(prev, mid, "a duplicate of {id} carries the same message_id");
+        }
+    };
+    while seen.len() < 5 {
+        let d = app.next_output().await;
+        record(&d, &mut seen);
+    }
+    w.signal(signal);
+    let status = w.wait().await;
+    assert_eq!(
+        status.success(),
+        signal == "-TERM",
+        "{signal}: {status:?}\n{}",
+        w.text()
+    );
+
+    // A new process picks up whatever the killed one left unacked.
+    let mut w = Running::start(&app.args(), &[]);
+    while seen.len() < N as usize {
+        let d = app.next_output().await;
+        record(&d, &mut seen);
+    }
+    let q = app.names.input_queue.clone();
+    eventually("every input settled", || async {
+        app.ready_count(&q).await == 0
+    })
+    .await;
+    w.signal("-TERM");
+    assert!(w.wait().await.success());
+    assert_eq!(
+        app.ready_count(&q).await,
+        0,
+        "nothing left unacked after a clean stop"
+    );
+    assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
+    // Drain duplicates, if any: each repeats an event already seen, with its message_id.
+    while app.ready_count(&app.names.output_queue).await > 0 {
+        let d = app.next_output().await;
+        record(&d, &mut seen);
+    }
+    assert_eq!(
+        seen.len(),
+        N as usize,
+        "every input has its session.created"
+    );
+    app.cleanup().await;
+}

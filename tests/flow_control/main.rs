@@ -1,0 +1,105 @@
+//! Broker flow control: a memory alarm blocks publishing (`connection.blocked`); the worker waits,
+//! shows it, loses nothing, and finishes once the alarm clears.
+//!
+//! The alarm is broker-wide, so this is a test binary of its own: cargo runs test binaries one
+//! after the other, so no other test is publishing meanwhile. It drives the alarm with
+//! `rabbitmqctl` and so needs the broker on this machine.
+
+#[allow(dead_code)]
+#[path = "../worker/helpers.rs"]
+mod helpers;
+
+use std::{process::Command, time::Duration};
+
+use helpers::*;
+
+/// Sets the memory high watermark; restores RabbitMQ's default (0.4) when dropped, even if the
+/// test fails, so later tests are not blocked.
+struct MemoryAlarm;
+
+impl MemoryAlarm {
+    fn raise() -> Self {
+        set_watermark("0");
+        MemoryAlarm
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        set_watermark("0.4");
+    }
+}
+
+fn set_watermark(v: &str) {
+    let out = Command::new("rabbitmqctl")
+        .args(["set_vm_memory_high_watermark", v])
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn rabbitmqctl_available() -> bool {
+    Command::new("rabbitmqctl").arg("--help").output().is_ok()
+}
+
+#[tokio::test]
+async fn a_memory_alarm_makes_publishing_wait_and_nothing_is_lost() {
+    if !rabbitmqctl_available() {
+        // Loud, not silent: this test cannot drive an alarm on a remote broker.
+        eprintln!(
+            "SKIPPED flow-control test: rabbitmqctl is not on PATH (the broker is not local)"
+        );
+        return;
+    }
+    let mut app = TestApp::new().await;
+    app.extra_args
+        .extend(["--publish-confirm-timeout-ms".into(), "500".into()]);
+    let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
+    slow.delay = Some(Duration::from_millis(500));
+    app.mount("session-server", None, slow, None).await;
+    app.mount(
+        "device-server",
+        None,
+        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
+        None,
+    )
+    .await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-alarm")).await;
+    eventually("session-server called", || async {
+        !app.requests("session-server").await.is_empty()
+    })
+    .await;
+
+    let alarm = MemoryAlarm::raise();
+    let status = app.status.clone().unwrap();
+    eventually("the worker sees publishing blocked", || async {
+        status.publishing_blocked()
+    })
+    .await;
+    assert_eq!(
+        app.ready_count(&app.names.output_queue).await,
+        0,
+        "nothing published while blocked"
+    );
+    assert!(app.worker_is_running());
+    drop(alarm);
+
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created");
+    eventually("publishing unblocked", || async {
+        !status.publishing_blocked()
+    })
+    .await;
+    let q = app.names.input_queue.clone();
+    eventually("the input is acked", || async {
+        app.ready_count(&q).await == 0
+    })
+    .await;
+    assert_eq!(app.requests("session-server").await.len(), 1);
+    app.cleanup().await;
+}
