@@ -306,7 +306,9 @@ impl Worker {
                             last: e,
                         });
                     }
-                    let delay = link::RECONNECT_MAX_DELAY * failures;
+                    // 200 ms, 400 ms, 800 ms, 1.6 s: about 3 s before giving up.
+                    let delay = (link::RECONNECT_MIN_DELAY * 2u32.pow(failures))
+                        .min(link::RECONNECT_MAX_DELAY);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.cancelled() => break Ok(()),

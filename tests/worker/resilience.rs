@@ -301,3 +301,44 @@ async fn a_deleted_output_exchange_is_declared_again_and_nothing_is_lost() {
     .await;
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_subscription_that_keeps_failing_stops_the_worker() {
+    let mut app = TestApp::new().await;
+    app.start_worker().await;
+    // Someone replaces the dead-letter queue with an inequivalent one, then deletes the input
+    // queue: every re-subscription now fails on the dead-letter queue's arguments.
+    let ch = &app.channel;
+    ch.queue_delete(
+        app.names.dead_letter_queue.as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString(b"classic".to_vec().into()),
+    );
+    ch.queue_declare(
+        app.names.dead_letter_queue.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_delete(
+        app.names.input_queue.as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    eventually("the worker gives up", || async { !app.worker_is_running() }).await;
+    let err = app.stop_worker().await.unwrap_err().to_string();
+    assert!(err.contains("cannot subscribe after 5 attempts"), "{err}");
+    assert!(err.contains("'x-queue-type'"), "{err}");
+    app.cleanup().await;
+}
