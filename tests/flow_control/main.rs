@@ -61,19 +61,10 @@ async fn a_memory_alarm_makes_publishing_wait_and_nothing_is_lost() {
     let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
     slow.delay = Some(Duration::from_millis(500));
     app.mount("session-server", None, slow, None).await;
-    app.mount(
-        "device-server",
-        None,
-        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
-        None,
-    )
-    .await;
+    app.mount_device_server_ok().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-alarm")).await;
-    eventually("session-server called", || async {
-        !app.requests("session-server").await.is_empty()
-    })
-    .await;
+    app.wait_for_session_server_call().await;
 
     let alarm = MemoryAlarm::raise();
     let status = app.status.clone().unwrap();

@@ -22,13 +22,7 @@ async fn transient_failures_are_retried_until_success() {
     let mut app = TestApp::new().await;
     app.extra_args
         .extend(["--http-timeout-ms".into(), "500".into()]);
-    app.mount(
-        "device-server",
-        None,
-        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
-        None,
-    )
-    .await;
+    app.mount_device_server_ok().await;
     let mut html = app.answer(502, "<html><body><h1>502 Bad Gateway</h1></body></html>");
     html.content_type = "text/html";
     let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
@@ -80,13 +74,7 @@ async fn transient_failures_are_retried_until_success() {
 #[tokio::test]
 async fn permanent_failures_give_session_failed_and_a_dead_letter_without_retry() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.mount(
-        "device-server",
-        None,
-        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
-        None,
-    )
-    .await;
+    app.mount_device_server_ok().await;
     let creds = fixture("error.credentials-incorrect.json");
     let mut unsigned = app.answer(200, &fixture("session-server.user-person.json"));
     unsigned.sign = false;
@@ -241,13 +229,7 @@ async fn an_expired_credential_makes_no_call_and_expiry_cuts_retries_short() {
         "--retry-max-elapsed-s".into(),
         "60".into(),
     ]);
-    app.mount(
-        "device-server",
-        None,
-        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
-        None,
-    )
-    .await;
+    app.mount_device_server_ok().await;
     app.mount(
         "session-server",
         None,

@@ -3,10 +3,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::{
-    options::*,
-    types::{AMQPValue, FieldTable, LongString},
-};
+use lapin::{options::*, types::FieldTable};
 
 use crate::helpers::*;
 
@@ -19,10 +16,7 @@ async fn a_delivery_stays_unacked_until_its_publish_is_confirmed() {
     app.mount_happy_path().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-unacked")).await;
-    eventually("session-server called", || async {
-        !app.requests("session-server").await.is_empty()
-    })
-    .await;
+    app.wait_for_session_server_call().await;
     // While the worker retries the publish, the delivery is unacked: not ready in the queue.
     assert_eq!(app.ready_count(&app.names.input_queue).await, 0);
     app.stop_worker().await.unwrap();
@@ -54,10 +48,7 @@ async fn a_returned_publish_is_retried_and_acked_once_routable() {
     app.mount_happy_path().await;
     app.start_worker().await;
     app.publish_json(&slim(2, "tok-late-binding")).await;
-    eventually("session-server called", || async {
-        !app.requests("session-server").await.is_empty()
-    })
-    .await;
+    app.wait_for_session_server_call().await;
     app.channel
         .queue_bind(
             app.names.output_queue.as_str().into(),
@@ -87,22 +78,13 @@ async fn a_returned_publish_is_retried_and_acked_once_routable() {
 #[tokio::test]
 async fn shutdown_drains_in_flight_work() {
     let mut app = TestApp::new().await;
-    app.mount(
-        "device-server",
-        None,
-        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
-        None,
-    )
-    .await;
+    app.mount_device_server_ok().await;
     let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
     slow.delay = Some(Duration::from_millis(1500));
     app.mount("session-server", None, slow, None).await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-drain")).await;
-    eventually("session-server called", || async {
-        !app.requests("session-server").await.is_empty()
-    })
-    .await;
+    app.wait_for_session_server_call().await;
     // Stop while bunq is still answering: the work finishes and is acked.
     app.stop_worker().await.unwrap();
     let out = app.next_output().await;
@@ -125,28 +107,9 @@ async fn shutdown_drains_in_flight_work() {
 async fn an_inequivalent_queue_stops_start_up_with_a_message_naming_it() {
     let app = TestApp::new().await;
     // Someone declared the input queue as a classic queue.
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from(b"classic".to_vec())),
-    );
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(
-            app.names.dead_letter_exchange.as_bytes().to_vec(),
-        )),
-    );
-    app.channel
-        .queue_declare(
-            app.names.input_queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
+    let dlx = app.names.dead_letter_exchange.clone();
+    app.declare_classic_queue(&app.names.input_queue, &[("x-dead-letter-exchange", &dlx)])
+        .await;
     let err = bunq_session_worker::Worker::build(app.settings())
         .await
         .unwrap_err()

@@ -187,13 +187,7 @@ async fn session_created_has_the_documented_body_and_properties() {
 #[tokio::test]
 async fn every_user_object_variant() {
     let mut app = TestApp::new().await;
-    app.mount(
-        "device-server",
-        None,
-        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
-        None,
-    )
-    .await;
+    app.mount_device_server_ok().await;
     app.mount(
         "session-server",
         Some("t-key"),

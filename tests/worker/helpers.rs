@@ -329,8 +329,8 @@ impl TestApp {
         }
     }
 
-    /// device-server 200 and session-server answering with the UserApiKey fixture for any token.
-    pub async fn mount_happy_path(&self) {
+    /// device-server answering 200 for any token.
+    pub async fn mount_device_server_ok(&self) {
         self.mount(
             "device-server",
             None,
@@ -338,6 +338,11 @@ impl TestApp {
             None,
         )
         .await;
+    }
+
+    /// device-server 200 and session-server answering with the UserApiKey fixture for any token.
+    pub async fn mount_happy_path(&self) {
+        self.mount_device_server_ok().await;
         self.mount(
             "session-server",
             None,
@@ -412,6 +417,37 @@ impl TestApp {
             self.dead_letters = Some(self.consumer(&self.names.dead_letter_queue.clone()).await);
         }
         Self::next_from(self.dead_letters.as_mut().unwrap(), "a dead letter").await
+    }
+
+    /// Declares `queue` as a durable classic queue with these extra string arguments: an
+    /// operator's queue that conflicts with what the worker declares.
+    pub async fn declare_classic_queue(&self, queue: &str, extra: &[(&str, &str)]) {
+        let mut args = FieldTable::default();
+        for (k, v) in [("x-queue-type", "classic")].iter().chain(extra) {
+            args.insert(
+                (*k).into(),
+                AMQPValue::LongString(v.as_bytes().to_vec().into()),
+            );
+        }
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Waits until the fake bunq has received a session-server call.
+    pub async fn wait_for_session_server_call(&self) {
+        eventually("session-server called", || async {
+            !self.requests("session-server").await.is_empty()
+        })
+        .await;
     }
 
     /// Ready-message count of a queue (unacked messages are not counted).

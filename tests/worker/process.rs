@@ -7,10 +7,7 @@ use std::{
     time::Duration,
 };
 
-use lapin::{
-    options::QueueDeclareOptions,
-    types::{AMQPValue, FieldTable, LongString},
-};
+use lapin::{options::QueueDeclareOptions, types::FieldTable};
 
 use crate::helpers::*;
 
@@ -119,13 +116,7 @@ async fn consumers(app: &TestApp) -> u32 {
 #[tokio::test]
 async fn logs_hold_no_secret_and_sigterm_exits_zero() {
     let mut app = TestApp::new().await;
-    app.mount(
-        "device-server",
-        None,
-        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
-        None,
-    )
-    .await;
+    app.mount_device_server_ok().await;
     app.mount(
         "session-server",
         Some("SECRET-TOKEN-OK-1111"),
@@ -237,22 +228,8 @@ async fn logs_hold_no_secret_and_sigterm_exits_zero() {
 #[tokio::test]
 async fn a_topology_conflict_exits_non_zero_naming_the_object_and_argument() {
     let app = TestApp::new().await;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from(b"classic".to_vec())),
-    );
-    app.channel
-        .queue_declare(
-            app.names.dead_letter_queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
+    app.declare_classic_queue(&app.names.dead_letter_queue, &[])
+        .await;
     let mut w = Running::start(&app.args(), &[]);
     let status = w.wait().await;
     let out = w.text();
@@ -294,13 +271,7 @@ async fn sigterm_under_load_loses_nothing() {
 async fn stop_mid_stream(signal: &str) {
     let mut app = TestApp::new().await;
     app.extra_args.extend(["--prefetch".into(), "4".into()]);
-    app.mount(
-        "device-server",
-        None,
-        app.answer(200, r#"{"Response":[{"Id":{"id":1}}]}"#),
-        None,
-    )
-    .await;
+    app.mount_device_server_ok().await;
     let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
     slow.delay = Some(Duration::from_millis(100));
     app.mount("session-server", None, slow, None).await;

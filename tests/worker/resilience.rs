@@ -170,10 +170,7 @@ async fn a_delivery_in_flight_when_the_connection_dies_is_not_spent_twice() {
     app.mount("session-server", None, slow, None).await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-in-flight")).await;
-    eventually("session-server called", || async {
-        !app.requests("session-server").await.is_empty()
-    })
-    .await;
+    app.wait_for_session_server_call().await;
     // bunq is answering; the channel the delivery came on dies now.
     proxy.cut().await;
     proxy.restore();
@@ -256,10 +253,7 @@ async fn a_deleted_output_exchange_is_declared_again_and_nothing_is_lost() {
         .await
         .unwrap();
     app.publish_json(&slim(1, "tok-no-exchange")).await;
-    eventually("session-server called", || async {
-        !app.requests("session-server").await.is_empty()
-    })
-    .await;
+    app.wait_for_session_server_call().await;
     // The worker declares the exchange again; a consumer binds its queue again, and the held
     // session is delivered.
     let ex = app.names.output_exchange.clone();
@@ -315,21 +309,8 @@ async fn a_subscription_that_keeps_failing_stops_the_worker() {
     )
     .await
     .unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString(b"classic".to_vec().into()),
-    );
-    ch.queue_declare(
-        app.names.dead_letter_queue.as_str().into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
+    app.declare_classic_queue(&app.names.dead_letter_queue, &[])
+        .await;
     ch.queue_delete(
         app.names.input_queue.as_str().into(),
         QueueDeleteOptions::default(),
