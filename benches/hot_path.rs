@@ -45,17 +45,25 @@ fn main() {
         black_box(bunq::response::parse_session_server(black_box(answer)).is_ok());
     });
     bench("output message_id", 100_000, || {
-        black_box(worker::output_message_id("session.created", black_box(slim)));
+        black_box(worker::output_message_id(
+            "session.created",
+            black_box(slim),
+        ));
     });
 
     let key = KeyPair::generate(KeySize::Rsa2048).expect("RSA key");
-    let body = br#"{"secret":"sandbox_5b9e0c7d4a1f2e3b6c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b"}"#;
+    let body =
+        br#"{"secret":"sandbox_5b9e0c7d4a1f2e3b6c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b"}"#;
     bench("RSA-2048 sign request body", 500, || {
         black_box(bunq::signing::sign(&key, black_box(body)).expect("sign"));
     });
     let spki = key.public_key().as_der().expect("der");
     let sig = bunq::signing::sign(&key, answer).expect("sign");
     bench("RSA-2048 verify response signature", 5_000, || {
-        black_box(bunq::signing::verify(spki.as_ref(), black_box(answer), &sig));
+        black_box(bunq::signing::verify(
+            spki.as_ref(),
+            black_box(answer),
+            &sig,
+        ));
     });
 }

@@ -31,6 +31,7 @@ pub struct BrokerProxy {
     pub port: u16,
     down: Arc<AtomicBool>,
     generation: Arc<Mutex<CancellationToken>>,
+    stall: Arc<Mutex<CancellationToken>>,
 }
 
 impl BrokerProxy {
@@ -39,13 +40,15 @@ impl BrokerProxy {
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(Mutex::new(CancellationToken::new()));
-        let (d, g) = (down.clone(), generation.clone());
+        let stall = Arc::new(Mutex::new(CancellationToken::new()));
+        let (d, g, st) = (down.clone(), generation.clone(), stall.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if d.load(Ordering::SeqCst) {
                     continue; // refused: dropped at once
                 }
                 let token = g.lock().await.clone();
+                let stalled = st.lock().await.clone();
                 let upstream = upstream.clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(&upstream).await else {
@@ -54,6 +57,10 @@ impl BrokerProxy {
                     tokio::select! {
                         _ = copy_bidirectional(&mut client, &mut server) => {}
                         _ = token.cancelled() => {}
+                        _ = stalled.cancelled() => {
+                            // Half-open: both sockets stay open, nothing moves.
+                            token.cancelled().await;
+                        }
                     }
                 });
             }
@@ -62,6 +69,7 @@ impl BrokerProxy {
             port,
             down,
             generation,
+            stall,
         }
     }
 
@@ -71,6 +79,14 @@ impl BrokerProxy {
         let mut g = self.generation.lock().await;
         g.cancel();
         *g = CancellationToken::new();
+    }
+
+    /// Freezes every proxied connection without closing it (a half-open connection); new
+    /// connections work.
+    pub async fn stall(&self) {
+        let mut st = self.stall.lock().await;
+        st.cancel();
+        *st = CancellationToken::new();
     }
 
     /// Accepts connections again.
@@ -157,6 +173,30 @@ async fn the_worker_reconnects_and_resumes_after_the_connection_is_cut() {
     assert!(app.worker_is_running(), "no process restart needed");
     app.publish_json(&slim(3, "tok-after")).await;
     assert_eq!(body_json(&app.next_output().await)["provision_id"], 3);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_half_open_connection_is_noticed_by_heartbeats_and_replaced() {
+    let (mut app, proxy) = app_behind_proxy().await; // heartbeat 2 s
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-before-stall")).await;
+    let first = app.next_output().await;
+    assert_eq!(body_json(&first)["provision_id"], 1);
+    let first_id = first.properties.message_id().clone();
+    proxy.stall().await;
+    app.publish_json(&slim(2, "tok-after-stall")).await;
+    let out = loop {
+        let out = app.next_output().await;
+        if body_json(&out)["provision_id"] == 2 {
+            break out;
+        }
+        assert_eq!(out.properties.message_id(), &first_id);
+    };
+    assert_eq!(type_of(&out), "session.created");
+    assert!(app.worker_is_running());
+    proxy.cut().await; // release the frozen sockets
     app.cleanup().await;
 }
 
