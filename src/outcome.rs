@@ -96,7 +96,7 @@ pub struct Delayed {
 }
 
 /// A permanent failure of one delivery.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Failure {
     /// The reason code.
     pub reason: FailureReason,

@@ -43,6 +43,8 @@ pub struct SessionFlow {
     pub permitted_ips: Vec<String>,
     /// Process-wide pacing of session-server calls.
     pub pacer: Arc<Pacer>,
+    /// Longest a delivery may wait for pacing slots: half the broker's consumer timeout.
+    pub max_hold: Duration,
 }
 
 /// A session bunq opened.
@@ -90,6 +92,8 @@ struct Budget<'a> {
     first_attempt_at: Option<OffsetDateTime>,
     last_attempt_at: Option<OffsetDateTime>,
     last_error: Option<CallError>,
+    /// Time spent waiting for pacing slots, not charged to `max_elapsed`.
+    paced: Duration,
 }
 
 impl Budget<'_> {
@@ -114,11 +118,13 @@ impl Budget<'_> {
         self.expiry.is_some_and(|e| now >= e)
     }
 
-    /// The last moment a call may start: the elapsed-time budget's end or the expiry.
-    fn deadline(&self) -> Instant {
+    /// The last moment a paced call may start: the end of the time a delivery may be held
+    /// (`max_hold`, half the broker's consumer timeout) or the credential's expiry. Waiting for a
+    /// pacing slot is not a failure, so it is not charged to `RETRY_MAX_ELAPSED_S`.
+    fn pacing_deadline(&self, max_hold: Duration) -> Instant {
         let budget_end = self
             .started
-            .checked_add(self.policy.max_elapsed)
+            .checked_add(max_hold)
             .unwrap_or_else(|| self.started + Duration::from_secs(86_400 * 365));
         match self.expiry {
             Some(e) => {
@@ -153,6 +159,7 @@ impl SessionFlow {
             first_attempt_at: None,
             last_attempt_at: None,
             last_error: None,
+            paced: Duration::ZERO,
         };
         if budget.expired(OffsetDateTime::now_utc()) {
             return Err(budget.failure(
@@ -210,8 +217,12 @@ impl SessionFlow {
                 ));
             }
             if endpoint == SESSION_SERVER {
-                match self.pacer.reserve_before(budget.deadline()) {
+                match self
+                    .pacer
+                    .reserve_before(budget.pacing_deadline(self.max_hold))
+                {
                     Ok(at) => {
+                        budget.paced += at.saturating_duration_since(Instant::now());
                         tokio::select! {
                             _ = tokio::time::sleep_until(at.into()) => {}
                             _ = cancel.cancelled() => return Err(FlowError::Cancelled),
@@ -228,7 +239,7 @@ impl SessionFlow {
                         };
                         return Err(budget.failure(
                             reason,
-                            format!("{endpoint} is paced or paused for another {wait_s} s (BUNQ_SESSION_RATE_LIMIT or a 429), past this delivery's budget or the credential's expiry"),
+                            format!("{endpoint} is paced or paused for another {wait_s} s (BUNQ_SESSION_RATE_LIMIT or a 429), past half the consumer timeout (CONSUMER_TIMEOUT_S) or the credential's expiry"),
                         ));
                     }
                 }
@@ -274,20 +285,24 @@ impl SessionFlow {
                 RetryClass::Transient => None,
                 RetryClass::RateLimited { window } => Some(window.unwrap_or_default()),
             };
-            let Some(delay) = schedule.next() else {
+            let next = schedule.next();
+            let delay =
+                RetryPolicy::jitter(next.unwrap_or_default()).max(floor.unwrap_or_default());
+            if endpoint == SESSION_SERVER && floor.is_some() {
+                // A 429 is about this worker, not this delivery: hold every session-server call,
+                // also when this delivery retries no more.
+                self.pacer.pause(delay);
+            }
+            if next.is_none() {
                 return Err(budget.failure(
                     FailureReason::RetriesExhausted,
                     format!(
                         "{endpoint} failed {attempt_of_call} times (RETRY_MAX_ATTEMPTS); last: {summary}"
                     ),
                 ));
-            };
-            let delay = RetryPolicy::jitter(delay).max(floor.unwrap_or_default());
-            if endpoint == SESSION_SERVER && floor.is_some() {
-                // A 429 is about this worker, not this delivery: hold every session-server call.
-                self.pacer.pause(delay);
             }
-            if budget.started.elapsed().saturating_add(delay) > budget.policy.max_elapsed {
+            let retrying_for = budget.started.elapsed().saturating_sub(budget.paced);
+            if retrying_for.saturating_add(delay) > budget.policy.max_elapsed {
                 return Err(budget.failure(
                     FailureReason::RetriesExhausted,
                     format!(

@@ -43,13 +43,13 @@ const MESSAGE_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("5f0c2a8e-3b1d-4e7a-9c6f-1d
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The broker is unreachable or refused the login.
-    #[error("cannot connect to the broker at {url}: {source}")]
+    /// The broker is unreachable, refused the login or did not answer in time.
+    #[error("cannot connect to the broker at {url}: {detail}")]
     Connect {
         /// `AMQP_URL` without its password.
         url: String,
-        /// lapin's error.
-        source: lapin::Error,
+        /// What went wrong.
+        detail: String,
     },
     /// A declaration failed (see [`TopologyError`]).
     #[error(transparent)]
@@ -88,7 +88,7 @@ struct Shared {
     flow: SessionFlow,
     publisher: Publisher,
     shutdown: CancellationToken,
-    completed: CompletedSessions,
+    known: KnownOutcomes,
     in_flight: InFlight,
 }
 
@@ -164,9 +164,9 @@ impl Worker {
             )
             .map_err(|e| StartError::Context(ContextError::Key(e)))?,
         );
-        let connection = link.connect().await.map_err(|source| StartError::Connect {
+        let connection = link.connect().await.map_err(|detail| StartError::Connect {
             url: settings.amqp_url_redacted(),
-            source,
+            detail,
         })?;
         let topology_channel = connection.create_channel().await?;
         declare(&topology_channel, &Topology::from(&settings)).await?;
@@ -202,6 +202,7 @@ impl Worker {
                 .map(|s| s.trim().to_owned())
                 .collect(),
             pacer: Arc::new(Pacer::new(settings.bunq_session_rate_limit)),
+            max_hold: settings.consumer_timeout / 2,
         };
         for w in settings.warnings() {
             warn!("{w}");
@@ -213,7 +214,7 @@ impl Worker {
                 settings,
                 flow,
                 shutdown: CancellationToken::new(),
-                completed: CompletedSessions::default(),
+                known: KnownOutcomes::default(),
                 in_flight: InFlight::default(),
             }),
             link,
@@ -295,7 +296,16 @@ impl Worker {
                     None => break Ok(()),
                 },
             };
-            let (channel, mut consumer) = match self.subscribe(&connection).await {
+            let subscribed = tokio::select! {
+                r = tokio::time::timeout(link::CONNECT_TIMEOUT, self.subscribe(&connection)) => {
+                    r.unwrap_or_else(|_| Err(format!(
+                        "declaring and subscribing took longer than {} s",
+                        link::CONNECT_TIMEOUT.as_secs()
+                    )))
+                }
+                _ = shutdown.cancelled() => break Ok(()),
+            };
+            let (channel, mut consumer) = match subscribed {
                 Ok(pair) => pair,
                 Err(e) => {
                     failures += 1;
@@ -350,22 +360,28 @@ impl Worker {
                     warn!(queue = %s.input_queue, "the broker cancelled the consumer (queue deleted?); declaring the topology again and re-subscribing");
                 }
             }
-            let _ = channel.close(200, "re-subscribing".into()).await;
+            let _ = tokio::time::timeout(
+                link::CHANNEL_OP_TIMEOUT,
+                channel.close(200, "re-subscribing".into()),
+            )
+            .await;
             reuse = Some(connection);
         };
         info!("stopping: cancelling the consumer and draining in-flight deliveries");
+        // Every step is bounded: a stalled connection must not hold the process past
+        // SHUTDOWN_TIMEOUT_S, plus at most 3 × CHANNEL_OP_TIMEOUT (2 s) to close.
+        let deadline = tokio::time::Instant::now() + s.shutdown_timeout;
         if let Some(channel) = &consumer_channel {
-            let _ = channel
-                .basic_cancel(
-                    self.consumer_tag.as_str().into(),
-                    BasicCancelOptions::default(),
-                )
-                .await;
+            let cancel = channel.basic_cancel(
+                self.consumer_tag.as_str().into(),
+                BasicCancelOptions::default(),
+            );
+            let _ = tokio::time::timeout_at(deadline, cancel).await;
         }
         // Work waiting to retry bunq gives up now; calls under way and publishes finish.
         self.shared.shutdown.cancel();
         tracker.close();
-        if tokio::time::timeout(s.shutdown_timeout, tracker.wait())
+        if tokio::time::timeout_at(deadline, tracker.wait())
             .await
             .is_err()
         {
@@ -375,7 +391,11 @@ impl Worker {
             );
         }
         if let Some(channel) = consumer_channel {
-            let _ = channel.close(200, "shutdown".into()).await;
+            let _ = tokio::time::timeout(
+                link::CHANNEL_OP_TIMEOUT,
+                channel.close(200, "shutdown".into()),
+            )
+            .await;
         }
         self.shared.publisher.close().await;
         self.link.close().await;
@@ -384,48 +404,61 @@ impl Worker {
     }
 }
 
-/// Sessions whose `session.created` was confirmed. AMQP does not confirm acks, so after a
-/// connection loss the broker may redeliver an input whose outcome was already published; this
-/// process then publishes the same event (same `message_id`) again instead of spending the
-/// single-use credential a second time. Bounded: entries live [`CompletedSessions::TTL`] and at
-/// most [`CompletedSessions::CAPACITY`] are kept; held in memory only.
+/// What this process already knows about an input, by the SHA-256 of its body.
+///
+/// AMQP does not confirm acks, so after a connection loss the broker may redeliver an input
+/// whose outcome was already published; and a publish that failed after bunq answered must not
+/// send the credential to bunq again. Bounded: entries live [`KnownOutcomes::TTL`], at most
+/// [`KnownOutcomes::CAPACITY`] are kept; memory only.
 #[derive(Default)]
-struct CompletedSessions {
-    entries: std::sync::Mutex<std::collections::HashMap<Key, Remembered>>,
+struct KnownOutcomes {
+    entries: std::sync::Mutex<std::collections::HashMap<Key, (Instant, Known)>>,
 }
 
-impl CompletedSessions {
+/// A remembered outcome.
+#[derive(Clone)]
+enum Known {
+    /// Its outcome (session.created, the dead letter, the delayed-retry copy) was confirmed:
+    /// just ack a repeat.
+    Settled,
+    /// bunq refused it permanently but the dead letter was not confirmed yet: settle this again.
+    Failed(Box<Failure>),
+}
+
+impl KnownOutcomes {
     const TTL: std::time::Duration = std::time::Duration::from_secs(900);
     const CAPACITY: usize = 10_000;
 
-    fn key(body: &[u8]) -> Key {
-        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body);
+    /// The body's SHA-256, mixed with the delayed-retry round: a copy back from a delay queue
+    /// is the same body but a new round, to be processed, not recognised.
+    fn key(delivery: &Delivery) -> Key {
+        let round = int_header(&delivery.properties, DELAYED_RETRIES_HEADER);
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(&delivery.data);
+        ctx.update(&round.to_be_bytes());
         let mut k = [0u8; 32];
-        k.copy_from_slice(d.as_ref());
+        k.copy_from_slice(ctx.finish().as_ref());
         k
     }
 
-    fn remember(&self, key: Key, event: &SessionCreated) {
+    fn remember(&self, key: Key, known: Known) {
         let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         m.retain(|_, (at, _)| at.elapsed() < Self::TTL);
-        if m.len() < Self::CAPACITY {
-            m.insert(key, (Instant::now(), Box::new(event.clone())));
+        if m.len() < Self::CAPACITY || m.contains_key(&key) {
+            m.insert(key, (Instant::now(), known));
         }
     }
 
-    fn recall(&self, key: &Key) -> Option<Box<SessionCreated>> {
+    fn recall(&self, key: &Key) -> Option<Known> {
         let m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         m.get(key)
             .filter(|(at, _)| at.elapsed() < Self::TTL)
-            .map(|(_, e)| e.clone())
+            .map(|(_, k)| k.clone())
     }
 }
 
 /// SHA-256 of an input body.
 type Key = [u8; 32];
-
-/// A confirmed session and when it was confirmed.
-type Remembered = (Instant, Box<SessionCreated>);
 
 /// Per-input async locks, removed when nobody holds or waits for them.
 #[derive(Default)]
@@ -526,24 +559,29 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
     async move {
         let started = Instant::now();
         // One copy of an input at a time in this process: a copy redelivered while the first is
-        // still at bunq (its channel died) waits for it, then finds its session below.
-        let key = CompletedSessions::key(&delivery.data);
+        // still at bunq (its channel died) waits for it, then finds its outcome below.
+        let key = KnownOutcomes::key(&delivery);
         let _guard = shared.in_flight.lock(key).await;
-        let outcome = match shared.completed.recall(&key) {
-            Some(event) => {
-                info!("this input's session.created was confirmed but not acked; publishing the same event again");
-                Outcome::Created(event)
+        let label = match shared.known.recall(&key) {
+            Some(Known::Settled) => {
+                // Its outcome is already safe at the broker: no second bunq call, no second event.
+                info!(
+                    "this input's outcome was already confirmed (a redelivery or a repeat); acking"
+                );
+                ack(&delivery, &shared.known, &key).await;
+                "already_settled"
             }
-            None => process_guarded(&shared, &delivery).await,
+            Some(Known::Failed(failure)) => {
+                info!(
+                    "this input already failed; settling that failure again without calling bunq"
+                );
+                settle(&shared, delivery, Outcome::Failed(failure)).await
+            }
+            None => {
+                let outcome = process_guarded(&shared, &delivery).await;
+                settle(&shared, delivery, outcome).await
+            }
         };
-        let label = match &outcome {
-            Outcome::Created(_) => "created",
-            Outcome::Skipped(_) => "skipped",
-            Outcome::Failed(_) => "failed",
-            Outcome::Abandoned => "abandoned",
-            Outcome::Delayed(_) => "delayed",
-        };
-        settle(&shared, delivery, outcome).await;
         let latency_ms = started.elapsed().as_millis() as u64;
         metrics::counter!("bunq_session_worker_deliveries_total", "outcome" => label).increment(1);
         metrics::histogram!("bunq_session_worker_delivery_seconds")
@@ -645,6 +683,7 @@ async fn process(shared: &Shared, delivery: &Delivery) -> Outcome {
                     + time::Duration::try_from(delay).unwrap_or(time::Duration::MAX);
                 match ready.expiry_time {
                     Some(expiry) if back_at >= expiry => {
+                        f.reason = FailureReason::CredentialExpired;
                         f.detail = format!(
                             "{}; no delayed retry: the credential expires at {} before it would come back",
                             f.detail,
@@ -817,8 +856,8 @@ enum Patience {
 /// Publishes until the broker confirms, or until `patience` runs out (returns `false`).
 ///
 /// Each failure is logged; waits follow the retry policy's schedule, then stay at its cap. When
-/// the broker says an exchange does not exist (404, e.g. deleted by an operator) the topology is
-/// declared again before the next try.
+/// the broker says an exchange does not exist (404, e.g. deleted by an operator) or returns the
+/// message as unroutable, the topology is declared again before the next try.
 async fn publish_confirmed(
     shared: &Shared,
     exchange: &str,
@@ -848,7 +887,9 @@ async fn publish_confirmed(
         error!(exchange, routing_key, attempt, error = %err, "publish not confirmed{hint}; the delivery stays unacked");
         metrics::counter!("bunq_session_worker_publish_failures_total", "exchange" => exchange.to_owned())
             .increment(1);
-        if err.is_not_found()
+        // A missing exchange (404) or a copy routed nowhere (the worker's own dead-letter or
+        // delay queue deleted): declaring the topology again repairs what is the worker's.
+        if (err.is_not_found() || matches!(err, PublishError::Returned { .. }))
             && let Err(e) = shared.publisher.redeclare(&shared.topology).await
         {
             error!(error = %e, "declaring the topology again failed");
@@ -878,18 +919,40 @@ async fn nack_requeue(delivery: &Delivery) {
     }
 }
 
+/// Acks a delivery whose outcome is confirmed, and remembers that for repeats.
+async fn ack(delivery: &Delivery, known: &KnownOutcomes, key: &Key) {
+    // Remembered first: AMQP does not confirm acks, so even a sent ack may be lost with the
+    // connection and the input come back.
+    known.remember(*key, Known::Settled);
+    // lapin answers Ok(false) when the delivery's channel is gone: that is not an ack.
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => error!(
+            "ack impossible after a confirmed outcome: the delivery's channel is gone; the broker will redeliver it and it will be acked without a second bunq call"
+        ),
+        Err(e) => {
+            error!(error = %e, "ack failed after a confirmed outcome; the broker will redeliver it and it will be acked without a second bunq call")
+        }
+    }
+}
+
 /// Turns an outcome into broker actions: publish and wait for confirms, then ack (or nack with
-/// requeue). Never acks before the outcome is confirmed at the broker.
+/// requeue). Never acks before the outcome is confirmed at the broker. Returns what it did, for
+/// the log line and the metric: `created`, `skipped`, `dead_lettered`, `delayed`, `requeued`
+/// or `abandoned`.
 ///
 /// - created: `session.created` until confirmed, then ack;
 /// - skipped: ack;
-/// - failed: the dead-letter copy within the retry budget (else nack with requeue: the input is
-///   kept, nothing is lost); then `session.failed` within the budget (if it cannot be routed the
-///   dead letter still records the failure, and an error is logged); then ack;
+/// - failed: the dead-letter copy within the retry budget (else the failure is remembered and
+///   the delivery requeued: nothing is lost, and bunq is not called again for it); then
+///   `session.failed` within the budget (if it cannot be routed the dead letter still records
+///   the failure, and an error is logged); then ack;
+/// - delayed: the copy in the delay queue within the budget (else requeued), then ack;
 /// - abandoned: nack with requeue.
-async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
+async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) -> &'static str {
     let s = &shared.settings;
-    match outcome {
+    let key = KnownOutcomes::key(&delivery);
+    let label = match outcome {
         Outcome::Created(event) => {
             let body = serde_json::to_vec(&*event).expect("SessionCreated always serialises");
             let props = output_properties(
@@ -911,11 +974,9 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
                 user_id = event.user_id,
                 "session.created confirmed"
             );
-            shared
-                .completed
-                .remember(CompletedSessions::key(&delivery.data), &event);
+            "created"
         }
-        Outcome::Skipped(_) => {}
+        Outcome::Skipped(_) => "skipped",
         Outcome::Failed(failure) => {
             let props = dead_letter_properties(&delivery, &failure);
             let kept = publish_confirmed(
@@ -929,8 +990,9 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
             .await;
             if !kept {
                 error!(reason = %failure.reason, "the dead-letter copy was not confirmed within RETRY_MAX_ELAPSED_S; requeueing the delivery");
+                shared.known.remember(key, Known::Failed(failure));
                 nack_requeue(&delivery).await;
-                return;
+                return "requeued";
             }
             warn!(reason = %failure.reason, detail = %failure.detail, attempts = failure.attempts, "dead-lettered");
             if let Some(event) = &failure.event {
@@ -950,6 +1012,7 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
                     error!(reason = %failure.reason, "session.failed was not confirmed within RETRY_MAX_ELAPSED_S; the dead letter records the failure");
                 }
             }
+            "dead_lettered"
         }
         Outcome::Delayed(d) => {
             let mut headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -960,7 +1023,7 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
             headers.insert(CALLS_HEADER.into(), AMQPValue::LongLongInt(d.calls.into()));
             let props = copy_properties(&delivery.properties, headers);
             // Through the default exchange straight into the tier's delay queue; its TTL
-            // dead-letters the copy back to the input exchange.
+            // dead-letters the copy back to the input queue.
             let parked = publish_confirmed(
                 shared,
                 "",
@@ -973,7 +1036,7 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
             if !parked {
                 error!(queue = %d.queue, "the delayed-retry copy was not confirmed within RETRY_MAX_ELAPSED_S; requeueing the delivery");
                 nack_requeue(&delivery).await;
-                return;
+                return "requeued";
             }
             warn!(
                 queue = %d.queue,
@@ -983,22 +1046,13 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) {
                 detail = %d.detail,
                 "retries spent; parked for a delayed retry"
             );
+            "delayed"
         }
         Outcome::Abandoned => {
             nack_requeue(&delivery).await;
-            return;
+            return "abandoned";
         }
-    }
-    // lapin answers Ok(false) when the delivery's channel is gone: that is not an ack.
-    match delivery.acker.ack(BasicAckOptions::default()).await {
-        // Sent, but AMQP does not confirm acks: if the connection dies now the broker may still
-        // redeliver, so the session stays remembered for its TTL.
-        Ok(true) => {}
-        Ok(false) => error!(
-            "ack impossible after a confirmed outcome: the delivery's channel is gone; the broker will redeliver and the same event is published again"
-        ),
-        Err(e) => {
-            error!(error = %e, "ack failed after a confirmed outcome; the broker will redeliver and the same event is published again")
-        }
-    }
+    };
+    ack(&delivery, &shared.known, &key).await;
+    label
 }

@@ -28,6 +28,11 @@ use crate::config::redact_url_password;
 pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
 /// Longest wait between reconnection attempts.
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+/// Longest wait for one connection attempt (TCP, TLS and the AMQP handshake): a broker that
+/// accepts TCP but never answers must not hang the worker.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for closing a channel or the connection: a hung broker must not hold a stop.
+pub const CHANNEL_OP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The worker's connection to the broker, shared by the consumer loop and the publisher.
 pub struct Link {
@@ -92,13 +97,29 @@ impl Link {
         guard.as_ref().filter(|c| c.status().connected()).cloned()
     }
 
-    /// Opens a new connection (closing nothing: the old one is already dead or is dropped).
+    /// Opens a new connection within [`CONNECT_TIMEOUT`] (closing nothing: the old one is
+    /// already dead or is dropped).
     ///
     /// # Errors
-    /// lapin's error when the broker is unreachable or refuses the login.
-    pub async fn connect(&self) -> Result<Arc<Connection>, lapin::Error> {
+    /// A description when the broker is unreachable, refuses the login or does not answer in
+    /// time.
+    pub async fn connect(&self) -> Result<Arc<Connection>, String> {
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
-        let conn = Arc::new(Connection::connect_uri(self.uri.clone(), props).await?);
+        let conn = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect_uri(self.uri.clone(), props),
+        )
+        .await
+        {
+            Ok(Ok(c)) => Arc::new(c),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                return Err(format!(
+                    "no answer within {} s (the broker accepted TCP but did not complete the AMQP handshake)",
+                    CONNECT_TIMEOUT.as_secs()
+                ));
+            }
+        };
         self.blocked.store(false, Ordering::Relaxed);
         let blocked = self.blocked.clone();
         let mut events = conn.events_listener();
@@ -131,7 +152,12 @@ impl Link {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match self.connect().await {
+            // A connect attempt may take CONNECT_TIMEOUT; a stop must not wait for it.
+            let result = tokio::select! {
+                r = self.connect() => r,
+                _ = shutdown.cancelled() => return None,
+            };
+            match result {
                 Ok(c) => {
                     info!(attempt, "connected to the broker");
                     return Some(c);
@@ -148,10 +174,11 @@ impl Link {
         }
     }
 
-    /// Closes the current connection, if any.
+    /// Closes the current connection, if any, waiting at most [`CHANNEL_OP_TIMEOUT`].
     pub async fn close(&self) {
-        if let Some(c) = self.current.lock().await.take() {
-            let _ = c.close(200, "shutdown".into()).await;
+        let current = self.current.lock().await.take();
+        if let Some(c) = current.filter(|c| c.status().connected()) {
+            let _ = tokio::time::timeout(CHANNEL_OP_TIMEOUT, c.close(200, "shutdown".into())).await;
         }
     }
 }

@@ -16,7 +16,7 @@ use lapin::{
 use tokio::sync::Mutex;
 
 use super::{
-    link::Link,
+    link::{CHANNEL_OP_TIMEOUT, CONNECT_TIMEOUT, Link},
     topology::{Topology, TopologyError, declare},
 };
 
@@ -124,9 +124,9 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let channel = self.channel().await?;
         let publish = async {
-            channel
+            let channel = self.channel().await?;
+            let confirm = channel
                 .basic_publish(
                     exchange.into(),
                     routing_key.into(),
@@ -138,7 +138,8 @@ impl Publisher {
                     properties,
                 )
                 .await?
-                .await
+                .await?;
+            Ok::<_, PublishError>(confirm)
         };
         let confirm = tokio::time::timeout(self.confirm_timeout, publish)
             .await
@@ -175,15 +176,19 @@ impl Publisher {
                 object: "a channel".into(),
                 source,
             })?;
-        let result = declare(&ch, topology).await;
-        let _ = ch.close(200, "declared".into()).await;
+        let result = tokio::time::timeout(CONNECT_TIMEOUT, declare(&ch, topology))
+            .await
+            .unwrap_or(Err(TopologyError::Timeout(CONNECT_TIMEOUT.as_secs())));
+        let _ = tokio::time::timeout(CHANNEL_OP_TIMEOUT, ch.close(200, "declared".into())).await;
         result
     }
 
-    /// Closes the channel, if open.
+    /// Closes the channel, if open, waiting at most [`CHANNEL_OP_TIMEOUT`].
     pub async fn close(&self) {
-        if let Some(ch) = self.channel.lock().await.take() {
-            let _ = ch.close(200, "shutdown".into()).await;
+        let ch = self.channel.lock().await.take();
+        if let Some(ch) = ch.filter(|c| c.status().connected()) {
+            let _ =
+                tokio::time::timeout(CHANNEL_OP_TIMEOUT, ch.close(200, "shutdown".into())).await;
         }
     }
 }

@@ -71,6 +71,9 @@ pub enum TopologyError {
         /// The broker's reply text.
         broker_text: String,
     },
+    /// The broker did not answer in time.
+    #[error("declaring the topology took longer than {0} s")]
+    Timeout(u64),
     /// Any other failure.
     #[error("declaring {object} failed: {source}")]
     Other {
@@ -174,7 +177,7 @@ pub async fn declare(channel: &Channel, t: &Topology) -> Result<(), TopologyErro
         .map_err(|e| classify(format!("binding of queue '{}'", t.input_queue), e))?;
 
     // Plugin-free delayed retry: a message waits out the queue's TTL, then RabbitMQ
-    // dead-letters it back to the input exchange (<https://www.rabbitmq.com/docs/ttl>,
+    // dead-letters it back to the input queue (<https://www.rabbitmq.com/docs/ttl>,
     // <https://www.rabbitmq.com/docs/dlx>).
     for delay in &t.delay_tiers {
         let name = t.delay_queue_name(*delay);
@@ -184,11 +187,11 @@ pub async fn declare(channel: &Channel, t: &Topology) -> Result<(), TopologyErro
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
         );
-        args.insert("x-dead-letter-exchange".into(), long(&t.input_exchange));
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            long(&t.input_routing_key),
-        );
+        // Back through the default exchange straight to the input queue: not through the input
+        // exchange, whose other bindings (another deployment, an audit queue) must not get
+        // the worker's retries.
+        args.insert("x-dead-letter-exchange".into(), long(""));
+        args.insert("x-dead-letter-routing-key".into(), long(&t.input_queue));
         channel
             .queue_declare(name.as_str().into(), queue_opts, args)
             .await

@@ -128,21 +128,31 @@ async fn session_created_has_the_documented_body_and_properties() {
         )
     );
 
-    // The same input again gives the same event and message_id, without spending the credential
-    // again; correlation falls back to the new message_id.
+    // The same input again is recognised: its outcome is already safe at the broker, so no
+    // second event and no second bunq call.
     app.publish(
         event.to_string().as_bytes(),
         BasicProperties::default().with_message_id("in-2".into()),
     )
     .await;
+    let q = app.names.input_queue.clone();
+    eventually("the repeat is acked", || async {
+        app.ready_count(&q).await == 0
+    })
+    .await;
+    // Correlation falls back to the input's message_id ...
+    let mut other = slim(44, "token-props-3");
+    other["external_uuid"] = json!("other");
+    app.publish(
+        other.to_string().as_bytes(),
+        BasicProperties::default().with_message_id("in-3".into()),
+    )
+    .await;
     let again = app.next_output().await;
-    assert_eq!(
-        again.properties.message_id().as_ref().unwrap().to_string(),
-        id
-    );
+    assert_eq!(body_json(&again)["provision_id"], 44);
     assert_eq!(
         again.properties.correlation_id().as_ref().unwrap().as_str(),
-        "in-2"
+        "in-3"
     );
     // ... and to the provision id when neither is given.
     app.publish_json(&slim(43, "token-props-2")).await;
@@ -178,8 +188,8 @@ async fn session_created_has_the_documented_body_and_properties() {
         .collect();
     assert_eq!(
         ids.len(),
-        5,
-        "installation + 2 x (device-server, session-server): the repeated input made no call"
+        7,
+        "installation + 3 x (device-server, session-server): the repeated input made no call"
     );
     app.cleanup().await;
 }

@@ -450,6 +450,24 @@ impl TestApp {
         .await;
     }
 
+    /// Whether a queue exists.
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        let ch = self.conn.create_channel().await.unwrap();
+        let ok = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = ch.close(200, "".into()).await;
+        ok
+    }
+
     /// Ready-message count of a queue (unacked messages are not counted).
     pub async fn ready_count(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.unwrap();

@@ -200,3 +200,46 @@ async fn a_multibyte_provision_id_at_the_limit_round_trips() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_deleted_dead_letter_queue_is_declared_again_without_calling_bunq_twice() {
+    let mut app = TestApp::new().await;
+    app.extra_args.extend([
+        "--bunq-register-device".into(),
+        "false".into(),
+        "--retry-max-elapsed-s".into(),
+        "1".into(),
+    ]);
+    app.mount(
+        "session-server",
+        None,
+        app.answer(400, &fixture("error.credentials-incorrect.json")),
+        None,
+    )
+    .await;
+    app.start_worker().await;
+    app.channel
+        .queue_delete(
+            app.names.dead_letter_queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    app.publish_json(&slim(1, "tok-rejected")).await;
+    let dlq = app.names.dead_letter_queue.clone();
+    eventually("the dead-letter queue is declared again", || async {
+        app.queue_exists(&dlq).await
+    })
+    .await;
+    let d = app.next_dead_letter().await;
+    assert_eq!(
+        header(&d, "x-error-reason").as_deref(),
+        Some("credential_rejected")
+    );
+    assert_eq!(
+        app.requests("session-server").await.len(),
+        1,
+        "the spent credential went to bunq once"
+    );
+    app.cleanup().await;
+}

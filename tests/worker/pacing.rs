@@ -227,12 +227,103 @@ async fn no_delayed_retry_when_the_credential_expires_first() {
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-expiring")).await; // expires in 1 h, the tier is 1 h
     let b = body_json(&app.next_output().await);
-    assert_eq!(b["reason"], "retries_exhausted");
+    assert_eq!(b["reason"], "credential_expired");
     let d = app.next_dead_letter().await;
     assert!(
         header(&d, "x-error-detail")
             .unwrap()
             .contains("no delayed retry")
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn waiting_for_a_pacing_slot_is_not_charged_to_the_retry_budget() {
+    let mut app = TestApp::new().await;
+    // Four deliveries at once, one call every 500 ms: the last waits ~1.5 s for its slot,
+    // longer than the 1 s retry budget, and must still succeed.
+    app.extra_args.extend([
+        "--bunq-register-device".into(),
+        "false".into(),
+        "--bunq-session-rate-limit".into(),
+        "2/1s".into(),
+        "--retry-max-elapsed-s".into(),
+        "1".into(),
+    ]);
+    app.mount(
+        "session-server",
+        None,
+        app.answer(200, &fixture("session-server.user-person.json")),
+        None,
+    )
+    .await;
+    app.start_worker().await;
+    for i in 0..4 {
+        app.publish_json(&slim(i, &format!("tok-burst-{i}"))).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(type_of(&app.next_output().await), "session.created");
+    }
+    assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn delayed_retries_return_to_the_input_queue_only() {
+    let mut app = TestApp::new().await;
+    app.extra_args.extend([
+        "--bunq-register-device".into(),
+        "false".into(),
+        "--retry-max-attempts".into(),
+        "1".into(),
+        "--delayed-retry-delays-s".into(),
+        "1".into(),
+    ]);
+    app.extra_queues = vec![
+        format!("{}.retry-1s", app.names.input_queue),
+        format!("{}.audit", app.names.input_queue),
+    ];
+    app.mount("session-server", None, app.answer(503, "{}"), Some(1))
+        .await;
+    app.mount(
+        "session-server",
+        None,
+        app.answer(200, &fixture("session-server.user-person.json")),
+        None,
+    )
+    .await;
+    app.start_worker().await;
+    // Someone else listens on the input exchange too.
+    let audit = app.extra_queues[1].clone();
+    app.channel
+        .queue_declare(
+            audit.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    app.channel
+        .queue_bind(
+            audit.as_str().into(),
+            app.names.input_exchange.as_str().into(),
+            "provision.ready".into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    app.publish_json(&slim(1, "tok-audit")).await;
+    assert_eq!(type_of(&app.next_output().await), "session.created");
+    assert_eq!(
+        app.requests("session-server").await.len(),
+        2,
+        "the retry came back"
+    );
+    assert_eq!(
+        app.ready_count(&audit).await,
+        1,
+        "the audit queue saw the event once, not the retry"
     );
     app.cleanup().await;
 }

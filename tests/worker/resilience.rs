@@ -30,6 +30,7 @@ use crate::helpers::*;
 pub struct BrokerProxy {
     pub port: u16,
     down: Arc<AtomicBool>,
+    hole: Arc<AtomicBool>,
     generation: Arc<Mutex<CancellationToken>>,
     stall: Arc<Mutex<CancellationToken>>,
 }
@@ -39,15 +40,29 @@ impl BrokerProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
+        let hole = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(Mutex::new(CancellationToken::new()));
         let stall = Arc::new(Mutex::new(CancellationToken::new()));
-        let (d, g, st) = (down.clone(), generation.clone(), stall.clone());
+        let (d, g, st, h) = (
+            down.clone(),
+            generation.clone(),
+            stall.clone(),
+            hole.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if d.load(Ordering::SeqCst) {
                     continue; // refused: dropped at once
                 }
                 let token = g.lock().await.clone();
+                if h.load(Ordering::SeqCst) {
+                    // A black hole: the connection is accepted, then nothing ever comes back.
+                    tokio::spawn(async move {
+                        token.cancelled().await;
+                        drop(client);
+                    });
+                    continue;
+                }
                 let stalled = st.lock().await.clone();
                 let upstream = upstream.clone();
                 tokio::spawn(async move {
@@ -68,6 +83,7 @@ impl BrokerProxy {
         Self {
             port,
             down,
+            hole,
             generation,
             stall,
         }
@@ -89,9 +105,16 @@ impl BrokerProxy {
         *st = CancellationToken::new();
     }
 
-    /// Accepts connections again.
+    /// Accepts connections again, and forwards them.
     pub fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
+        self.hole.store(false, Ordering::SeqCst);
+    }
+
+    /// From now on accepts connections but never answers (a broker hung in its start-up, a
+    /// firewall that swallows packets).
+    pub fn black_hole(&self) {
+        self.hole.store(true, Ordering::SeqCst);
     }
 }
 
@@ -129,6 +152,8 @@ async fn app_behind_proxy() -> (TestApp, BrokerProxy) {
         url,
         "--amqp-heartbeat-s".into(),
         "2".into(),
+        "--shutdown-timeout-s".into(),
+        "5".into(),
     ]);
     (app, proxy)
 }
@@ -196,7 +221,9 @@ async fn a_half_open_connection_is_noticed_by_heartbeats_and_replaced() {
     };
     assert_eq!(type_of(&out), "session.created");
     assert!(app.worker_is_running());
-    proxy.cut().await; // release the frozen sockets
+    // Release the frozen sockets and let the worker finish cleanly.
+    proxy.cut().await;
+    proxy.restore();
     app.cleanup().await;
 }
 
@@ -361,5 +388,49 @@ async fn a_subscription_that_keeps_failing_stops_the_worker() {
     let err = app.stop_worker().await.unwrap_err().to_string();
     assert!(err.contains("cannot subscribe after 5 attempts"), "{err}");
     assert!(err.contains("'x-queue-type'"), "{err}");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_broker_that_never_answers_fails_start_up_in_bounded_time() {
+    let (mut app, proxy) = app_behind_proxy().await;
+    proxy.black_hole();
+    let err = bunq_session_worker::Worker::build(app.settings())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("did not complete the AMQP handshake"), "{err}");
+    proxy.restore();
+    app.extra_args.clear(); // cleanup talks to the broker directly
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn shutdown_is_bounded_while_the_broker_is_a_black_hole() {
+    let (mut app, proxy) = app_behind_proxy().await; // heartbeat 2 s, shutdown timeout 5 s
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-hole")).await;
+    assert_eq!(body_json(&app.next_output().await)["provision_id"], 1);
+    // The connection freezes and every reconnection attempt is swallowed.
+    proxy.black_hole();
+    proxy.stall().await;
+    let status = app.status.clone().unwrap();
+    eventually("the worker notices the dead connection", || async {
+        !status.connected().await
+    })
+    .await;
+    // SIGTERM now: the stop must not wait on the black hole.
+    let t0 = std::time::Instant::now();
+    app.stop_worker().await.unwrap();
+    // SHUTDOWN_TIMEOUT_S (5 s) plus at most three 2 s close steps, not a connect attempt or
+    // a heartbeat timeout more.
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(12),
+        "stopped {:?} after the signal",
+        t0.elapsed()
+    );
+    proxy.cut().await;
+    proxy.restore();
     app.cleanup().await;
 }
