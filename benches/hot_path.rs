@@ -44,11 +44,9 @@ fn main() {
     bench("parse session-server answer", 100_000, || {
         black_box(bunq::response::parse_session_server(black_box(answer)).is_ok());
     });
-    bench("output message_id", 100_000, || {
-        black_box(worker::output_message_id(
-            "session.created",
-            black_box(slim),
-        ));
+    bench("input identity + output message_id", 100_000, || {
+        let identity = worker::input_identity(black_box(slim), 65536);
+        black_box(worker::output_message_id("session.created", &identity));
     });
 
     let key = KeyPair::generate(KeySize::Rsa2048).expect("RSA key");

@@ -141,7 +141,7 @@ pub struct Settings {
 
     /// The broker's consumer timeout in s (RabbitMQ `consumer_timeout`, 30 min by default): a
     /// delivery unacked for longer closes the channel. Prefetch is bounded so paced work finishes
-    /// well within it.
+    /// well within it. 0: the broker has none.
     #[arg(long = "consumer-timeout-s", env = "CONSUMER_TIMEOUT_S", value_name = "CONSUMER_TIMEOUT_S", default_value = "1800", value_parser = parse_s)]
     pub consumer_timeout: Duration,
 
@@ -250,6 +250,13 @@ fn parse_delays(s: &str) -> Result<DelayTiers, String> {
             if d.is_zero() {
                 return Err("each delay must be at least 1 s".to_string());
             }
+            // x-message-ttl is an unsigned 32-bit number of ms.
+            if d.as_millis() > u128::from(u32::MAX) {
+                return Err(format!(
+                    "each delay must be at most {} s (RabbitMQ's longest message TTL)",
+                    u32::MAX / 1000
+                ));
+            }
             Ok(d)
         })
         .collect::<Result<Vec<_>, _>>()
@@ -317,6 +324,34 @@ impl Settings {
                 ));
             }
         }
+        // AMQP names are short strings: at most 255 bytes (AMQP 0-9-1 §4.2.5.3).
+        for (name, value) in [
+            ("INPUT_EXCHANGE", &self.input_exchange),
+            ("INPUT_ROUTING_KEY", &self.input_routing_key),
+            ("INPUT_QUEUE", &self.input_queue),
+            ("OUTPUT_EXCHANGE", &self.output_exchange),
+            ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
+            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
+        ] {
+            if value.len() > 255 {
+                return err(format!(
+                    "{name} is longer than 255 bytes, AMQP's limit for names"
+                ));
+            }
+        }
+        if let Some(longest) = self.delayed_retry_delays.0.iter().max() {
+            let name = format!("{}.retry-{}s", self.input_queue, longest.as_secs());
+            if name.len() > 255 {
+                return err(format!(
+                    "INPUT_QUEUE is too long for its delay queues: {} bytes with the suffix .retry-{}s (DELAYED_RETRY_DELAYS_S), AMQP allows 255",
+                    name.len(),
+                    longest.as_secs()
+                ));
+            }
+        }
+        if self.shutdown_timeout > Duration::from_secs(86_400) {
+            return err("SHUTDOWN_TIMEOUT_S must be at most 86400 (one day)".into());
+        }
         if reqwest::header::HeaderValue::from_str(&self.bunq_user_agent).is_err() {
             return err("BUNQ_USER_AGENT holds characters an HTTP header cannot carry".into());
         }
@@ -361,6 +396,9 @@ impl Settings {
         let Some(limit) = self.bunq_session_rate_limit else {
             return (wanted, None);
         };
+        if self.consumer_timeout.is_zero() {
+            return (wanted, None);
+        }
         let interval = limit.interval().as_secs_f64().max(0.001);
         let cap = ((self.consumer_timeout.as_secs_f64() / 2.0) / interval).floor();
         let cap = cap.clamp(1.0, f64::from(u16::MAX)) as u16;
@@ -384,7 +422,10 @@ impl Settings {
         if let (_, Some(m)) = self.effective_prefetch() {
             w.push(m);
         }
-        if self.retry_max_elapsed >= self.consumer_timeout / 2 {
+        if self.queue_type == QueueType::Classic && !self.delayed_retry_delays.0.is_empty() {
+            w.push("QUEUE_TYPE=classic: the delay queues dead-letter at most once, so a parked retry that expires while the input queue is unavailable is lost; quorum queues dead-letter at least once".into());
+        }
+        if !self.consumer_timeout.is_zero() && self.retry_max_elapsed >= self.consumer_timeout / 2 {
             w.push(format!(
                 "RETRY_MAX_ELAPSED_S ({} s) is not well within the broker's consumer timeout ({} s, CONSUMER_TIMEOUT_S): a delivery retried that long may be redelivered",
                 self.retry_max_elapsed.as_secs(),
@@ -504,6 +545,18 @@ mod tests {
         assert!(e.contains("BUNQ_PERMITTED_IPS"), "{e}");
         let e = parse(&["--bunq-installation-token", "x"]).unwrap_err();
         assert!(e.contains("BUNQ_CLIENT_PRIVATE_KEY"), "{e}");
+        let long = "q".repeat(250);
+        let e = parse(&["--input-queue", &long]).unwrap_err();
+        assert!(
+            e.contains("INPUT_QUEUE is too long for its delay queues"),
+            "{e}"
+        );
+        let e = parse(&["--input-queue", &"q".repeat(300)]).unwrap_err();
+        assert!(e.contains("INPUT_QUEUE is longer than 255 bytes"), "{e}");
+        let e = parse(&["--shutdown-timeout-s", "18446744073709551615"]).unwrap_err();
+        assert!(e.contains("SHUTDOWN_TIMEOUT_S"), "{e}");
+        let e = parse(&["--delayed-retry-delays-s", "10000000000"]).unwrap_err();
+        assert!(e.contains("--delayed-retry-delays-s"), "{e}");
         let e = parse(&["--bunq-user-agent", "a\nb"]).unwrap_err();
         assert!(e.contains("BUNQ_USER_AGENT"), "{e}");
         let e = parse(&["--retry-max-delay-ms", "10"]).unwrap_err();

@@ -93,6 +93,8 @@ pub struct Delayed {
     pub calls: u32,
     /// Why the in-process retries ended, no secrets.
     pub detail: String,
+    /// When the first bunq call for this input started, over all rounds.
+    pub first_attempt_at: time::OffsetDateTime,
 }
 
 /// A permanent failure of one delivery.

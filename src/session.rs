@@ -99,9 +99,10 @@ struct Budget<'a> {
 impl Budget<'_> {
     fn failure(&self, reason: FailureReason, detail: String) -> FlowError {
         let now = OffsetDateTime::now_utc();
+        // bunq's description of its last answer, else the worker's own explanation.
         let (http_status, error_description) = match &self.last_error {
             Some(e) => (e.http_status, Some(e.description.clone())),
-            None => (None, None),
+            None => (None, Some(detail.clone())),
         };
         FlowError::Failed(FlowFailure {
             reason,

@@ -202,7 +202,13 @@ impl Worker {
                 .map(|s| s.trim().to_owned())
                 .collect(),
             pacer: Arc::new(Pacer::new(settings.bunq_session_rate_limit)),
-            max_hold: settings.consumer_timeout / 2,
+            // Without a broker consumer timeout a paced delivery may wait for the credential's
+            // expiry; a year stands for "no limit" without overflowing clocks.
+            max_hold: if settings.consumer_timeout.is_zero() {
+                std::time::Duration::from_secs(365 * 86_400)
+            } else {
+                settings.consumer_timeout / 2
+            },
         };
         for w in settings.warnings() {
             warn!("{w}");
@@ -404,11 +410,13 @@ impl Worker {
     }
 }
 
-/// What this process already knows about an input, by the SHA-256 of its body.
+/// What this process already knows about an input, by its [`input_identity`].
 ///
 /// AMQP does not confirm acks, so after a connection loss the broker may redeliver an input
-/// whose outcome was already published; and a publish that failed after bunq answered must not
-/// send the credential to bunq again. Bounded: entries live [`KnownOutcomes::TTL`], at most
+/// whose session was already published, and the same credential may arrive twice (webhook and
+/// poller): a single-use credential must not go to bunq again. A failure whose dead letter could
+/// not be published yet is kept so the retry does not call bunq again; a confirmed failure is
+/// forgotten, so an operator can replay its dead letter. Bounded: entries live [`KnownOutcomes::TTL`], at most
 /// [`KnownOutcomes::CAPACITY`] are kept; memory only.
 #[derive(Default)]
 struct KnownOutcomes {
@@ -418,8 +426,7 @@ struct KnownOutcomes {
 /// A remembered outcome.
 #[derive(Clone)]
 enum Known {
-    /// Its outcome (session.created, the dead letter, the delayed-retry copy) was confirmed:
-    /// just ack a repeat.
+    /// Its `session.created` was confirmed: just ack a repeat.
     Settled,
     /// bunq refused it permanently but the dead letter was not confirmed yet: settle this again.
     Failed(Box<Failure>),
@@ -429,12 +436,17 @@ impl KnownOutcomes {
     const TTL: std::time::Duration = std::time::Duration::from_secs(900);
     const CAPACITY: usize = 10_000;
 
-    /// The body's SHA-256, mixed with the delayed-retry round: a copy back from a delay queue
-    /// is the same body but a new round, to be processed, not recognised.
-    fn key(delivery: &Delivery) -> Key {
+    fn forget(&self, key: &Key) {
+        let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(key);
+    }
+
+    /// The input's identity mixed with its delayed-retry round: a copy back from a delay queue
+    /// is the same input but a new round, to be processed, not recognised.
+    fn key(identity: &Key, delivery: &Delivery) -> Key {
         let round = int_header(&delivery.properties, DELAYED_RETRIES_HEADER);
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        ctx.update(&delivery.data);
+        ctx.update(identity);
         ctx.update(&round.to_be_bytes());
         let mut k = [0u8; 32];
         k.copy_from_slice(ctx.finish().as_ref());
@@ -457,8 +469,8 @@ impl KnownOutcomes {
     }
 }
 
-/// SHA-256 of an input body.
-type Key = [u8; 32];
+/// SHA-256 digest: an input's identity, or a key derived from it.
+pub type Key = [u8; 32];
 
 /// Per-input async locks, removed when nobody holds or waits for them.
 #[derive(Default)]
@@ -560,26 +572,24 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         let started = Instant::now();
         // One copy of an input at a time in this process: a copy redelivered while the first is
         // still at bunq (its channel died) waits for it, then finds its outcome below.
-        let key = KnownOutcomes::key(&delivery);
+        let identity = input_identity(&delivery.data, shared.settings.max_message_bytes);
+        let key = KnownOutcomes::key(&identity, &delivery);
         let _guard = shared.in_flight.lock(key).await;
         let label = match shared.known.recall(&key) {
             Some(Known::Settled) => {
-                // Its outcome is already safe at the broker: no second bunq call, no second event.
-                info!(
-                    "this input's outcome was already confirmed (a redelivery or a repeat); acking"
-                );
-                ack(&delivery, &shared.known, &key).await;
+                // Its session is already safe at the broker: no second bunq call, no second
+                // event.
+                info!("this credential's session.created was already confirmed (a redelivery or a repeat); acking");
+                ack(&delivery).await;
                 "already_settled"
             }
             Some(Known::Failed(failure)) => {
-                info!(
-                    "this input already failed; settling that failure again without calling bunq"
-                );
-                settle(&shared, delivery, Outcome::Failed(failure)).await
+                info!("this input already failed; settling that failure again without calling bunq");
+                settle(&shared, delivery, &identity, Outcome::Failed(failure)).await
             }
             None => {
                 let outcome = process_guarded(&shared, &delivery).await;
-                settle(&shared, delivery, outcome).await
+                settle(&shared, delivery, &identity, outcome).await
             }
         };
         let latency_ms = started.elapsed().as_millis() as u64;
@@ -671,6 +681,12 @@ async fn process(shared: &Shared, delivery: &Delivery) -> Outcome {
             let props = &delivery.properties;
             let retries_so_far = int_header(props, DELAYED_RETRIES_HEADER);
             f.attempts = f.attempts.saturating_add(int_header(props, CALLS_HEADER));
+            if let Some(first) = str_header(props, FIRST_ATTEMPT_HEADER)
+                .as_deref()
+                .and_then(events::parse_time)
+            {
+                f.first_attempt_at = f.first_attempt_at.min(first);
+            }
             if f.reason == FailureReason::RetriesExhausted
                 && let Some(delay) = shared
                     .settings
@@ -697,6 +713,7 @@ async fn process(shared: &Shared, delivery: &Delivery) -> Outcome {
                             retries: retries_so_far + 1,
                             calls: f.attempts,
                             detail: f.detail,
+                            first_attempt_at: f.first_attempt_at,
                         }));
                     }
                 }
@@ -726,18 +743,44 @@ fn failed_event(ready: &ProvisionReady, f: crate::session::FlowFailure) -> Sessi
     }
 }
 
-/// A deterministic id: the same input body and event type always give the same UUID, so
-/// consumers can drop duplicates caused by redelivery.
-pub fn output_message_id(event_type: &str, input_body: &[u8]) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, input_body);
+/// What identifies an input, 32 bytes: for a ready credential, the SHA-256 of its
+/// `token_value` (the same single-use credential forwarded by a webhook receiver and by a poller,
+/// in differently shaped JSON, is one input); otherwise the SHA-256 of the body.
+pub fn input_identity(body: &[u8], max_bytes: usize) -> Key {
+    use secrecy::ExposeSecret;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    match events::decode(body, max_bytes) {
+        Ok(Decoded::Ready(r)) => {
+            ctx.update(b"credential\0");
+            ctx.update(r.token_value.expose_secret().trim().as_bytes());
+        }
+        _ => {
+            ctx.update(b"body\0");
+            ctx.update(body);
+        }
+    }
+    let mut k = [0u8; 32];
+    k.copy_from_slice(ctx.finish().as_ref());
+    k
+}
+
+/// A deterministic `message_id`: UUID v5 (RFC 9562 §5.5) of the event type and the input's
+/// [`input_identity`]. The same input, or the same credential in another shape, always gives the
+/// same id, so consumers can drop duplicates caused by redelivery.
+pub fn output_message_id(event_type: &str, identity: &Key) -> String {
     let mut name = Vec::with_capacity(event_type.len() + 1 + 32);
     name.extend_from_slice(event_type.as_bytes());
     name.push(b':');
-    name.extend_from_slice(digest.as_ref());
+    name.extend_from_slice(identity);
     uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &name).to_string()
 }
 
-fn output_properties(delivery: &Delivery, event_type: &str, provision_id: &str) -> BasicProperties {
+fn output_properties(
+    delivery: &Delivery,
+    identity: &Key,
+    event_type: &str,
+    provision_id: &str,
+) -> BasicProperties {
     let input = &delivery.properties;
     let correlation_id = input
         .correlation_id()
@@ -748,7 +791,7 @@ fn output_properties(delivery: &Delivery, event_type: &str, provision_id: &str) 
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_type(event_type.into())
-        .with_message_id(output_message_id(event_type, &delivery.data).into())
+        .with_message_id(output_message_id(event_type, identity).into())
         .with_correlation_id(correlation_id)
         .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64)
         .with_app_id(APP_ID.into());
@@ -795,26 +838,70 @@ fn copy_properties(input: &BasicProperties, mut headers: FieldTable) -> BasicPro
 
 /// The dead-letter copy's properties: the input's plus the `x-error-*` headers.
 fn dead_letter_properties(delivery: &Delivery, failure: &Failure) -> BasicProperties {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let (exchange, routing_key) = original_route(delivery);
+    let mut headers = producer_headers(&delivery.properties);
     headers.insert("x-error-reason".into(), long_str(failure.reason.as_str()));
     headers.insert("x-error-detail".into(), long_str(&failure.detail));
     headers.insert(
         "x-attempts".into(),
         AMQPValue::LongLongInt(i64::from(failure.attempts)),
     );
-    headers.insert(
-        "x-original-exchange".into(),
-        long_str(delivery.exchange.as_str()),
-    );
-    headers.insert(
-        "x-original-routing-key".into(),
-        long_str(delivery.routing_key.as_str()),
-    );
+    headers.insert("x-original-exchange".into(), long_str(&exchange));
+    headers.insert("x-original-routing-key".into(), long_str(&routing_key));
     headers.insert(
         "x-failed-at".into(),
         long_str(&events::rfc3339(OffsetDateTime::now_utc())),
     );
     copy_properties(&delivery.properties, headers)
+}
+
+/// Header with the exchange an input was first published to, kept across delayed retries.
+pub const ORIGINAL_EXCHANGE_HEADER: &str = "x-bunq-original-exchange";
+/// Header with the routing key an input was first published with, kept across delayed retries.
+pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-bunq-original-routing-key";
+/// Header with the first bunq call's time (RFC 3339), kept across delayed retries.
+pub const FIRST_ATTEMPT_HEADER: &str = "x-bunq-first-attempt-at";
+
+/// A string header (long or short string).
+fn str_header(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Where the producer published the input: its own exchange and routing key, or, for a copy
+/// back from a delay queue, those recorded when it was parked.
+fn original_route(delivery: &Delivery) -> (String, String) {
+    let p = &delivery.properties;
+    (
+        str_header(p, ORIGINAL_EXCHANGE_HEADER).unwrap_or_else(|| delivery.exchange.to_string()),
+        str_header(p, ORIGINAL_ROUTING_KEY_HEADER)
+            .unwrap_or_else(|| delivery.routing_key.to_string()),
+    )
+}
+
+/// The input's headers as its producer set them: without the worker's own bookkeeping
+/// (`x-bunq-*`) and without the broker's dead-lettering history (`x-death`, `x-first-death-*`,
+/// `x-last-death-*`) from a delay queue, so a dead letter tells its own story and can be
+/// replayed as a fresh input.
+fn producer_headers(props: &BasicProperties) -> FieldTable {
+    let mut out = FieldTable::default();
+    if let Some(h) = props.headers() {
+        for (k, v) in h.inner() {
+            let k_str = k.as_str();
+            if k_str.starts_with("x-bunq-")
+                || k_str == "x-death"
+                || k_str.starts_with("x-first-death-")
+                || k_str.starts_with("x-last-death-")
+            {
+                continue;
+            }
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// Header counting the delayed retries an input has been through.
@@ -919,11 +1006,8 @@ async fn nack_requeue(delivery: &Delivery) {
     }
 }
 
-/// Acks a delivery whose outcome is confirmed, and remembers that for repeats.
-async fn ack(delivery: &Delivery, known: &KnownOutcomes, key: &Key) {
-    // Remembered first: AMQP does not confirm acks, so even a sent ack may be lost with the
-    // connection and the input come back.
-    known.remember(*key, Known::Settled);
+/// Acks a delivery whose outcome is confirmed.
+async fn ack(delivery: &Delivery) {
     // lapin answers Ok(false) when the delivery's channel is gone: that is not an ack.
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => {}
@@ -949,14 +1033,20 @@ async fn ack(delivery: &Delivery, known: &KnownOutcomes, key: &Key) {
 ///   the failure, and an error is logged); then ack;
 /// - delayed: the copy in the delay queue within the budget (else requeued), then ack;
 /// - abandoned: nack with requeue.
-async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) -> &'static str {
+async fn settle(
+    shared: &Shared,
+    delivery: Delivery,
+    identity: &Key,
+    outcome: Outcome,
+) -> &'static str {
     let s = &shared.settings;
-    let key = KnownOutcomes::key(&delivery);
+    let key = KnownOutcomes::key(identity, &delivery);
     let label = match outcome {
         Outcome::Created(event) => {
             let body = serde_json::to_vec(&*event).expect("SessionCreated always serialises");
             let props = output_properties(
                 &delivery,
+                identity,
                 "session.created",
                 &event.provision_id.to_string(),
             );
@@ -974,6 +1064,9 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) -> &'stat
                 user_id = event.user_id,
                 "session.created confirmed"
             );
+            // Remembered before the ack: AMQP does not confirm acks, so even a sent ack may be
+            // lost with the connection and the input come back.
+            shared.known.remember(key, Known::Settled);
             "created"
         }
         Outcome::Skipped(_) => "skipped",
@@ -994,11 +1087,16 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) -> &'stat
                 nack_requeue(&delivery).await;
                 return "requeued";
             }
+            shared.known.forget(&key);
             warn!(reason = %failure.reason, detail = %failure.detail, attempts = failure.attempts, "dead-lettered");
             if let Some(event) = &failure.event {
                 let body = serde_json::to_vec(event).expect("SessionFailed always serialises");
-                let props =
-                    output_properties(&delivery, "session.failed", &event.provision_id.to_string());
+                let props = output_properties(
+                    &delivery,
+                    identity,
+                    "session.failed",
+                    &event.provision_id.to_string(),
+                );
                 let sent = publish_confirmed(
                     shared,
                     &s.output_exchange,
@@ -1015,12 +1113,19 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) -> &'stat
             "dead_lettered"
         }
         Outcome::Delayed(d) => {
-            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+            let (exchange, routing_key) = original_route(&delivery);
+            let mut headers = producer_headers(&delivery.properties);
             headers.insert(
                 DELAYED_RETRIES_HEADER.into(),
                 AMQPValue::LongLongInt(d.retries.into()),
             );
             headers.insert(CALLS_HEADER.into(), AMQPValue::LongLongInt(d.calls.into()));
+            headers.insert(ORIGINAL_EXCHANGE_HEADER.into(), long_str(&exchange));
+            headers.insert(ORIGINAL_ROUTING_KEY_HEADER.into(), long_str(&routing_key));
+            headers.insert(
+                FIRST_ATTEMPT_HEADER.into(),
+                long_str(&events::rfc3339(d.first_attempt_at)),
+            );
             let props = copy_properties(&delivery.properties, headers);
             // Through the default exchange straight into the tier's delay queue; its TTL
             // dead-letters the copy back to the input queue.
@@ -1053,6 +1158,6 @@ async fn settle(shared: &Shared, delivery: Delivery, outcome: Outcome) -> &'stat
             return "abandoned";
         }
     };
-    ack(&delivery, &shared.known, &key).await;
+    ack(&delivery).await;
     label
 }

@@ -87,6 +87,7 @@ pub enum TopologyError {
 fn classify(object: String, e: lapin::Error) -> TopologyError {
     if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
         && *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+        && amqp.get_message().as_str().contains("inequivalent arg")
     {
         let text = amqp.get_message().to_string();
         let argument = text
@@ -192,6 +193,13 @@ pub async fn declare(channel: &Channel, t: &Topology) -> Result<(), TopologyErro
         // the worker's retries.
         args.insert("x-dead-letter-exchange".into(), long(""));
         args.insert("x-dead-letter-routing-key".into(), long(&t.input_queue));
+        if t.queue_type == QueueType::Quorum {
+            // RabbitMQ's own dead-lettering is at-most-once by default: a copy expiring while
+            // the input queue is unavailable would be dropped. At-least-once needs
+            // reject-publish overflow (<https://www.rabbitmq.com/docs/quorum-queues#dead-lettering>).
+            args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+            args.insert("x-overflow".into(), long("reject-publish"));
+        }
         channel
             .queue_declare(name.as_str().into(), queue_opts, args)
             .await

@@ -203,6 +203,17 @@ impl ApiContext {
             path: path.display().to_string(),
             detail,
         };
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    "BUNQ_CONTEXT_FILE is readable by others than its owner; it holds the private key and installation token: chmod 600 it"
+                );
+            }
+        }
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -248,19 +259,32 @@ impl ApiContext {
             )),
         };
         let json = serde_json::to_vec_pretty(&stored).map_err(|e| save_err(e.into()))?;
-        let tmp = path.with_extension("tmp");
+        // A new file with an unguessable name: an existing file (with looser permissions, or a
+        // link planted by someone else) is never reused.
+        let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
         let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(0o600);
         }
-        let mut f = opts.open(&tmp).map_err(save_err)?;
-        f.write_all(&json).map_err(save_err)?;
-        f.sync_all().map_err(save_err)?;
-        std::fs::rename(&tmp, path).map_err(save_err)?;
-        Ok(())
+        let write = || -> std::io::Result<()> {
+            let mut f = opts.open(&tmp)?;
+            #[cfg(unix)]
+            {
+                // The umask can only remove bits; set the mode explicitly all the same.
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+            f.write_all(&json)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            save_err(e)
+        })
     }
 
     /// The RSA key pair that signs requests.
@@ -319,6 +343,30 @@ mod tests {
         assert_eq!(loaded.installation_token().expose_secret(), "install-token");
         assert_eq!(loaded.server_public_key_der(), ctx.server_public_key_der());
         assert!(!format!("{loaded:?}").contains("install-token"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn saving_over_a_world_readable_file_leaves_it_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ctx-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctx.json");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(dir.join("ctx.tmp"), "planted").unwrap();
+        let ctx = NewKeyPair::generate()
+            .unwrap()
+            .into_context(SecretString::from("install-token"), &server_key_pem())
+            .unwrap();
+        ctx.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("ctx.tmp")).unwrap(),
+            "planted"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

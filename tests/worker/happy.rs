@@ -23,7 +23,9 @@ async fn every_input_shape_opens_a_session() {
         ))
         .unwrap();
     wrapped["PartnerUserProvision"]["credential"]["expiry_time"] = json!(expiry);
-    let unwrapped = wrapped["PartnerUserProvision"].clone();
+    // Its own credential: the same token in another shape would be recognised as a repeat.
+    let mut unwrapped = wrapped["PartnerUserProvision"].clone();
+    unwrapped["credential"]["token_value"] = json!("token-unwrapped");
     let mut callback: serde_json::Value =
         serde_json::from_str(&fixture("notification.partner-user-provision.json")).unwrap();
     callback["NotificationUrl"]["object"]["PartnerUserProvision"]["credential"]["expiry_time"] =
@@ -124,7 +126,7 @@ async fn session_created_has_the_documented_body_and_properties() {
         id,
         bunq_session_worker::worker::output_message_id(
             "session.created",
-            event.to_string().as_bytes()
+            &bunq_session_worker::worker::input_identity(event.to_string().as_bytes(), 65536)
         )
     );
 

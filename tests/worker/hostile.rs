@@ -243,3 +243,89 @@ async fn a_deleted_dead_letter_queue_is_declared_again_without_calling_bunq_twic
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_same_credential_in_another_shape_is_not_sent_to_bunq_twice() {
+    let mut app = TestApp::new().await;
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    let token = "tok-two-shapes";
+    app.publish_json(&json!({"provision_id": 7, "token_value": token}))
+        .await;
+    let first = app.next_output().await;
+    assert_eq!(type_of(&first), "session.created");
+    // The poller forwards bunq's object for the same credential.
+    app.publish_json(&json!({"PartnerUserProvision": {"id": 7, "credential": {"status": "PENDING_FIRST_USE", "token_value": token}}}))
+        .await;
+    let q = app.names.input_queue.clone();
+    eventually("the second copy is acked", || async {
+        app.ready_count(&q).await == 0
+    })
+    .await;
+    app.stop_worker().await.unwrap();
+    assert_eq!(app.requests("session-server").await.len(), 1);
+    assert_eq!(
+        app.ready_count(&app.names.output_queue).await,
+        0,
+        "no second event"
+    );
+    assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
+    assert_eq!(
+        first.properties.message_id().as_ref().unwrap().to_string(),
+        bunq_session_worker::worker::output_message_id(
+            "session.created",
+            &bunq_session_worker::worker::input_identity(
+                json!({"token_value": token, "provision_id": 7})
+                    .to_string()
+                    .as_bytes(),
+                65536
+            )
+        ),
+        "the message_id follows the credential, not the JSON"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_replayed_dead_letter_is_processed_again() {
+    let mut app = TestApp::new_with_binding(Some("session.#")).await;
+    app.extra_args
+        .extend(["--bunq-register-device".into(), "false".into()]);
+    app.mount("session-server", None, app.answer(503, "{}"), Some(1))
+        .await;
+    app.mount(
+        "session-server",
+        None,
+        app.answer(200, &fixture("session-server.user-person.json")),
+        None,
+    )
+    .await;
+    app.extra_args
+        .extend(["--retry-max-attempts".into(), "1".into()]);
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-replay")).await;
+    assert_eq!(
+        body_json(&app.next_output().await)["reason"],
+        "retries_exhausted"
+    );
+    let d = app.next_dead_letter().await;
+    // The operator replays the dead letter once bunq is back.
+    app.publish(&d.data, lapin::BasicProperties::default())
+        .await;
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created");
+    assert_eq!(app.requests("session-server").await.len(), 2);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn without_a_consumer_timeout_sessions_still_open() {
+    let mut app = TestApp::new().await;
+    app.extra_args
+        .extend(["--consumer-timeout-s".into(), "0".into()]);
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-no-timeout")).await;
+    assert_eq!(type_of(&app.next_output().await), "session.created");
+    app.cleanup().await;
+}

@@ -205,7 +205,27 @@ async fn delayed_retries_end_in_the_dead_letter_queue_when_every_tier_is_spent()
     assert_eq!(b["attempts"], 6, "three rounds of two calls");
     let d = app.next_dead_letter().await;
     assert_eq!(header(&d, "x-attempts").as_deref(), Some("6"));
-    assert_eq!(header(&d, "x-bunq-delayed-retries").as_deref(), Some("2"));
+    // The dead letter tells the producer's story: where it was published, no bookkeeping of
+    // the worker's, no broker dead-lettering history from the delay queue.
+    assert_eq!(header(&d, "x-bunq-delayed-retries"), None);
+    assert_eq!(header(&d, "x-death"), None);
+    assert_eq!(
+        header(&d, "x-original-exchange").as_deref(),
+        Some(app.names.input_exchange.as_str())
+    );
+    assert_eq!(
+        header(&d, "x-original-routing-key").as_deref(),
+        Some("provision.ready")
+    );
+    let first = b["first_attempt_at"].as_str().unwrap();
+    let last = b["last_attempt_at"].as_str().unwrap();
+    let parse = |t: &str| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    assert!(
+        parse(last) - parse(first) >= time::Duration::seconds(2),
+        "first_attempt_at is from the first round: {first} .. {last}"
+    );
     assert_eq!(app.requests("session-server").await.len(), 6);
     app.cleanup().await;
 }
@@ -325,5 +345,47 @@ async fn delayed_retries_return_to_the_input_queue_only() {
         1,
         "the audit queue saw the event once, not the retry"
     );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn delay_queues_dead_letter_at_least_once() {
+    // RabbitMQ retries at-least-once dead-lettering on a timer of minutes, too slow to watch in
+    // a test; declaring the queue with exactly these arguments succeeds only if the worker
+    // declared it so (a difference is PRECONDITION_FAILED).
+    let mut app = TestApp::new().await;
+    app.extra_args
+        .extend(["--delayed-retry-delays-s".into(), "2".into()]);
+    let delay_queue = format!("{}.retry-2s", app.names.input_queue);
+    app.extra_queues = vec![delay_queue.clone()];
+    app.start_worker().await;
+    let mut args = lapin::types::FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", app.names.input_queue.as_str()),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        args.insert(
+            k.into(),
+            lapin::types::AMQPValue::LongString(v.as_bytes().to_vec().into()),
+        );
+    }
+    args.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongLongInt(2000),
+    );
+    app.channel
+        .queue_declare(
+            delay_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("the delay queue has exactly these arguments");
     app.cleanup().await;
 }
