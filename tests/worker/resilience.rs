@@ -367,17 +367,26 @@ async fn a_deleted_output_exchange_is_declared_again_and_nothing_is_lost() {
 async fn a_subscription_that_keeps_failing_stops_the_worker() {
     let mut app = TestApp::new().await;
     app.start_worker().await;
-    // Someone replaces the dead-letter queue with an inequivalent one, then deletes the input
-    // queue: every re-subscription now fails on the dead-letter queue's arguments.
+    // Someone replaces the input exchange with a direct one, then deletes the input queue:
+    // every re-subscription now fails on the exchange's type.
     let ch = &app.channel;
-    ch.queue_delete(
-        app.names.dead_letter_queue.as_str().into(),
-        QueueDeleteOptions::default(),
+    ch.exchange_delete(
+        app.names.input_exchange.as_str().into(),
+        lapin::options::ExchangeDeleteOptions::default(),
     )
     .await
     .unwrap();
-    app.declare_classic_queue(&app.names.dead_letter_queue, &[])
-        .await;
+    ch.exchange_declare(
+        app.names.input_exchange.as_str().into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     ch.queue_delete(
         app.names.input_queue.as_str().into(),
         QueueDeleteOptions::default(),
@@ -387,7 +396,7 @@ async fn a_subscription_that_keeps_failing_stops_the_worker() {
     eventually("the worker gives up", || async { !app.worker_is_running() }).await;
     let err = app.stop_worker().await.unwrap_err().to_string();
     assert!(err.contains("cannot subscribe after 5 attempts"), "{err}");
-    assert!(err.contains("'x-queue-type'"), "{err}");
+    assert!(err.contains("'type'"), "{err}");
     app.cleanup().await;
 }
 
