@@ -128,9 +128,11 @@ async fn session_server_calls_are_spaced_by_the_rate_limit() {
     times.sort();
     for w in times.windows(2) {
         let gap = w[1].duration_since(w[0]);
-        // One call every 500 ms; a few ms of scheduling slack on the receiving side.
+        // One call every 500 ms, measured where the calls arrive: a loaded machine may delay
+        // one request more than the next, so allow 100 ms of slack (unpaced calls come
+        // within a few ms of each other).
         assert!(
-            gap >= Duration::from_millis(480),
+            gap >= Duration::from_millis(400),
             "calls {gap:?} apart under 2/1s"
         );
     }
