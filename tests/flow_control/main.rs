@@ -59,7 +59,8 @@ async fn a_memory_alarm_makes_publishing_wait_and_nothing_is_lost() {
     app.extra_args
         .extend(["--publish-confirm-timeout-ms".into(), "500".into()]);
     let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
-    slow.delay = Some(Duration::from_millis(500));
+    // Long enough for rabbitmqctl (about a second) to raise the alarm before the publish.
+    slow.delay = Some(Duration::from_millis(3000));
     app.mount("session-server", None, slow, None).await;
     app.mount_device_server_ok().await;
     app.start_worker().await;
