@@ -450,26 +450,9 @@ impl TestApp {
         .await;
     }
 
-    /// Whether a queue exists.
-    pub async fn queue_exists(&self, queue: &str) -> bool {
-        let ch = self.conn.create_channel().await.unwrap();
-        let ok = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .is_ok();
-        let _ = ch.close(200, "".into()).await;
-        ok
-    }
-
-    /// Ready-message count of a queue (unacked messages are not counted).
-    pub async fn ready_count(&self, queue: &str) -> u32 {
+    /// A passive `queue.declare` on a channel of its own: the queue's state, or None when it
+    /// does not exist (a failed passive declare closes its channel).
+    async fn inspect_queue(&self, queue: &str) -> Option<lapin::Queue> {
         let ch = self.conn.create_channel().await.unwrap();
         let q = ch
             .queue_declare(
@@ -481,9 +464,29 @@ impl TestApp {
                 FieldTable::default(),
             )
             .await
-            .unwrap();
+            .ok();
         let _ = ch.close(200, "".into()).await;
-        q.message_count()
+        q
+    }
+
+    /// Consumers on a queue (0 when it does not exist).
+    pub async fn consumer_count(&self, queue: &str) -> u32 {
+        self.inspect_queue(queue)
+            .await
+            .map_or(0, |q| q.consumer_count())
+    }
+
+    /// Whether a queue exists.
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        self.inspect_queue(queue).await.is_some()
+    }
+
+    /// Ready-message count of a queue (unacked messages are not counted).
+    pub async fn ready_count(&self, queue: &str) -> u32 {
+        self.inspect_queue(queue)
+            .await
+            .unwrap_or_else(|| panic!("queue {queue} exists"))
+            .message_count()
     }
 
     /// Requests the fake bunq received on `path` (e.g. "session-server").

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use lapin::{options::QueueDeclareOptions, types::FieldTable};
+use lapin::types::FieldTable;
 
 use crate::helpers::*;
 
@@ -94,23 +94,7 @@ impl Drop for Running {
 }
 
 async fn consumers(app: &TestApp) -> u32 {
-    let ch = app.conn.create_channel().await.unwrap();
-    let n = match ch
-        .queue_declare(
-            app.names.input_queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-    {
-        Ok(q) => q.consumer_count(),
-        Err(_) => 0,
-    };
-    let _ = ch.close(200, "".into()).await;
-    n
+    app.consumer_count(&app.names.input_queue).await
 }
 
 #[tokio::test]

@@ -284,21 +284,7 @@ async fn a_deleted_input_queue_is_declared_again_and_consumed() {
     // The worker re-declares the queue and its binding; an event published then is consumed.
     let q = app.names.input_queue.clone();
     eventually("the queue is back with a consumer", || async {
-        let ch = app.conn.create_channel().await.unwrap();
-        let ok = ch
-            .queue_declare(
-                q.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map(|q| q.consumer_count() == 1)
-            .unwrap_or(false);
-        let _ = ch.close(200, "".into()).await;
-        ok
+        app.consumer_count(&q).await == 1
     })
     .await;
     app.publish_json(&slim(1, "tok-requeue")).await;
