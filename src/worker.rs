@@ -162,7 +162,10 @@ impl Worker {
                 consumer_tag.clone(),
                 settings.amqp_heartbeat_s,
             )
-            .map_err(|e| StartError::Context(ContextError::Key(e)))?,
+            .map_err(|detail| StartError::Connect {
+                url: settings.amqp_url_redacted(),
+                detail,
+            })?,
         );
         let connection = link.connect().await.map_err(|detail| StartError::Connect {
             url: settings.amqp_url_redacted(),
@@ -572,7 +575,9 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         let started = Instant::now();
         // One copy of an input at a time in this process: a copy redelivered while the first is
         // still at bunq (its channel died) waits for it, then finds its outcome below.
-        let identity = input_identity(&delivery.data, shared.settings.max_message_bytes);
+        // Decoded once: for the identity here and for processing below.
+        let decoded = events::decode(&delivery.data, shared.settings.max_message_bytes);
+        let identity = identity_of(&delivery.data, &decoded);
         let key = KnownOutcomes::key(&identity, &delivery);
         let _guard = shared.in_flight.lock(key).await;
         let label = match shared.known.recall(&key) {
@@ -588,7 +593,7 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
                 settle(&shared, delivery, &identity, Outcome::Failed(failure)).await
             }
             None => {
-                let outcome = process_guarded(&shared, &delivery).await;
+                let outcome = process_guarded(&shared, &delivery, decoded).await;
                 settle(&shared, delivery, &identity, outcome).await
             }
         };
@@ -604,8 +609,12 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
 
 /// [`process`], with a panic turned into a dead letter: a bug must not strand a delivery unacked
 /// with its prefetch slot held.
-async fn process_guarded(shared: &Shared, delivery: &Delivery) -> Outcome {
-    match AssertUnwindSafe(process(shared, delivery))
+async fn process_guarded(
+    shared: &Shared,
+    delivery: &Delivery,
+    decoded: Result<Decoded, events::InputError>,
+) -> Outcome {
+    match AssertUnwindSafe(process(shared, delivery, decoded))
         .catch_unwind()
         .await
     {
@@ -623,8 +632,12 @@ async fn process_guarded(shared: &Shared, delivery: &Delivery) -> Outcome {
 }
 
 /// Decodes and, for a ready credential, opens the session. Makes no broker call.
-async fn process(shared: &Shared, delivery: &Delivery) -> Outcome {
-    let ready = match events::decode(&delivery.data, shared.settings.max_message_bytes) {
+async fn process(
+    shared: &Shared,
+    delivery: &Delivery,
+    decoded: Result<Decoded, events::InputError>,
+) -> Outcome {
+    let ready = match decoded {
         Err(e) => {
             return Outcome::Failed(Box::new(Failure {
                 reason: e.reason(),
@@ -747,9 +760,14 @@ fn failed_event(ready: &ProvisionReady, f: crate::session::FlowFailure) -> Sessi
 /// `token_value` (the same single-use credential forwarded by a webhook receiver and by a poller,
 /// in differently shaped JSON, is one input); otherwise the SHA-256 of the body.
 pub fn input_identity(body: &[u8], max_bytes: usize) -> Key {
+    identity_of(body, &events::decode(body, max_bytes))
+}
+
+/// [`input_identity`] of a body already decoded.
+fn identity_of(body: &[u8], decoded: &Result<Decoded, events::InputError>) -> Key {
     use secrecy::ExposeSecret;
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    match events::decode(body, max_bytes) {
+    match decoded {
         Ok(Decoded::Ready(r)) => {
             ctx.update(b"credential\0");
             ctx.update(r.token_value.expose_secret().trim().as_bytes());
