@@ -56,11 +56,11 @@ async fn a_memory_alarm_makes_publishing_wait_and_nothing_is_lost() {
         return;
     }
     let mut app = TestApp::new().await;
-    app.extra_args.extend([
-        "--publish-confirm-timeout-ms".into(),
-        "500".into(),
-        "--http-timeout-ms".into(),
-        "10000".into(),
+    app.extend_args(&[
+        "--publish-confirm-timeout-ms",
+        "500",
+        "--http-timeout-ms",
+        "10000",
     ]);
     let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
     // Long enough for rabbitmqctl (about a second) to raise the alarm before the publish.

@@ -20,8 +20,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn transient_failures_are_retried_until_success() {
     let mut app = TestApp::new().await;
-    app.extra_args
-        .extend(["--http-timeout-ms".into(), "500".into()]);
+    app.extend_args(&["--http-timeout-ms", "500"]);
     app.mount_device_server_ok().await;
     let mut html = app.answer(502, "<html><body><h1>502 Bad Gateway</h1></body></html>");
     html.content_type = "text/html";
@@ -193,8 +192,7 @@ async fn permanent_failures_give_session_failed_and_a_dead_letter_without_retry(
 #[tokio::test]
 async fn bunq_error_description_is_reported() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extra_args
-        .extend(["--bunq-register-device".into(), "false".into()]);
+    app.extend_args(&["--bunq-register-device", "false"]);
     app.mount(
         "session-server",
         None,
@@ -219,15 +217,15 @@ async fn bunq_error_description_is_reported() {
 async fn an_expired_credential_makes_no_call_and_expiry_cuts_retries_short() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
     // Retries would go on for 60 s; the credential expires in 2 s.
-    app.extra_args.extend([
-        "--retry-initial-delay-ms".into(),
-        "300".into(),
-        "--retry-max-delay-ms".into(),
-        "300".into(),
-        "--retry-max-attempts".into(),
-        "200".into(),
-        "--retry-max-elapsed-s".into(),
-        "60".into(),
+    app.extend_args(&[
+        "--retry-initial-delay-ms",
+        "300",
+        "--retry-max-delay-ms",
+        "300",
+        "--retry-max-attempts",
+        "200",
+        "--retry-max-elapsed-s",
+        "60",
     ]);
     app.mount_device_server_ok().await;
     // Records when each session-server call arrives.
@@ -291,11 +289,11 @@ async fn an_expired_credential_makes_no_call_and_expiry_cuts_retries_short() {
 #[tokio::test]
 async fn retries_are_bounded_by_max_attempts() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extra_args.extend([
-        "--retry-max-attempts".into(),
-        "3".into(),
-        "--bunq-register-device".into(),
-        "false".into(),
+    app.extend_args(&[
+        "--retry-max-attempts",
+        "3",
+        "--bunq-register-device",
+        "false",
     ]);
     app.mount("session-server", None, app.answer(500, "{}"), None)
         .await;

@@ -11,8 +11,7 @@ use crate::helpers::*;
 async fn a_delivery_stays_unacked_until_its_publish_is_confirmed() {
     // No queue is bound for session.created: every publish comes back unroutable.
     let mut app = TestApp::new_with_binding(None).await;
-    app.extra_args
-        .extend(["--shutdown-timeout-s".into(), "1".into()]);
+    app.extend_args(&["--shutdown-timeout-s", "1"]);
     app.mount_happy_path().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-unacked")).await;
@@ -129,8 +128,7 @@ async fn an_inequivalent_queue_stops_start_up_with_a_message_naming_it() {
 #[tokio::test]
 async fn a_classic_queue_type_can_be_configured() {
     let mut app = TestApp::new().await;
-    app.extra_args
-        .extend(["--queue-type".into(), "classic".into()]);
+    app.extend_args(&["--queue-type", "classic"]);
     app.mount_happy_path().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-classic")).await;

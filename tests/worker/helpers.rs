@@ -242,6 +242,11 @@ impl TestApp {
         Self::new_with_binding(Some("session.#")).await
     }
 
+    /// Adds worker arguments (flag, value, …) after the defaults; a later flag wins.
+    pub fn extend_args(&mut self, args: &[&str]) {
+        self.extra_args.extend(args.iter().map(|a| a.to_string()));
+    }
+
     /// The worker's arguments: this test's names, the fake bunq, fast retries, then `extra_args`.
     pub fn args(&self) -> Vec<String> {
         let n = &self.names;

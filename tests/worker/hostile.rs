@@ -12,8 +12,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn absurd_numbers_from_bunq_do_not_strand_a_session() {
     let mut app = TestApp::new().await;
-    app.extra_args
-        .extend(["--bunq-register-device".into(), "false".into()]);
+    app.extend_args(&["--bunq-register-device", "false"]);
     app.mount(
         "session-server",
         Some("t-timeout"),
@@ -46,8 +45,7 @@ async fn absurd_numbers_from_bunq_do_not_strand_a_session() {
 #[tokio::test]
 async fn a_huge_rate_limit_window_ends_in_retries_exhausted() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extra_args
-        .extend(["--bunq-register-device".into(), "false".into()]);
+    app.extend_args(&["--bunq-register-device", "false"]);
     let mut slow = app.answer(
         429,
         r#"{"Error":[{"error_description":"Too many requests. You can do a maximum of 1 calls per 18446744073709551615 second to this endpoint."}]}"#,
@@ -109,13 +107,13 @@ async fn a_deleted_dead_letter_exchange_is_declared_again() {
 async fn an_unroutable_session_failed_does_not_hold_the_worker() {
     // Only session.created has a queue; session.failed is routed nowhere.
     let mut app = TestApp::new_with_binding(Some("session.created")).await;
-    app.extra_args.extend([
-        "--prefetch".into(),
-        "2".into(),
-        "--retry-max-elapsed-s".into(),
-        "1".into(),
-        "--bunq-register-device".into(),
-        "false".into(),
+    app.extend_args(&[
+        "--prefetch",
+        "2",
+        "--retry-max-elapsed-s",
+        "1",
+        "--bunq-register-device",
+        "false",
     ]);
     app.mount(
         "session-server",
@@ -204,11 +202,11 @@ async fn a_multibyte_provision_id_at_the_limit_round_trips() {
 #[tokio::test]
 async fn a_deleted_dead_letter_queue_is_declared_again_without_calling_bunq_twice() {
     let mut app = TestApp::new().await;
-    app.extra_args.extend([
-        "--bunq-register-device".into(),
-        "false".into(),
-        "--retry-max-elapsed-s".into(),
-        "1".into(),
+    app.extend_args(&[
+        "--bunq-register-device",
+        "false",
+        "--retry-max-elapsed-s",
+        "1",
     ]);
     app.mount(
         "session-server",
@@ -289,8 +287,7 @@ async fn the_same_credential_in_another_shape_is_not_sent_to_bunq_twice() {
 #[tokio::test]
 async fn a_replayed_dead_letter_is_processed_again() {
     let mut app = TestApp::new_with_binding(Some("session.#")).await;
-    app.extra_args
-        .extend(["--bunq-register-device".into(), "false".into()]);
+    app.extend_args(&["--bunq-register-device", "false"]);
     app.mount("session-server", None, app.answer(503, "{}"), Some(1))
         .await;
     app.mount(
@@ -300,8 +297,7 @@ async fn a_replayed_dead_letter_is_processed_again() {
         None,
     )
     .await;
-    app.extra_args
-        .extend(["--retry-max-attempts".into(), "1".into()]);
+    app.extend_args(&["--retry-max-attempts", "1"]);
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-replay")).await;
     assert_eq!(
@@ -321,8 +317,7 @@ async fn a_replayed_dead_letter_is_processed_again() {
 #[tokio::test]
 async fn without_a_consumer_timeout_sessions_still_open() {
     let mut app = TestApp::new().await;
-    app.extra_args
-        .extend(["--consumer-timeout-s".into(), "0".into()]);
+    app.extend_args(&["--consumer-timeout-s", "0"]);
     app.mount_happy_path().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-no-timeout")).await;

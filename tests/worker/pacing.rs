@@ -55,8 +55,7 @@ async fn mount_timed(
 #[tokio::test]
 async fn a_429_pauses_every_session_server_call_for_its_window() {
     let mut app = TestApp::new().await;
-    app.extra_args
-        .extend(["--bunq-register-device".into(), "false".into()]);
+    app.extend_args(&["--bunq-register-device", "false"]);
     let at = Arc::new(Mutex::new(Vec::new()));
     let limited = app.answer(
         429,
@@ -102,11 +101,11 @@ async fn a_429_pauses_every_session_server_call_for_its_window() {
 #[tokio::test]
 async fn session_server_calls_are_spaced_by_the_rate_limit() {
     let mut app = TestApp::new().await;
-    app.extra_args.extend([
-        "--bunq-register-device".into(),
-        "false".into(),
-        "--bunq-session-rate-limit".into(),
-        "2/1s".into(),
+    app.extend_args(&[
+        "--bunq-register-device",
+        "false",
+        "--bunq-session-rate-limit",
+        "2/1s",
     ]);
     let at = Arc::new(Mutex::new(Vec::new()));
     mount_timed(
@@ -142,13 +141,13 @@ async fn session_server_calls_are_spaced_by_the_rate_limit() {
 #[tokio::test]
 async fn a_spent_retry_budget_parks_the_delivery_and_it_comes_back() {
     let mut app = TestApp::new().await;
-    app.extra_args.extend([
-        "--bunq-register-device".into(),
-        "false".into(),
-        "--retry-max-attempts".into(),
-        "2".into(),
-        "--delayed-retry-delays-s".into(),
-        "1,2".into(),
+    app.extend_args(&[
+        "--bunq-register-device",
+        "false",
+        "--retry-max-attempts",
+        "2",
+        "--delayed-retry-delays-s",
+        "1,2",
     ]);
     app.extra_queues = vec![
         format!("{}.retry-1s", app.names.input_queue),
@@ -189,13 +188,13 @@ async fn a_spent_retry_budget_parks_the_delivery_and_it_comes_back() {
 #[tokio::test]
 async fn delayed_retries_end_in_the_dead_letter_queue_when_every_tier_is_spent() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extra_args.extend([
-        "--bunq-register-device".into(),
-        "false".into(),
-        "--retry-max-attempts".into(),
-        "2".into(),
-        "--delayed-retry-delays-s".into(),
-        "1,1".into(),
+    app.extend_args(&[
+        "--bunq-register-device",
+        "false",
+        "--retry-max-attempts",
+        "2",
+        "--delayed-retry-delays-s",
+        "1,1",
     ]);
     app.extra_queues = vec![format!("{}.retry-1s", app.names.input_queue)];
     app.mount("session-server", None, app.answer(500, "{}"), None)
@@ -235,13 +234,13 @@ async fn delayed_retries_end_in_the_dead_letter_queue_when_every_tier_is_spent()
 #[tokio::test]
 async fn no_delayed_retry_when_the_credential_expires_first() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extra_args.extend([
-        "--bunq-register-device".into(),
-        "false".into(),
-        "--retry-max-attempts".into(),
-        "1".into(),
-        "--delayed-retry-delays-s".into(),
-        "3600".into(),
+    app.extend_args(&[
+        "--bunq-register-device",
+        "false",
+        "--retry-max-attempts",
+        "1",
+        "--delayed-retry-delays-s",
+        "3600",
     ]);
     app.extra_queues = vec![format!("{}.retry-3600s", app.names.input_queue)];
     app.mount("session-server", None, app.answer(500, "{}"), None)
@@ -264,13 +263,13 @@ async fn waiting_for_a_pacing_slot_is_not_charged_to_the_retry_budget() {
     let mut app = TestApp::new().await;
     // Four deliveries at once, one call every 500 ms: the last waits ~1.5 s for its slot,
     // longer than the 1 s retry budget, and must still succeed.
-    app.extra_args.extend([
-        "--bunq-register-device".into(),
-        "false".into(),
-        "--bunq-session-rate-limit".into(),
-        "2/1s".into(),
-        "--retry-max-elapsed-s".into(),
-        "1".into(),
+    app.extend_args(&[
+        "--bunq-register-device",
+        "false",
+        "--bunq-session-rate-limit",
+        "2/1s",
+        "--retry-max-elapsed-s",
+        "1",
     ]);
     app.mount(
         "session-server",
@@ -293,13 +292,13 @@ async fn waiting_for_a_pacing_slot_is_not_charged_to_the_retry_budget() {
 #[tokio::test]
 async fn delayed_retries_return_to_the_input_queue_only() {
     let mut app = TestApp::new().await;
-    app.extra_args.extend([
-        "--bunq-register-device".into(),
-        "false".into(),
-        "--retry-max-attempts".into(),
-        "1".into(),
-        "--delayed-retry-delays-s".into(),
-        "1".into(),
+    app.extend_args(&[
+        "--bunq-register-device",
+        "false",
+        "--retry-max-attempts",
+        "1",
+        "--delayed-retry-delays-s",
+        "1",
     ]);
     app.extra_queues = vec![
         format!("{}.retry-1s", app.names.input_queue),
@@ -356,8 +355,7 @@ async fn delay_queues_dead_letter_at_least_once() {
     // a test; declaring the queue with exactly these arguments succeeds only if the worker
     // declared it so (a difference is PRECONDITION_FAILED).
     let mut app = TestApp::new().await;
-    app.extra_args
-        .extend(["--delayed-retry-delays-s".into(), "2".into()]);
+    app.extend_args(&["--delayed-retry-delays-s", "2"]);
     let delay_queue = format!("{}.retry-2s", app.names.input_queue);
     app.extra_queues = vec![delay_queue.clone()];
     app.start_worker().await;

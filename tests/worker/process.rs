@@ -281,7 +281,7 @@ async fn sigterm_under_load_loses_nothing() {
 /// `message_id`, nothing stays queued or is dead-lettered.
 async fn stop_mid_stream(signal: &str) {
     let mut app = TestApp::new().await;
-    app.extra_args.extend(["--prefetch".into(), "4".into()]);
+    app.extend_args(&["--prefetch", "4"]);
     app.mount_device_server_ok().await;
     let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
     slow.delay = Some(Duration::from_millis(100));

@@ -230,8 +230,7 @@ async fn a_half_open_connection_is_noticed_by_heartbeats_and_replaced() {
 #[tokio::test]
 async fn a_delivery_in_flight_when_the_connection_dies_is_not_spent_twice() {
     let (mut app, proxy) = app_behind_proxy().await;
-    app.extra_args
-        .extend(["--bunq-register-device".into(), "false".into()]);
+    app.extend_args(&["--bunq-register-device", "false"]);
     let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
     slow.delay = Some(Duration::from_millis(1000));
     app.mount("session-server", None, slow, None).await;
