@@ -14,14 +14,16 @@ use lapin::{
     options::{
         BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     },
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{AMQPValue, FieldTable, ShortString},
 };
 use time::OffsetDateTime;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::{
-    broker::{Link, PublishError, Publisher, Topology, TopologyError, declare, link},
+    broker::{
+        Link, PublishError, Publisher, Topology, TopologyError, declare, link, topology::long,
+    },
     bunq::{
         ApiContext, BunqClient, CallError,
         context::{ContextError, NewKeyPair},
@@ -590,11 +592,11 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
             }
             Some(Known::Failed(failure)) => {
                 info!("this input already failed; settling that failure again without calling bunq");
-                settle(&shared, delivery, &identity, Outcome::Failed(failure)).await
+                settle(&shared, delivery, &identity, key, Outcome::Failed(failure)).await
             }
             None => {
                 let outcome = process_guarded(&shared, &delivery, decoded).await;
-                settle(&shared, delivery, &identity, outcome).await
+                settle(&shared, delivery, &identity, key, outcome).await
             }
         };
         let latency_ms = started.elapsed().as_millis() as u64;
@@ -825,10 +827,6 @@ fn output_properties(
     props
 }
 
-fn long_str(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
-}
-
 /// Properties for a copy of the input that the worker publishes itself (dead letter, delayed
 /// retry): the input's, with `headers` set, minus what would make the copy vanish or be
 /// refused. RabbitMQ's own dead-lettering drops `expiration` likewise
@@ -837,7 +835,7 @@ fn long_str(v: &str) -> AMQPValue {
 /// kept as the header `x-original-user-id`.
 fn copy_properties(input: &BasicProperties, mut headers: FieldTable) -> BasicProperties {
     if let Some(user) = input.user_id() {
-        headers.insert("x-original-user-id".into(), long_str(user.as_str()));
+        headers.insert("x-original-user-id".into(), long(user.as_str()));
     }
     let mut props = BasicProperties::default()
         .with_headers(headers)
@@ -858,17 +856,17 @@ fn copy_properties(input: &BasicProperties, mut headers: FieldTable) -> BasicPro
 fn dead_letter_properties(delivery: &Delivery, failure: &Failure) -> BasicProperties {
     let (exchange, routing_key) = original_route(delivery);
     let mut headers = producer_headers(&delivery.properties);
-    headers.insert("x-error-reason".into(), long_str(failure.reason.as_str()));
-    headers.insert("x-error-detail".into(), long_str(&failure.detail));
+    headers.insert("x-error-reason".into(), long(failure.reason.as_str()));
+    headers.insert("x-error-detail".into(), long(&failure.detail));
     headers.insert(
         "x-attempts".into(),
         AMQPValue::LongLongInt(i64::from(failure.attempts)),
     );
-    headers.insert("x-original-exchange".into(), long_str(&exchange));
-    headers.insert("x-original-routing-key".into(), long_str(&routing_key));
+    headers.insert("x-original-exchange".into(), long(&exchange));
+    headers.insert("x-original-routing-key".into(), long(&routing_key));
     headers.insert(
         "x-failed-at".into(),
-        long_str(&events::rfc3339(OffsetDateTime::now_utc())),
+        long(&events::rfc3339(OffsetDateTime::now_utc())),
     );
     copy_properties(&delivery.properties, headers)
 }
@@ -1055,10 +1053,10 @@ async fn settle(
     shared: &Shared,
     delivery: Delivery,
     identity: &Key,
+    key: Key,
     outcome: Outcome,
 ) -> &'static str {
     let s = &shared.settings;
-    let key = KnownOutcomes::key(identity, &delivery);
     let label = match outcome {
         Outcome::Created(event) => {
             let body = serde_json::to_vec(&*event).expect("SessionCreated always serialises");
@@ -1138,11 +1136,11 @@ async fn settle(
                 AMQPValue::LongLongInt(d.retries.into()),
             );
             headers.insert(CALLS_HEADER.into(), AMQPValue::LongLongInt(d.calls.into()));
-            headers.insert(ORIGINAL_EXCHANGE_HEADER.into(), long_str(&exchange));
-            headers.insert(ORIGINAL_ROUTING_KEY_HEADER.into(), long_str(&routing_key));
+            headers.insert(ORIGINAL_EXCHANGE_HEADER.into(), long(&exchange));
+            headers.insert(ORIGINAL_ROUTING_KEY_HEADER.into(), long(&routing_key));
             headers.insert(
                 FIRST_ATTEMPT_HEADER.into(),
-                long_str(&events::rfc3339(d.first_attempt_at)),
+                long(&events::rfc3339(d.first_attempt_at)),
             );
             let props = copy_properties(&delivery.properties, headers);
             // Through the default exchange straight into the tier's delay queue; its TTL

@@ -105,7 +105,8 @@ fn classify(object: String, e: lapin::Error) -> TopologyError {
     TopologyError::Other { object, source: e }
 }
 
-fn long(s: &str) -> AMQPValue {
+/// An AMQP long-string value (header or argument).
+pub fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
