@@ -6,46 +6,23 @@
 
 use std::{num::NonZeroU16, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser};
+use secrecy::{ExposeSecret, SecretString};
 
-use crate::pacing::RateLimit;
-use secrecy::SecretString;
-
-/// The type of the input and dead-letter queues (RabbitMQ `x-queue-type`).
-///
-/// Source: <https://www.rabbitmq.com/docs/quorum-queues>.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum QueueType {
-    /// Replicated, durable queue; the default for new deployments.
-    Quorum,
-    /// RabbitMQ's classic queue, for brokers or policies that need it.
-    Classic,
-}
-
-impl QueueType {
-    /// The value of the `x-queue-type` argument for this type.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        }
-    }
-}
-
-/// How log lines are written to standard output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log shippers.
-    Json,
-}
+use crate::{
+    broker::{QueueType, Topology, link::redact_url_password},
+    pacing::RateLimit,
+    retry::RetryPolicy,
+    telemetry::LogFormat,
+};
 
 /// The worker's settings, read from environment variables or flags (a flag wins over its env var).
 ///
-/// `Debug` output never shows a secret: the AMQP URL's password is masked and the bunq context
-/// values are [`SecretString`]s.
-#[derive(Clone, Parser)]
+/// Grouped by what each group builds: [`BrokerSettings`] the connection and consumer,
+/// [`TopologySettings`] the [`Topology`], [`BunqSettings`] the bunq client and pacing,
+/// [`RetrySettings`] the bunq [`RetryPolicy`]. `Debug` output never shows a secret: the AMQP URL's
+/// password is masked and the bunq context values are [`SecretString`]s.
+#[derive(Clone, Debug, Parser)]
 #[command(
     name = "bunq-session-worker",
     version,
@@ -54,15 +31,46 @@ pub enum LogFormat {
     about = "Opens bunq sessions for provisioned users: consumes provision-ready events from RabbitMQ and publishes session events."
 )]
 pub struct Settings {
+    /// The broker connection and the consumer.
+    #[command(flatten)]
+    pub broker: BrokerSettings,
+    /// Exchange and queue names.
+    #[command(flatten)]
+    pub topology: TopologySettings,
+    /// bunq's API, the API context and pacing.
+    #[command(flatten)]
+    pub bunq: BunqSettings,
+    /// Retries of bunq calls.
+    #[command(flatten)]
+    pub retry: RetrySettings,
+
+    /// Largest accepted message body, in bytes; larger ones are dead-lettered as `too_large`.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 65536)]
+    pub max_message_bytes: usize,
+
+    /// Time in-flight deliveries get to finish after SIGINT/SIGTERM, in s.
+    #[arg(long = "shutdown-timeout-s", env = "SHUTDOWN_TIMEOUT_S", value_name = "SHUTDOWN_TIMEOUT_S", default_value = "30", value_parser = parse_s)]
+    pub shutdown_timeout: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The broker connection and the consumer.
+#[derive(Clone, Args)]
+pub struct BrokerSettings {
     /// AMQP 0-9-1 broker URL; `amqps://` uses TLS. `?heartbeat=N` and other lapin URI query
     /// parameters are honoured.
     #[arg(
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
+        hide_env_values = true,
+        hide_default_value = true,
+        value_parser = parse_secret
     )]
-    pub amqp_url: String,
+    pub amqp_url: SecretString,
 
     /// AMQP heartbeat timeout in s (0 disables; a `heartbeat=` in `AMQP_URL` wins). A dead
     /// connection is noticed within about twice this.
@@ -72,85 +80,46 @@ pub struct Settings {
         value_name = "AMQP_HEARTBEAT_S",
         default_value_t = 30
     )]
-    pub amqp_heartbeat_s: u16,
+    pub heartbeat_s: u16,
 
     /// Longest wait for a publisher confirm, in ms; then the publish is retried. While the
     /// broker blocks publishing (memory or disk alarm) publishes wait this long each.
     #[arg(long = "publish-confirm-timeout-ms", env = "PUBLISH_CONFIRM_TIMEOUT_MS", value_name = "PUBLISH_CONFIRM_TIMEOUT_MS", default_value = "15000", value_parser = parse_ms)]
     pub publish_confirm_timeout: Duration,
 
-    /// Base URL of bunq's public API, including `/v1`.
-    #[arg(
-        long,
-        env = "BUNQ_API_URL",
-        default_value = "https://public-api.sandbox.bunq.com/v1"
-    )]
-    pub bunq_api_url: reqwest::Url,
-
-    /// Where the API context (client key pair, installation token, server public key) is read
-    /// from, or saved to (mode 0600) after a fresh `POST /installation`.
-    #[arg(long, env = "BUNQ_CONTEXT_FILE", default_value = "bunq-context.json")]
-    pub bunq_context_file: PathBuf,
-
-    /// PEM PKCS#8 client private key (RSA 2048). With the two settings below it supplies the API
-    /// context from the environment instead of the file; all three or none.
-    #[arg(long, env = "BUNQ_CLIENT_PRIVATE_KEY", hide_env_values = true)]
-    pub bunq_client_private_key: Option<SecretString>,
-
-    /// Installation token that belongs to `BUNQ_CLIENT_PRIVATE_KEY`.
-    #[arg(long, env = "BUNQ_INSTALLATION_TOKEN", hide_env_values = true)]
-    pub bunq_installation_token: Option<SecretString>,
-
-    /// PEM server public key returned by that installation.
-    #[arg(long, env = "BUNQ_SERVER_PUBLIC_KEY")]
-    pub bunq_server_public_key: Option<String>,
-
-    /// Call `POST /device-server` with the credential's token before `POST /session-server`.
-    #[arg(long, env = "BUNQ_REGISTER_DEVICE", default_value_t = true, action = clap::ArgAction::Set)]
-    pub bunq_register_device: bool,
-
-    /// Comma-separated IPv4 addresses for `permitted_ips` in device-server, or `*`.
-    #[arg(
-        long,
-        env = "BUNQ_PERMITTED_IPS",
-        default_value = "*",
-        value_delimiter = ','
-    )]
-    pub bunq_permitted_ips: Vec<String>,
-
-    /// `description` sent to device-server.
-    #[arg(
-        long,
-        env = "BUNQ_DEVICE_DESCRIPTION",
-        default_value = "bunq-session-worker"
-    )]
-    pub bunq_device_description: String,
-
-    /// Verify `X-Bunq-Server-Signature` on every 2xx response after installation.
-    #[arg(long, env = "BUNQ_VERIFY_RESPONSE_SIGNATURE", default_value_t = true, action = clap::ArgAction::Set)]
-    pub bunq_verify_response_signature: bool,
-
-    /// `User-Agent` header sent to bunq (required by bunq).
-    #[arg(long, env = "BUNQ_USER_AGENT", default_value = concat!("bunq-session-worker/", env!("CARGO_PKG_VERSION")))]
-    pub bunq_user_agent: String,
-
-    /// Pace session-server: at most N calls per W seconds for this process, e.g. `1/30s` (bunq's
-    /// documented session-server limit). Unset: no pacing (a 429 still pauses all calls).
-    #[arg(long, env = "BUNQ_SESSION_RATE_LIMIT", value_name = "N/Ws")]
-    pub bunq_session_rate_limit: Option<RateLimit>,
+    /// AMQP prefetch (`basic.qos` prefetch-count): deliveries in flight at once, 1..=65535.
+    #[arg(long, env = "PREFETCH", default_value = "16")]
+    pub prefetch: NonZeroU16,
 
     /// The broker's consumer timeout in s (RabbitMQ `consumer_timeout`, 30 min by default): a
     /// delivery unacked for longer closes the channel. Prefetch is bounded so paced work finishes
     /// well within it. 0: the broker has none.
     #[arg(long = "consumer-timeout-s", env = "CONSUMER_TIMEOUT_S", value_name = "CONSUMER_TIMEOUT_S", default_value = "1800", value_parser = parse_s)]
     pub consumer_timeout: Duration,
+}
 
-    /// Durable delayed retry: comma-separated delays in s, one per tier (e.g. `60,300,900`);
-    /// when a delivery's in-process retries are spent and its credential still has time, it
-    /// waits in the tier's delay queue and comes back. Empty disables.
-    #[arg(long = "delayed-retry-delays-s", env = "DELAYED_RETRY_DELAYS_S", value_name = "DELAYED_RETRY_DELAYS_S", default_value = "60,300,900", value_parser = parse_delays)]
-    pub delayed_retry_delays: DelayTiers,
+impl std::fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("amqp_url", &self.amqp_url_redacted())
+            .field("heartbeat_s", &self.heartbeat_s)
+            .field("publish_confirm_timeout", &self.publish_confirm_timeout)
+            .field("prefetch", &self.prefetch)
+            .field("consumer_timeout", &self.consumer_timeout)
+            .finish()
+    }
+}
 
+impl BrokerSettings {
+    /// The AMQP URL with its password replaced by `***`, for logs.
+    pub fn amqp_url_redacted(&self) -> String {
+        redact_url_password(self.amqp_url.expose_secret())
+    }
+}
+
+/// Exchange and queue names; builds the [`Topology`].
+#[derive(Clone, Debug, Args)]
+pub struct TopologySettings {
     /// Topic exchange that provision-ready events are published to.
     #[arg(long, env = "INPUT_EXCHANGE", default_value = "bunq.provisioning")]
     pub input_exchange: String,
@@ -191,41 +160,149 @@ pub struct Settings {
     )]
     pub dead_letter_queue: String,
 
-    /// AMQP prefetch (`basic.qos` prefetch-count): deliveries in flight at once, 1..=65535.
-    #[arg(long, env = "PREFETCH", default_value = "16")]
-    pub prefetch: NonZeroU16,
+    /// Durable delayed retry: comma-separated delays in s, one per tier (e.g. `60,300,900`);
+    /// when a delivery's in-process retries are spent and its credential still has time, it
+    /// waits in the tier's delay queue and comes back. Empty disables.
+    #[arg(long = "delayed-retry-delays-s", env = "DELAYED_RETRY_DELAYS_S", value_name = "DELAYED_RETRY_DELAYS_S", default_value = "60,300,900", value_parser = parse_delays)]
+    pub delayed_retry_delays: DelayTiers,
+}
 
-    /// Largest accepted message body, in bytes; larger ones are dead-lettered as `too_large`.
-    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 65536)]
-    pub max_message_bytes: usize,
+impl TopologySettings {
+    /// The topology these names describe.
+    pub fn topology(&self) -> Topology {
+        Topology {
+            input_exchange: self.input_exchange.clone(),
+            input_routing_key: self.input_routing_key.clone(),
+            input_queue: self.input_queue.clone(),
+            queue_type: self.queue_type,
+            output_exchange: self.output_exchange.clone(),
+            dead_letter_exchange: self.dead_letter_exchange.clone(),
+            dead_letter_queue: self.dead_letter_queue.clone(),
+            delay_tiers: self.delayed_retry_delays.0.clone(),
+        }
+    }
+}
+
+/// bunq's API, the API context, the device-server call and pacing.
+#[derive(Clone, Debug, Args)]
+pub struct BunqSettings {
+    /// Base URL of bunq's public API, including `/v1`.
+    #[arg(
+        long = "bunq-api-url",
+        env = "BUNQ_API_URL",
+        default_value = "https://public-api.sandbox.bunq.com/v1"
+    )]
+    pub api_url: reqwest::Url,
+
+    /// Where the API context (client key pair, installation token, server public key) is read
+    /// from, or saved to (mode 0600) after a fresh `POST /installation`.
+    #[arg(
+        long = "bunq-context-file",
+        env = "BUNQ_CONTEXT_FILE",
+        default_value = "bunq-context.json"
+    )]
+    pub context_file: PathBuf,
+
+    /// PEM PKCS#8 client private key (RSA 2048). With the two settings below it supplies the API
+    /// context from the environment instead of the file; all three or none.
+    #[arg(
+        long = "bunq-client-private-key",
+        env = "BUNQ_CLIENT_PRIVATE_KEY",
+        hide_env_values = true
+    )]
+    pub client_private_key: Option<SecretString>,
+
+    /// Installation token that belongs to `BUNQ_CLIENT_PRIVATE_KEY`.
+    #[arg(
+        long = "bunq-installation-token",
+        env = "BUNQ_INSTALLATION_TOKEN",
+        hide_env_values = true
+    )]
+    pub installation_token: Option<SecretString>,
+
+    /// PEM server public key returned by that installation.
+    #[arg(long = "bunq-server-public-key", env = "BUNQ_SERVER_PUBLIC_KEY")]
+    pub server_public_key: Option<String>,
+
+    /// Call `POST /device-server` with the credential's token before `POST /session-server`.
+    #[arg(long = "bunq-register-device", env = "BUNQ_REGISTER_DEVICE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub register_device: bool,
+
+    /// Comma-separated IPv4 addresses for `permitted_ips` in device-server, or `*`.
+    #[arg(
+        long = "bunq-permitted-ips",
+        env = "BUNQ_PERMITTED_IPS",
+        default_value = "*",
+        value_delimiter = ','
+    )]
+    pub permitted_ips: Vec<String>,
+
+    /// `description` sent to device-server.
+    #[arg(
+        long = "bunq-device-description",
+        env = "BUNQ_DEVICE_DESCRIPTION",
+        default_value = "bunq-session-worker"
+    )]
+    pub device_description: String,
+
+    /// Verify `X-Bunq-Server-Signature` on every 2xx response after installation.
+    #[arg(long = "bunq-verify-response-signature", env = "BUNQ_VERIFY_RESPONSE_SIGNATURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub verify_response_signature: bool,
+
+    /// `User-Agent` header sent to bunq (required by bunq).
+    #[arg(long = "bunq-user-agent", env = "BUNQ_USER_AGENT", default_value = concat!("bunq-session-worker/", env!("CARGO_PKG_VERSION")))]
+    pub user_agent: String,
+
+    /// Pace session-server: at most N calls per W seconds for this process, e.g. `1/30s` (bunq's
+    /// documented session-server limit). Unset: no pacing (a 429 still pauses all calls).
+    #[arg(
+        long = "bunq-session-rate-limit",
+        env = "BUNQ_SESSION_RATE_LIMIT",
+        value_name = "N/Ws"
+    )]
+    pub session_rate_limit: Option<RateLimit>,
 
     /// Timeout of one HTTP request to bunq (connect + response), in ms.
     #[arg(long = "http-timeout-ms", env = "HTTP_TIMEOUT_MS", value_name = "HTTP_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
     pub http_timeout: Duration,
+}
 
+/// Retries of bunq calls; builds the bunq [`RetryPolicy`].
+#[derive(Clone, Debug, Args)]
+pub struct RetrySettings {
     /// First retry delay before jitter, in ms.
     #[arg(long = "retry-initial-delay-ms", env = "RETRY_INITIAL_DELAY_MS", value_name = "RETRY_INITIAL_DELAY_MS", default_value = "500", value_parser = parse_ms)]
-    pub retry_initial_delay: Duration,
+    pub initial_delay: Duration,
 
     /// Cap of one retry delay before jitter, in ms.
     #[arg(long = "retry-max-delay-ms", env = "RETRY_MAX_DELAY_MS", value_name = "RETRY_MAX_DELAY_MS", default_value = "30000", value_parser = parse_ms)]
-    pub retry_max_delay: Duration,
+    pub max_delay: Duration,
 
     /// Most attempts of one bunq call, the first included (>= 1).
-    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value = "8", value_parser = clap::value_parser!(u32).range(1..))]
-    pub retry_max_attempts: u32,
+    #[arg(long = "retry-max-attempts", env = "RETRY_MAX_ATTEMPTS", default_value = "8", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
 
     /// Most time spent on one delivery's bunq calls, retries included, in s.
     #[arg(long = "retry-max-elapsed-s", env = "RETRY_MAX_ELAPSED_S", value_name = "RETRY_MAX_ELAPSED_S", default_value = "300", value_parser = parse_s)]
-    pub retry_max_elapsed: Duration,
+    pub max_elapsed: Duration,
+}
 
-    /// Time in-flight deliveries get to finish after SIGINT/SIGTERM, in s.
-    #[arg(long = "shutdown-timeout-s", env = "SHUTDOWN_TIMEOUT_S", value_name = "SHUTDOWN_TIMEOUT_S", default_value = "30", value_parser = parse_s)]
-    pub shutdown_timeout: Duration,
+impl RetrySettings {
+    /// The bunq retry policy: these limits with full jitter.
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            initial_delay: self.initial_delay,
+            max_delay: self.max_delay,
+            max_attempts: self.max_attempts,
+            max_elapsed: Some(self.max_elapsed),
+            jitter: true,
+            min_delay: Duration::ZERO,
+        }
+    }
+}
 
-    /// Log line format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+fn parse_secret(s: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(s.to_owned()))
 }
 
 fn parse_ms(s: &str) -> Result<Duration, String> {
@@ -275,15 +352,28 @@ fn parse_s(s: &str) -> Result<Duration, String> {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
 
+/// Why [`Settings::load`] returned no settings.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// clap could not parse the arguments or environment, or `--help` / `--version` was asked
+    /// for: print it ([`clap::Error::print`]); exit 0 when [`clap::Error::use_stderr`] is false,
+    /// else 2.
+    #[error(transparent)]
+    Args(#[from] clap::Error),
+    /// The values parse but do not fit together.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
 impl Settings {
     /// Reads the settings from the process's arguments and environment.
     ///
     /// # Errors
-    /// Exits the process through clap (status 2, message naming the variable and value) when a
-    /// value does not parse; returns [`ConfigError`] when values are inconsistent (see
+    /// [`LoadError::Args`] when a value does not parse (clap's message names the flag and
+    /// value) or help was asked for; [`LoadError::Invalid`] when values are inconsistent (see
     /// [`Settings::validate`]).
-    pub fn load() -> Result<Self, ConfigError> {
-        let settings = Settings::parse();
+    pub fn load() -> Result<Self, LoadError> {
+        let settings = Settings::try_parse()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -299,24 +389,31 @@ impl Settings {
     /// empty.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError(m));
-        if !(self.amqp_url.starts_with("amqp://") || self.amqp_url.starts_with("amqps://")) {
+        if !(self.broker.amqp_url.expose_secret().starts_with("amqp://")
+            || self.broker.amqp_url.expose_secret().starts_with("amqps://"))
+        {
             return err("AMQP_URL must start with amqp:// or amqps://".into());
         }
-        if let Err(e) = self.amqp_url.parse::<lapin::uri::AMQPUri>() {
+        if let Err(e) = self
+            .broker
+            .amqp_url
+            .expose_secret()
+            .parse::<lapin::uri::AMQPUri>()
+        {
             return err(format!("AMQP_URL does not parse: {e}"));
         }
-        if !matches!(self.bunq_api_url.scheme(), "http" | "https") {
+        if !matches!(self.bunq.api_url.scheme(), "http" | "https") {
             return err("BUNQ_API_URL must be an http:// or https:// URL".into());
         }
         let given = [
-            self.bunq_client_private_key.is_some(),
-            self.bunq_installation_token.is_some(),
-            self.bunq_server_public_key.is_some(),
+            self.bunq.client_private_key.is_some(),
+            self.bunq.installation_token.is_some(),
+            self.bunq.server_public_key.is_some(),
         ];
         if given.iter().any(|g| *g) && !given.iter().all(|g| *g) {
             return err("BUNQ_CLIENT_PRIVATE_KEY, BUNQ_INSTALLATION_TOKEN and BUNQ_SERVER_PUBLIC_KEY must be set together or not at all".into());
         }
-        for ip in &self.bunq_permitted_ips {
+        for ip in &self.bunq.permitted_ips {
             let ip = ip.trim();
             if ip != "*" && ip.parse::<std::net::Ipv4Addr>().is_err() {
                 return err(format!(
@@ -326,12 +423,12 @@ impl Settings {
         }
         // AMQP names are short strings: at most 255 bytes (AMQP 0-9-1 §4.2.5.3).
         for (name, value) in [
-            ("INPUT_EXCHANGE", &self.input_exchange),
-            ("INPUT_ROUTING_KEY", &self.input_routing_key),
-            ("INPUT_QUEUE", &self.input_queue),
-            ("OUTPUT_EXCHANGE", &self.output_exchange),
-            ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
-            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
+            ("INPUT_EXCHANGE", &self.topology.input_exchange),
+            ("INPUT_ROUTING_KEY", &self.topology.input_routing_key),
+            ("INPUT_QUEUE", &self.topology.input_queue),
+            ("OUTPUT_EXCHANGE", &self.topology.output_exchange),
+            ("DEAD_LETTER_EXCHANGE", &self.topology.dead_letter_exchange),
+            ("DEAD_LETTER_QUEUE", &self.topology.dead_letter_queue),
         ] {
             if value.len() > 255 {
                 return err(format!(
@@ -339,8 +436,8 @@ impl Settings {
                 ));
             }
         }
-        if let Some(longest) = self.delayed_retry_delays.0.iter().max() {
-            let name = format!("{}.retry-{}s", self.input_queue, longest.as_secs());
+        if let Some(longest) = self.topology.delayed_retry_delays.0.iter().max() {
+            let name = format!("{}.retry-{}s", self.topology.input_queue, longest.as_secs());
             if name.len() > 255 {
                 return err(format!(
                     "INPUT_QUEUE is too long for its delay queues: {} bytes with the suffix .retry-{}s (DELAYED_RETRY_DELAYS_S), AMQP allows 255",
@@ -352,31 +449,31 @@ impl Settings {
         if self.shutdown_timeout > Duration::from_secs(86_400) {
             return err("SHUTDOWN_TIMEOUT_S must be at most 86400 (one day)".into());
         }
-        if reqwest::header::HeaderValue::from_str(&self.bunq_user_agent).is_err() {
+        if reqwest::header::HeaderValue::from_str(&self.bunq.user_agent).is_err() {
             return err("BUNQ_USER_AGENT holds characters an HTTP header cannot carry".into());
         }
         if self.max_message_bytes == 0 {
             return err("MAX_MESSAGE_BYTES must be at least 1".into());
         }
-        if self.http_timeout.is_zero() {
+        if self.bunq.http_timeout.is_zero() {
             return err("HTTP_TIMEOUT_MS must be at least 1".into());
         }
-        if self.publish_confirm_timeout.is_zero() {
+        if self.broker.publish_confirm_timeout.is_zero() {
             return err("PUBLISH_CONFIRM_TIMEOUT_MS must be at least 1".into());
         }
-        if self.retry_initial_delay.is_zero() {
+        if self.retry.initial_delay.is_zero() {
             return err("RETRY_INITIAL_DELAY_MS must be at least 1".into());
         }
-        if self.retry_max_delay < self.retry_initial_delay {
+        if self.retry.max_delay < self.retry.initial_delay {
             return err("RETRY_MAX_DELAY_MS must be at least RETRY_INITIAL_DELAY_MS".into());
         }
         for (name, value) in [
-            ("INPUT_EXCHANGE", &self.input_exchange),
-            ("INPUT_QUEUE", &self.input_queue),
-            ("OUTPUT_EXCHANGE", &self.output_exchange),
-            ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
-            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
-            ("BUNQ_USER_AGENT", &self.bunq_user_agent),
+            ("INPUT_EXCHANGE", &self.topology.input_exchange),
+            ("INPUT_QUEUE", &self.topology.input_queue),
+            ("OUTPUT_EXCHANGE", &self.topology.output_exchange),
+            ("DEAD_LETTER_EXCHANGE", &self.topology.dead_letter_exchange),
+            ("DEAD_LETTER_QUEUE", &self.topology.dead_letter_queue),
+            ("BUNQ_USER_AGENT", &self.bunq.user_agent),
         ] {
             if value.trim().is_empty() {
                 return err(format!("{name} must not be empty"));
@@ -392,15 +489,15 @@ impl Settings {
     /// well within the broker's consumer timeout, prefetch is capped at
     /// `consumer_timeout / 2 / interval` (at least 1).
     pub fn effective_prefetch(&self) -> (u16, Option<String>) {
-        let wanted = self.prefetch.get();
-        let Some(limit) = self.bunq_session_rate_limit else {
+        let wanted = self.broker.prefetch.get();
+        let Some(limit) = self.bunq.session_rate_limit else {
             return (wanted, None);
         };
-        if self.consumer_timeout.is_zero() {
+        if self.broker.consumer_timeout.is_zero() {
             return (wanted, None);
         }
         let interval = limit.interval().as_secs_f64().max(0.001);
-        let cap = ((self.consumer_timeout.as_secs_f64() / 2.0) / interval).floor();
+        let cap = ((self.broker.consumer_timeout.as_secs_f64() / 2.0) / interval).floor();
         let cap = cap.clamp(1.0, f64::from(u16::MAX)) as u16;
         if wanted > cap {
             (
@@ -408,7 +505,7 @@ impl Settings {
                 Some(format!(
                     "PREFETCH={wanted} with BUNQ_SESSION_RATE_LIMIT (one call every {:.1} s) could hold deliveries past half the consumer timeout ({} s, CONSUMER_TIMEOUT_S); using prefetch {cap}",
                     interval,
-                    self.consumer_timeout.as_secs()
+                    self.broker.consumer_timeout.as_secs()
                 )),
             )
         } else {
@@ -422,86 +519,21 @@ impl Settings {
         if let (_, Some(m)) = self.effective_prefetch() {
             w.push(m);
         }
-        if self.queue_type == QueueType::Classic && !self.delayed_retry_delays.0.is_empty() {
+        if self.topology.queue_type == QueueType::Classic
+            && !self.topology.delayed_retry_delays.0.is_empty()
+        {
             w.push("QUEUE_TYPE=classic: the delay queues dead-letter at most once, so a parked retry that expires while the input queue is unavailable is lost; quorum queues dead-letter at least once".into());
         }
-        if !self.consumer_timeout.is_zero() && self.retry_max_elapsed >= self.consumer_timeout / 2 {
+        if !self.broker.consumer_timeout.is_zero()
+            && self.retry.max_elapsed >= self.broker.consumer_timeout / 2
+        {
             w.push(format!(
                 "RETRY_MAX_ELAPSED_S ({} s) is not well within the broker's consumer timeout ({} s, CONSUMER_TIMEOUT_S): a delivery retried that long may be redelivered",
-                self.retry_max_elapsed.as_secs(),
-                self.consumer_timeout.as_secs()
+                self.retry.max_elapsed.as_secs(),
+                self.broker.consumer_timeout.as_secs()
             ));
         }
         w
-    }
-
-    /// The AMQP URL with its password replaced by `***`, for logs.
-    pub fn amqp_url_redacted(&self) -> String {
-        redact_url_password(&self.amqp_url)
-    }
-}
-
-/// Replaces the password of a `scheme://user:password@host/...` URL with `***`.
-pub fn redact_url_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
-            "{}://{}:***{}",
-            &url[..scheme_end],
-            &authority[..colon],
-            &rest[at..]
-        ),
-        _ => url.to_owned(),
-    }
-}
-
-impl std::fmt::Debug for Settings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settings")
-            .field("amqp_url", &self.amqp_url_redacted())
-            .field("amqp_heartbeat_s", &self.amqp_heartbeat_s)
-            .field("publish_confirm_timeout", &self.publish_confirm_timeout)
-            .field("bunq_api_url", &self.bunq_api_url.as_str())
-            .field("bunq_context_file", &self.bunq_context_file)
-            .field("bunq_client_private_key", &self.bunq_client_private_key)
-            .field("bunq_installation_token", &self.bunq_installation_token)
-            .field(
-                "bunq_server_public_key",
-                &self.bunq_server_public_key.is_some(),
-            )
-            .field("bunq_register_device", &self.bunq_register_device)
-            .field("bunq_permitted_ips", &self.bunq_permitted_ips)
-            .field("bunq_device_description", &self.bunq_device_description)
-            .field(
-                "bunq_verify_response_signature",
-                &self.bunq_verify_response_signature,
-            )
-            .field("bunq_user_agent", &self.bunq_user_agent)
-            .field("bunq_session_rate_limit", &self.bunq_session_rate_limit)
-            .field("consumer_timeout", &self.consumer_timeout)
-            .field("delayed_retry_delays", &self.delayed_retry_delays)
-            .field("input_exchange", &self.input_exchange)
-            .field("input_routing_key", &self.input_routing_key)
-            .field("input_queue", &self.input_queue)
-            .field("queue_type", &self.queue_type)
-            .field("output_exchange", &self.output_exchange)
-            .field("dead_letter_exchange", &self.dead_letter_exchange)
-            .field("dead_letter_queue", &self.dead_letter_queue)
-            .field("prefetch", &self.prefetch)
-            .field("max_message_bytes", &self.max_message_bytes)
-            .field("http_timeout", &self.http_timeout)
-            .field("retry_initial_delay", &self.retry_initial_delay)
-            .field("retry_max_delay", &self.retry_max_delay)
-            .field("retry_max_attempts", &self.retry_max_attempts)
-            .field("retry_max_elapsed", &self.retry_max_elapsed)
-            .field("shutdown_timeout", &self.shutdown_timeout)
-            .field("log_format", &self.log_format)
-            .finish()
     }
 }
 
@@ -520,15 +552,18 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_interface() {
         let s = parse(&[]).unwrap();
-        assert_eq!(s.prefetch.get(), 16);
+        assert_eq!(s.broker.prefetch.get(), 16);
         assert_eq!(s.max_message_bytes, 65536);
-        assert_eq!(s.http_timeout, Duration::from_millis(10_000));
-        assert_eq!(s.retry_max_attempts, 8);
-        assert_eq!(s.retry_max_elapsed, Duration::from_secs(300));
-        assert_eq!(s.queue_type, QueueType::Quorum);
-        assert_eq!(s.input_queue, "bunq-session-worker.provision-ready");
-        assert!(s.bunq_register_device);
-        assert_eq!(s.bunq_permitted_ips, vec!["*".to_string()]);
+        assert_eq!(s.bunq.http_timeout, Duration::from_millis(10_000));
+        assert_eq!(s.retry.max_attempts, 8);
+        assert_eq!(s.retry.max_elapsed, Duration::from_secs(300));
+        assert_eq!(s.topology.queue_type, QueueType::Quorum);
+        assert_eq!(
+            s.topology.input_queue,
+            "bunq-session-worker.provision-ready"
+        );
+        assert!(s.bunq.register_device);
+        assert_eq!(s.bunq.permitted_ips, vec!["*".to_string()]);
     }
 
     #[test]
@@ -582,13 +617,13 @@ mod tests {
         );
         let s = parse(&["--delayed-retry-delays-s", "1,2"]).unwrap();
         assert_eq!(
-            s.delayed_retry_delays.0,
+            s.topology.delayed_retry_delays.0,
             vec![Duration::from_secs(1), Duration::from_secs(2)]
         );
         let s = parse(&["--delayed-retry-delays-s", ""]).unwrap();
-        assert!(s.delayed_retry_delays.0.is_empty());
+        assert!(s.topology.delayed_retry_delays.0.is_empty());
         let s = parse(&["--delayed-retry-delays-s", "off"]).unwrap();
-        assert!(s.delayed_retry_delays.0.is_empty());
+        assert!(s.topology.delayed_retry_delays.0.is_empty());
         assert!(parse(&["--delayed-retry-delays-s", "5,0"]).is_err());
     }
 
@@ -617,5 +652,14 @@ mod tests {
         assert_eq!(redact_url_password("amqps://a:b@h/v"), "amqps://a:***@h/v");
         assert_eq!(redact_url_password("amqp://h:5672/v"), "amqp://h:5672/v");
         assert_eq!(redact_url_password("amqp://a:b:c@h"), "amqp://a:***@h");
+    }
+
+    #[test]
+    fn groups_build_their_objects() {
+        let s = parse(&["--retry-max-elapsed-s", "30", "--input-queue", "q"]).unwrap();
+        assert_eq!(s.retry.policy().max_elapsed, Some(Duration::from_secs(30)));
+        let t = s.topology.topology();
+        assert_eq!(t.input_queue, "q");
+        assert_eq!(t.delay_queue_name(Duration::from_secs(60)), "q.retry-60s");
     }
 }

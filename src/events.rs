@@ -17,7 +17,7 @@ use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 use time::{OffsetDateTime, PrimitiveDateTime, format_description::well_known::Rfc3339};
 
-use crate::outcome::FailureReason;
+use crate::failure::FailureReason;
 
 /// Longest accepted string `provision_id`, in bytes (UTF-8).
 pub const MAX_PROVISION_ID_BYTES: usize = 128;

@@ -5,27 +5,36 @@
 //! retries) with its own installation, and publishes `session.created` with the session id and
 //! token, or `session.failed` plus a dead-letter copy that says why.
 //!
-//! Map of the crate:
-//! - [`config`]: the only module that reads the environment.
-//! - [`telemetry`]: tracing set-up, text or JSON.
-//! - [`events`]: input shapes → [`events::ProvisionReady`]; output event bodies.
-//! - [`outcome`]: reason codes and the result of handling a delivery.
-//! - [`bunq`]: API context, signing, the calls and their error classes.
-//! - [`retry`]: the backoff policy.
+//! Map of the crate, lowest first (a module uses only those above it):
+//! - [`failure`]: the reason codes (`credential_rejected`, …).
+//! - [`retry`]: the one retry helper and its policies; every wait ends on shutdown.
 //! - [`pacing`]: process-wide spacing and 429 pauses of session-server.
-//! - [`session`]: the business step (open a session with retries), knows nothing of AMQP.
-//! - [`broker`]: topology and confirmed publishing.
-//! - [`worker`]: the consumer loop and the one place an outcome becomes ack / publish.
+//! - [`events`]: input shapes → [`events::ProvisionReady`]; output event bodies.
+//! - [`outcome`]: what became of a delivery, before any broker action.
+//! - [`bunq`]: API context, signing, the calls and their error classes.
+//! - [`session`]: the bunq calls for one credential with their budget; knows nothing of AMQP.
+//! - [`ledger`]: input identity, output message ids, outcomes already settled, inputs in flight.
+//! - [`broker`]: connection, topology, the envelope read once from a delivery, the consumer
+//!   supervisor, confirmed publishing.
+//! - [`process`]: `(&Inbound, &SessionFlow) -> Outcome`, the business decision, no broker call.
+//! - [`settle`]: the only code that publishes, acks and nacks.
+//! - [`config`]: the only module that reads the environment.
+//! - [`telemetry`]: tracing set-up, text or JSON; error cause chains.
+//! - [`worker`]: start-up wiring and the delivery path.
 #![warn(missing_docs)]
 
 pub mod broker;
 pub mod bunq;
 pub mod config;
 pub mod events;
+pub mod failure;
+pub mod ledger;
 pub mod outcome;
 pub mod pacing;
+pub mod process;
 pub mod retry;
 pub mod session;
+pub mod settle;
 pub mod telemetry;
 pub mod worker;
 

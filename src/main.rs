@@ -4,13 +4,21 @@
 
 use std::process::ExitCode;
 
-use bunq_session_worker::{Settings, Worker, telemetry};
+use bunq_session_worker::{Settings, Worker, config::LoadError, telemetry, telemetry::Chain};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = match Settings::load() {
         Ok(s) => s,
+        Err(LoadError::Args(e)) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
         Err(e) => {
             eprintln!("bunq-session-worker: {e}");
             return ExitCode::from(2);
@@ -20,8 +28,8 @@ async fn main() -> ExitCode {
     let worker = match Worker::build(settings).await {
         Ok(w) => w,
         Err(e) => {
-            tracing::error!(error = %e, "start-up failed");
-            eprintln!("bunq-session-worker: {e}");
+            tracing::error!(error = %Chain(&e), "start-up failed");
+            eprintln!("bunq-session-worker: {}", Chain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -30,8 +38,8 @@ async fn main() -> ExitCode {
     match worker.run_until_stopped(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "worker stopped");
-            eprintln!("bunq-session-worker: {e}");
+            tracing::error!(error = %Chain(&e), "worker stopped");
+            eprintln!("bunq-session-worker: {}", Chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -7,11 +7,9 @@
 //! every session-server call of the process for the window bunq named, not only the call that
 //! was refused.
 
-use std::{
-    str::FromStr,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{str::FromStr, sync::Mutex, time::Duration};
+
+use tokio::time::Instant;
 
 /// `N/Ws`: at most `calls` per `per`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +61,7 @@ struct State {
 }
 
 /// Hands out session-server call times: evenly spaced when a rate limit is set, and never
-/// inside a pause that a 429 started.
+/// inside a pause that a 429 started. Times are tokio's, so tests can pause the clock.
 #[derive(Debug)]
 pub struct Pacer {
     interval: Option<Duration>,
@@ -83,8 +81,11 @@ impl Pacer {
         }
     }
 
-    /// Reserves the next call time if it is no later than `deadline`; otherwise reserves
-    /// nothing and returns the earliest time it could have had.
+    /// Reserves the next call time if it is no later than `deadline`.
+    ///
+    /// # Errors
+    /// When the slot would be later than `deadline`: reserves nothing and returns the earliest
+    /// time it could have had.
     pub fn reserve_before(&self, deadline: Instant) -> Result<Instant, Instant> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let slot = Instant::now().max(st.next_slot).max(st.paused_until);
@@ -121,34 +122,45 @@ mod tests {
             "2/1m".parse::<RateLimit>().unwrap().per,
             Duration::from_secs(60)
         );
-        for bad in ["", "1", "0/30s", "1/0s", "x/30s", "1/30h"] {
+        for bad in ["", "1", "0/30s", "x/30s", "1/0s", "1/30h"] {
             assert!(bad.parse::<RateLimit>().is_err(), "{bad}");
         }
     }
 
-    #[test]
-    fn slots_are_spaced_and_pauses_push_them_back() {
+    #[tokio::test(start_paused = true)]
+    async fn slots_are_spaced_and_pauses_push_them_back() {
         let p = Pacer::new(Some("2/1s".parse().unwrap()));
-        let far = Instant::now() + Duration::from_secs(3600);
-        let a = p.reserve_before(far).unwrap();
-        let b = p.reserve_before(far).unwrap();
-        assert_eq!(b - a, Duration::from_millis(500));
+        let t0 = Instant::now();
+        let far = t0 + Duration::from_secs(3600);
+        assert_eq!(p.reserve_before(far), Ok(t0));
+        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_millis(500)));
         p.pause(Duration::from_secs(10));
         let c = p.reserve_before(far).unwrap();
-        assert!(c >= Instant::now() + Duration::from_secs(9));
-        // A deadline before the next slot reserves nothing.
-        let soon = Instant::now() + Duration::from_secs(1);
-        let earliest = p.reserve_before(soon).unwrap_err();
-        assert!(earliest > soon);
-        assert!(p.reserve_before(far).unwrap() - c == Duration::from_millis(500));
+        assert_eq!(
+            c,
+            t0 + Duration::from_secs(10),
+            "the pause wins over the next slot"
+        );
+        // A deadline before the next slot reserves nothing and says when it could be.
+        let soon = t0 + Duration::from_secs(1);
+        assert_eq!(p.reserve_before(soon), Err(c + Duration::from_millis(500)));
+        assert_eq!(p.reserve_before(far), Ok(c + Duration::from_millis(500)));
+        // Time passing frees the slots: after an idle minute the next call goes at once.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(p.reserve_before(far), Ok(Instant::now()));
     }
 
-    #[test]
-    fn without_a_limit_only_pauses_apply() {
+    #[tokio::test(start_paused = true)]
+    async fn without_a_limit_only_pauses_apply() {
         let p = Pacer::new(None);
-        let far = Instant::now() + Duration::from_secs(3600);
-        let a = p.reserve_before(far).unwrap();
-        let b = p.reserve_before(far).unwrap();
-        assert!(b - a < Duration::from_millis(50));
+        let t0 = Instant::now();
+        let far = t0 + Duration::from_secs(3600);
+        assert_eq!(p.reserve_before(far), Ok(t0));
+        assert_eq!(p.reserve_before(far), Ok(t0));
+        p.pause(Duration::from_secs(30));
+        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_secs(30)));
+        // A shorter pause later does not shorten the longer one.
+        p.pause(Duration::from_secs(1));
+        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_secs(30)));
     }
 }

@@ -2,15 +2,15 @@
 //!
 //! Flow (bunq's partner client does the same per credential): `POST /device-server` with the
 //! credential's token (when enabled), then `POST /session-server`. Transient failures are retried
-//! under [`RetryPolicy`]; the budget is shared by both calls and never reaches past the
-//! credential's `expiry_time`. Knows nothing about AMQP.
+//! under the bunq [`RetryPolicy`]; the elapsed budget is shared by both calls, never charged for
+//! pacing waits, and never reaches past the credential's `expiry_time`. Knows nothing about AMQP.
+//! Time is tokio's, so the budget, the expiry cut-off and the 429 pause are tested on a paused
+//! clock.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use time::OffsetDateTime;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -21,9 +21,9 @@ use crate::{
         response::SessionServer,
     },
     events::{ProvisionReady, rfc3339},
-    outcome::FailureReason,
+    failure::FailureReason,
     pacing::Pacer,
-    retry::RetryPolicy,
+    retry::{Retry, RetryPolicy, Spent, sleep_until_or_cancel},
 };
 
 /// Opens sessions with the worker's API context.
@@ -33,7 +33,7 @@ pub struct SessionFlow {
     pub client: BunqClient,
     /// The worker's installation.
     pub ctx: Arc<ApiContext>,
-    /// Retry limits.
+    /// Retry limits of bunq calls (`RETRY_*`).
     pub policy: RetryPolicy,
     /// Whether to call device-server first.
     pub register_device: bool,
@@ -84,19 +84,49 @@ pub struct FlowFailure {
     pub last_attempt_at: OffsetDateTime,
 }
 
-struct Budget<'a> {
-    policy: &'a RetryPolicy,
-    started: Instant,
-    expiry: Option<OffsetDateTime>,
-    attempts: u32,
+/// One delivery's calls: the retry state, the deadlines and what `session.failed` reports.
+pub(crate) struct Calls<'a> {
+    retry: Retry,
+    pacer: &'a Pacer,
+    cancel: &'a CancellationToken,
+    /// The credential's `expiry_time` as a tokio instant, with its wall-clock form for messages.
+    expires: Option<(Instant, OffsetDateTime)>,
+    /// The last moment a paced call may start: `max_hold` after the delivery started.
+    hold_until: Instant,
+    calls: u32,
     first_attempt_at: Option<OffsetDateTime>,
     last_attempt_at: Option<OffsetDateTime>,
     last_error: Option<CallError>,
-    /// Time spent waiting for pacing slots, not charged to `max_elapsed`.
-    paced: Duration,
 }
 
-impl Budget<'_> {
+impl<'a> Calls<'a> {
+    /// Starts a delivery's budget now. `expiry` is the credential's `expiry_time`.
+    pub(crate) fn new(
+        policy: RetryPolicy,
+        pacer: &'a Pacer,
+        max_hold: Duration,
+        expiry: Option<OffsetDateTime>,
+        cancel: &'a CancellationToken,
+    ) -> Self {
+        let now = Instant::now();
+        // The expiry is a wall-clock time; every later comparison uses tokio's clock.
+        let expires = expiry.map(|e| {
+            let left = Duration::try_from(e - OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO);
+            (now.checked_add(left).unwrap_or(now + FAR), e)
+        });
+        Self {
+            retry: Retry::new(policy, cancel),
+            pacer,
+            cancel,
+            expires,
+            hold_until: now.checked_add(max_hold).unwrap_or(now + FAR),
+            calls: 0,
+            first_attempt_at: None,
+            last_attempt_at: None,
+            last_error: None,
+        }
+    }
+
     fn failure(&self, reason: FailureReason, detail: String) -> FlowError {
         let now = OffsetDateTime::now_utc();
         // bunq's description of its last answer, else the worker's own explanation.
@@ -109,156 +139,91 @@ impl Budget<'_> {
             detail,
             http_status,
             error_description,
-            attempts: self.attempts,
+            attempts: self.calls,
             first_attempt_at: self.first_attempt_at.unwrap_or(now),
             last_attempt_at: self.last_attempt_at.unwrap_or(now),
         })
     }
 
-    fn expired(&self, now: OffsetDateTime) -> bool {
-        self.expiry.is_some_and(|e| now >= e)
+    /// Whether the credential will have expired at `at`.
+    fn expired_at(&self, at: Instant) -> bool {
+        self.expires.is_some_and(|(e, _)| at >= e)
     }
 
-    /// The last moment a paced call may start: the end of the time a delivery may be held
-    /// (`max_hold`, half the broker's consumer timeout) or the credential's expiry. Waiting for a
-    /// pacing slot is not a failure, so it is not charged to `RETRY_MAX_ELAPSED_S`.
-    fn pacing_deadline(&self, max_hold: Duration) -> Instant {
-        let budget_end = self
-            .started
-            .checked_add(max_hold)
-            .unwrap_or_else(|| self.started + Duration::from_secs(86_400 * 365));
-        match self.expiry {
-            Some(e) => {
-                let left = e - OffsetDateTime::now_utc();
-                let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
-                budget_end.min(Instant::now().checked_add(left).unwrap_or(budget_end))
-            }
-            None => budget_end,
-        }
+    /// The credential's expiry as RFC 3339, for details.
+    fn expiry_text(&self) -> String {
+        self.expires.map(|(_, e)| rfc3339(e)).unwrap_or_default()
     }
-}
 
-impl SessionFlow {
-    /// Opens a session for `p`.
-    ///
-    /// # Errors
-    /// [`FlowError::Failed`] with `credential_expired` when the credential has expired before a
-    /// call (no call is made for an already-expired credential) or would expire before the next
-    /// retry; `retries_exhausted` when transient failures outlast `max_attempts` for one call or
-    /// `max_elapsed` for the delivery; the status table's reason for a permanent answer.
-    /// [`FlowError::Cancelled`] when `cancel` fires during a retry delay.
-    pub async fn open(
-        &self,
-        p: &ProvisionReady,
-        cancel: &CancellationToken,
-    ) -> Result<Opened, FlowError> {
-        let mut budget = Budget {
-            policy: &self.policy,
-            started: Instant::now(),
-            expiry: p.expiry_time,
-            attempts: 0,
-            first_attempt_at: None,
-            last_attempt_at: None,
-            last_error: None,
-            paced: Duration::ZERO,
+    /// Waits for a session-server slot. Waiting is not a failure, so it is left out of
+    /// `RETRY_MAX_ELAPSED_S`; a slot past the hold time or the expiry is.
+    async fn pace(&mut self, endpoint: &str) -> Result<(), FlowError> {
+        let deadline = match self.expires {
+            Some((e, _)) => self.hold_until.min(e),
+            None => self.hold_until,
         };
-        if budget.expired(OffsetDateTime::now_utc()) {
-            return Err(budget.failure(
-                FailureReason::CredentialExpired,
-                format!(
-                    "credential expired at {} before any call",
-                    rfc3339(p.expiry_time.expect("expired() implies an expiry"))
-                ),
-            ));
+        match self.pacer.reserve_before(deadline) {
+            Ok(at) => {
+                self.retry
+                    .exclude(at.saturating_duration_since(Instant::now()));
+                sleep_until_or_cancel(at, self.cancel)
+                    .await
+                    .map_err(|_| FlowError::Cancelled)
+            }
+            Err(earliest) => {
+                let wait_s = earliest.saturating_duration_since(Instant::now()).as_secs();
+                let reason = if self.expired_at(earliest) {
+                    FailureReason::CredentialExpired
+                } else {
+                    FailureReason::RetriesExhausted
+                };
+                Err(self.failure(
+                    reason,
+                    format!("{endpoint} is paced or paused for another {wait_s} s (BUNQ_SESSION_RATE_LIMIT or a 429), past half the consumer timeout (CONSUMER_TIMEOUT_S) or the credential's expiry"),
+                ))
+            }
         }
-        if self.register_device {
-            self.with_retries(&mut budget, DEVICE_SERVER, cancel, || {
-                self.client.device_server(
-                    &self.ctx,
-                    &p.token_value,
-                    &self.device_description,
-                    &self.permitted_ips,
-                )
-            })
-            .await?;
-        }
-        let answer = self
-            .with_retries(&mut budget, SESSION_SERVER, cancel, || {
-                self.client.session_server(&self.ctx, &p.token_value)
-            })
-            .await?;
-        Ok(Opened {
-            session: answer.value,
-            attempts: budget.attempts,
-        })
     }
 
-    async fn with_retries<T, F, Fut>(
-        &self,
-        budget: &mut Budget<'_>,
+    /// Runs one bunq call with retries: the expiry cut-off before each attempt, pacing for
+    /// session-server, the status table's class for each failure, a 429 pausing every
+    /// session-server call of the process.
+    pub(crate) async fn run<T, F, Fut>(
+        &mut self,
         endpoint: &'static str,
-        cancel: &CancellationToken,
         mut call: F,
     ) -> Result<Answer<T>, FlowError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Answer<T>, CallError>>,
     {
-        let mut schedule = budget.policy.schedule();
-        let mut attempt_of_call = 0u32;
+        self.retry.restart_attempts();
         loop {
-            let now = OffsetDateTime::now_utc();
-            if budget.expired(now) {
-                return Err(budget.failure(
+            if self.expired_at(Instant::now()) {
+                return Err(self.failure(
                     FailureReason::CredentialExpired,
                     format!(
                         "credential expired before {endpoint} attempt {}",
-                        attempt_of_call + 1
+                        self.retry.attempts() + 1
                     ),
                 ));
             }
             if endpoint == SESSION_SERVER {
-                match self
-                    .pacer
-                    .reserve_before(budget.pacing_deadline(self.max_hold))
-                {
-                    Ok(at) => {
-                        budget.paced += at.saturating_duration_since(Instant::now());
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(at.into()) => {}
-                            _ = cancel.cancelled() => return Err(FlowError::Cancelled),
-                        }
-                    }
-                    Err(earliest) => {
-                        let wait_s = earliest.saturating_duration_since(Instant::now()).as_secs();
-                        let reason = if budget.expiry.is_some_and(|e| {
-                            OffsetDateTime::now_utc() + Duration::from_secs(wait_s) >= e
-                        }) {
-                            FailureReason::CredentialExpired
-                        } else {
-                            FailureReason::RetriesExhausted
-                        };
-                        return Err(budget.failure(
-                            reason,
-                            format!("{endpoint} is paced or paused for another {wait_s} s (BUNQ_SESSION_RATE_LIMIT or a 429), past half the consumer timeout (CONSUMER_TIMEOUT_S) or the credential's expiry"),
-                        ));
-                    }
-                }
+                self.pace(endpoint).await?;
             }
-            attempt_of_call += 1;
-            budget.attempts += 1;
-            budget
-                .first_attempt_at
-                .get_or_insert(OffsetDateTime::now_utc());
+            let attempt = self.retry.attempt();
+            self.calls = self.calls.saturating_add(1);
+            self.first_attempt_at
+                .get_or_insert_with(OffsetDateTime::now_utc);
             let t0 = Instant::now();
             let result = call().await;
-            budget.last_attempt_at = Some(OffsetDateTime::now_utc());
+            self.last_attempt_at = Some(OffsetDateTime::now_utc());
             let latency_ms = t0.elapsed().as_millis() as u64;
             let err = match result {
                 Ok(answer) => {
                     info!(
                         endpoint,
-                        attempt = attempt_of_call,
+                        attempt,
                         latency_ms,
                         bunq_response_id = answer.response_id.as_deref().unwrap_or(""),
                         outcome = "ok",
@@ -270,7 +235,7 @@ impl SessionFlow {
             };
             warn!(
                 endpoint,
-                attempt = attempt_of_call,
+                attempt,
                 latency_ms,
                 http_status = err.http_status,
                 bunq_response_id = err.response_id.as_deref().unwrap_or(""),
@@ -280,55 +245,120 @@ impl SessionFlow {
             );
             let class = err.class.clone();
             let summary = err.to_string();
-            budget.last_error = Some(err);
+            self.last_error = Some(err);
             let floor = match class {
-                RetryClass::Permanent(reason) => return Err(budget.failure(reason, summary)),
-                RetryClass::Transient => None,
-                RetryClass::RateLimited { window } => Some(window.unwrap_or_default()),
+                RetryClass::Permanent(reason) => return Err(self.failure(reason, summary)),
+                RetryClass::Transient => Duration::ZERO,
+                RetryClass::RateLimited { window } => window.unwrap_or_default(),
             };
-            let next = schedule.next();
-            let delay =
-                RetryPolicy::jitter(next.unwrap_or_default()).max(floor.unwrap_or_default());
-            if endpoint == SESSION_SERVER && floor.is_some() {
+            let rate_limited = matches!(class, RetryClass::RateLimited { .. });
+            let next = self.retry.next_delay(floor);
+            if endpoint == SESSION_SERVER && rate_limited {
                 // A 429 is about this worker, not this delivery: hold every session-server call,
                 // also when this delivery retries no more.
-                self.pacer.pause(delay);
+                self.pacer.pause(next.unwrap_or(floor).max(floor));
             }
-            if next.is_none() {
-                return Err(budget.failure(
-                    FailureReason::RetriesExhausted,
-                    format!(
-                        "{endpoint} failed {attempt_of_call} times (RETRY_MAX_ATTEMPTS); last: {summary}"
-                    ),
-                ));
-            }
-            let retrying_for = budget.started.elapsed().saturating_sub(budget.paced);
-            if retrying_for.saturating_add(delay) > budget.policy.max_elapsed {
-                return Err(budget.failure(
-                    FailureReason::RetriesExhausted,
-                    format!(
-                        "{endpoint}: the next retry would pass RETRY_MAX_ELAPSED_S ({} s); last: {summary}",
-                        budget.policy.max_elapsed.as_secs()
-                    ),
-                ));
-            }
-            if let Some(expiry) = budget.expiry
-                && OffsetDateTime::now_utc()
-                    .checked_add(time::Duration::try_from(delay).unwrap_or(time::Duration::MAX))
-                    .is_none_or(|next| next >= expiry)
-            {
-                return Err(budget.failure(
+            let delay = match next {
+                Ok(d) => d,
+                Err(Spent::Attempts) => {
+                    return Err(self.failure(
+                        FailureReason::RetriesExhausted,
+                        format!(
+                            "{endpoint} failed {attempt} times (RETRY_MAX_ATTEMPTS); last: {summary}"
+                        ),
+                    ));
+                }
+                Err(Spent::Elapsed) => {
+                    return Err(self.failure(
+                        FailureReason::RetriesExhausted,
+                        format!(
+                            "{endpoint}: the next retry would pass RETRY_MAX_ELAPSED_S ({} s); last: {summary}",
+                            self.retry_budget_s()
+                        ),
+                    ));
+                }
+            };
+            if self.expired_at(Instant::now() + delay) {
+                return Err(self.failure(
                     FailureReason::CredentialExpired,
                     format!(
                         "{endpoint}: the credential expires at {} before the next retry; last: {summary}",
-                        rfc3339(expiry)
+                        self.expiry_text()
                     ),
                 ));
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = cancel.cancelled() => return Err(FlowError::Cancelled),
-            }
+            self.retry
+                .wait(delay)
+                .await
+                .map_err(|_| FlowError::Cancelled)?;
         }
     }
+
+    fn retry_budget_s(&self) -> u64 {
+        self.retry.max_elapsed().map_or(0, |d| d.as_secs())
+    }
+
+    /// Calls made so far.
+    pub(crate) fn calls(&self) -> u32 {
+        self.calls
+    }
 }
+
+/// Stands for "no limit" without overflowing clocks: a year.
+const FAR: Duration = Duration::from_secs(365 * 86_400);
+
+impl SessionFlow {
+    /// Opens a session for `p`.
+    ///
+    /// # Errors
+    /// [`FlowError::Failed`] with `credential_expired` when the credential has expired before a
+    /// call (no call is made for an already-expired credential) or would expire before the next
+    /// retry; `retries_exhausted` when transient failures outlast `max_attempts` for one call or
+    /// `max_elapsed` for the delivery; the status table's reason for a permanent answer.
+    /// [`FlowError::Cancelled`] when `cancel` fires during a wait.
+    pub async fn open(
+        &self,
+        p: &ProvisionReady,
+        cancel: &CancellationToken,
+    ) -> Result<Opened, FlowError> {
+        let mut calls = Calls::new(
+            self.policy.clone(),
+            &self.pacer,
+            self.max_hold,
+            p.expiry_time,
+            cancel,
+        );
+        if let Some(expiry) = p.expiry_time
+            && calls.expired_at(Instant::now())
+        {
+            return Err(calls.failure(
+                FailureReason::CredentialExpired,
+                format!("credential expired at {} before any call", rfc3339(expiry)),
+            ));
+        }
+        if self.register_device {
+            calls
+                .run(DEVICE_SERVER, || {
+                    self.client.device_server(
+                        &self.ctx,
+                        &p.token_value,
+                        &self.device_description,
+                        &self.permitted_ips,
+                    )
+                })
+                .await?;
+        }
+        let answer = calls
+            .run(SESSION_SERVER, || {
+                self.client.session_server(&self.ctx, &p.token_value)
+            })
+            .await?;
+        Ok(Opened {
+            session: answer.value,
+            attempts: calls.calls(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

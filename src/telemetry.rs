@@ -12,7 +12,14 @@ use tracing_subscriber::{
     EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
-use crate::config::LogFormat;
+/// How log lines are written to standard output (`LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
 
 /// Whether an event or span may carry a message body and must not be written.
 pub fn carries_message_bodies(meta: &Metadata<'_>) -> bool {
@@ -36,4 +43,42 @@ pub fn init(format: LogFormat) {
     tracing_subscriber::registry()
         .with(layer.with_filter(env).with_filter(safe))
         .init();
+}
+
+/// Formats an error with its cause chain, `outer: cause: root cause`, for the one log line or
+/// message where the error is handled. Causes a message already ends with are not repeated.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'a));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let c = cause.to_string();
+            if !c.is_empty() && !text.ends_with(&c) {
+                text.push_str(": ");
+                text.push_str(&c);
+            }
+            source = cause.source();
+        }
+        f.write_str(&text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot build the HTTP client")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn the_chain_names_every_cause_once() {
+        let e = Outer(std::io::Error::other("no CA certificates found"));
+        assert_eq!(
+            Chain(&e).to_string(),
+            "cannot build the HTTP client: no CA certificates found"
+        );
+    }
 }

@@ -2,8 +2,9 @@
 //!
 //! lapin 4 offers `enable_auto_recover()`; the worker supervises reconnection itself instead so
 //! that every new connection re-declares the topology, re-applies the prefetch and re-subscribes
-//! in one place ([`crate::worker`]), and so the schedule below is explicit: 100 ms, doubling, at
-//! most 2 s between attempts, which brings the worker back within ~2 s of the broker returning.
+//! in one place ([`crate::broker::consumer`]), and so the schedule is explicit
+//! ([`RetryPolicy::RECONNECT`]: 100 ms, doubling, at most 2 s between attempts), which brings
+//! the worker back within ~2 s of the broker returning.
 //! Heartbeats (AMQP 0-9-1 §4.2.7) are negotiated at `AMQP_HEARTBEAT_S` so a half-open
 //! connection is noticed within about twice that time.
 
@@ -15,19 +16,49 @@ use std::{
     time::Duration,
 };
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::{Connection, ConnectionProperties, Event, uri::AMQPUri};
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::redact_url_password;
+use crate::retry::{RetryPolicy, Stopped, retry};
 
-/// Shortest wait between reconnection attempts.
-pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
-/// Longest wait between reconnection attempts.
-pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// `AMQP_URL` does not parse (start-up validation normally catches this first).
+    #[error("AMQP_URL does not parse: {0}")]
+    BadUrl(String),
+    /// The broker is unreachable or refused the login.
+    #[error("the broker refused or could not be reached")]
+    Amqp(#[source] lapin::Error),
+    /// TCP was accepted but the AMQP handshake did not complete in time.
+    #[error(
+        "no answer within {0} s (the broker accepted TCP but did not complete the AMQP handshake)"
+    )]
+    Timeout(u64),
+}
+
+/// Replaces the password of a `scheme://user:password@host/...` URL with `***`, for logs.
+pub fn redact_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}://{}:***{}",
+            &url[..scheme_end],
+            &authority[..colon],
+            &rest[at..]
+        ),
+        _ => url.to_owned(),
+    }
+}
 /// Longest wait for one connection attempt (TCP, TLS and the AMQP handshake): a broker that
 /// accepts TCP but never answers must not hang the worker.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,11 +89,11 @@ impl Link {
     /// `heartbeat_s` unless the URL sets one.
     ///
     /// # Errors
-    /// When `url` does not parse (start-up validation normally catches this first).
-    pub fn new(url: &str, name: String, heartbeat_s: u16) -> Result<Self, String> {
-        let mut uri: AMQPUri = url
-            .parse()
-            .map_err(|e| format!("AMQP_URL does not parse: {e}"))?;
+    /// [`ConnectError::BadUrl`] when `url` does not parse (start-up validation normally catches
+    /// this first).
+    pub fn new(url: &SecretString, name: String, heartbeat_s: u16) -> Result<Self, ConnectError> {
+        let url = url.expose_secret();
+        let mut uri: AMQPUri = url.parse().map_err(ConnectError::BadUrl)?;
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(heartbeat_s);
         }
@@ -101,9 +132,9 @@ impl Link {
     /// already dead or is dropped).
     ///
     /// # Errors
-    /// A description when the broker is unreachable, refuses the login or does not answer in
+    /// [`ConnectError`] when the broker is unreachable, refuses the login or does not answer in
     /// time.
-    pub async fn connect(&self) -> Result<Arc<Connection>, String> {
+    pub async fn connect(&self) -> Result<Arc<Connection>, ConnectError> {
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let conn = match tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -112,13 +143,8 @@ impl Link {
         .await
         {
             Ok(Ok(c)) => Arc::new(c),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => {
-                return Err(format!(
-                    "no answer within {} s (the broker accepted TCP but did not complete the AMQP handshake)",
-                    CONNECT_TIMEOUT.as_secs()
-                ));
-            }
+            Ok(Err(e)) => return Err(ConnectError::Amqp(e)),
+            Err(_) => return Err(ConnectError::Timeout(CONNECT_TIMEOUT.as_secs())),
         };
         self.blocked.store(false, Ordering::Relaxed);
         let blocked = self.blocked.clone();
@@ -142,35 +168,25 @@ impl Link {
         Ok(conn)
     }
 
-    /// Connects, retrying with backoff until it succeeds or `shutdown` fires (then `None`).
+    /// Connects under [`RetryPolicy::RECONNECT`] until it succeeds or `shutdown` fires (then
+    /// `None`). A connect attempt may take [`CONNECT_TIMEOUT`]; a stop does not wait for it.
     pub async fn reconnect(&self, shutdown: &CancellationToken) -> Option<Arc<Connection>> {
-        let mut schedule = ExponentialBuilder::default()
-            .with_min_delay(RECONNECT_MIN_DELAY)
-            .with_max_delay(RECONNECT_MAX_DELAY)
-            .without_max_times()
-            .build();
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            // A connect attempt may take CONNECT_TIMEOUT; a stop must not wait for it.
-            let result = tokio::select! {
-                r = self.connect() => r,
-                _ = shutdown.cancelled() => return None,
-            };
-            match result {
-                Ok(c) => {
-                    info!(attempt, "connected to the broker");
-                    return Some(c);
-                }
-                Err(e) => {
-                    warn!(attempt, error = %e, url = %self.redacted_url, "cannot reach the broker; retrying")
-                }
+        let connected = retry(
+            RetryPolicy::RECONNECT,
+            shutdown,
+            |_| self.connect(),
+            |_| false,
+            |e, attempt, _| {
+                warn!(attempt, error = %crate::telemetry::Chain(e), url = %self.redacted_url, "cannot reach the broker; retrying")
+            },
+        )
+        .await;
+        match connected {
+            Ok(c) => {
+                info!("connected to the broker");
+                Some(c)
             }
-            let delay = schedule.next().unwrap_or(RECONNECT_MAX_DELAY);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return None,
-            }
+            Err(Stopped::Cancelled | Stopped::Permanent(_) | Stopped::Spent(..)) => None,
         }
     }
 

@@ -1,9 +1,14 @@
-//! RabbitMQ: topology, confirmed publishing and the AMQP properties of output messages.
+//! RabbitMQ: the connection, the topology, the consumer supervisor, the envelope of what is
+//! read and published, and confirmed publishing.
 
+pub mod consumer;
+pub mod envelope;
 pub mod link;
 pub mod publisher;
 pub mod topology;
 
-pub use link::Link;
+pub use consumer::{Consumer, Stops, SubscribeError, SubscribeFailed};
+pub use envelope::Inbound;
+pub use link::{ConnectError, Link};
 pub use publisher::{PublishError, Publisher};
-pub use topology::{Topology, TopologyError, declare};
+pub use topology::{QueueType, Topology, TopologyError, declare};

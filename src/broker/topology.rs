@@ -8,10 +8,31 @@ use lapin::{
     Channel, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     protocol::{AMQPErrorKind, AMQPSoftError},
-    types::{AMQPValue, FieldTable, LongString},
+    types::{AMQPValue, FieldTable},
 };
 
-use crate::config::{QueueType, Settings};
+use super::envelope::long;
+
+/// The type of the input, dead-letter and delay queues (RabbitMQ `x-queue-type`).
+///
+/// Source: <https://www.rabbitmq.com/docs/quorum-queues>.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    /// Replicated, durable queue; the default for new deployments.
+    Quorum,
+    /// RabbitMQ's classic queue, for brokers or policies that need it.
+    Classic,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument for this type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
 
 /// Names and types of everything the worker declares.
 #[derive(Clone, Debug)]
@@ -41,21 +62,6 @@ impl Topology {
     }
 }
 
-impl From<&Settings> for Topology {
-    fn from(s: &Settings) -> Self {
-        Self {
-            input_exchange: s.input_exchange.clone(),
-            input_routing_key: s.input_routing_key.clone(),
-            input_queue: s.input_queue.clone(),
-            queue_type: s.queue_type,
-            output_exchange: s.output_exchange.clone(),
-            dead_letter_exchange: s.dead_letter_exchange.clone(),
-            dead_letter_queue: s.dead_letter_queue.clone(),
-            delay_tiers: s.delayed_retry_delays.0.clone(),
-        }
-    }
-}
-
 /// A declaration the broker refused.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -75,11 +81,12 @@ pub enum TopologyError {
     #[error("declaring the topology took longer than {0} s")]
     Timeout(u64),
     /// Any other failure.
-    #[error("declaring {object} failed: {source}")]
+    #[error("declaring {object} failed")]
     Other {
         /// What was being declared.
         object: String,
         /// lapin's error.
+        #[source]
         source: lapin::Error,
     },
 }
@@ -103,11 +110,6 @@ fn classify(object: String, e: lapin::Error) -> TopologyError {
         };
     }
     TopologyError::Other { object, source: e }
-}
-
-/// An AMQP long-string value (header or argument).
-pub fn long(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
 /// Declares the topology on `channel`.

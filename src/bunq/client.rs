@@ -22,7 +22,7 @@ use super::{
     },
     signing,
 };
-use crate::outcome::FailureReason;
+use crate::failure::FailureReason;
 
 /// Largest response body the worker reads, in bytes; bunq's answers are a few KiB.
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::outcome::FailureReason;
+use crate::failure::FailureReason;
 
 /// How the caller should react to a failed call.
 #[derive(Clone, Debug, PartialEq, Eq)]

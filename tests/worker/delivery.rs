@@ -111,8 +111,8 @@ async fn an_inequivalent_queue_stops_start_up_with_a_message_naming_it() {
         .await;
     let err = bunq_session_worker::Worker::build(app.settings())
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    let err = chain(&err);
     assert!(
         err.contains(&format!("queue '{}'", app.names.input_queue)),
         "{err}"

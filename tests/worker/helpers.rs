@@ -534,6 +534,11 @@ impl TestApp {
     }
 }
 
+/// An error as the binary prints it: the message and its causes.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    bunq_session_worker::telemetry::Chain(e).to_string()
+}
+
 /// A header of a delivery as text (long or short string), or an integer's decimal form.
 pub fn header(d: &Delivery, name: &str) -> Option<String> {
     let v = d.properties.headers().as_ref()?.inner().get(name)?.clone();

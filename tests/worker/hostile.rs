@@ -172,8 +172,8 @@ async fn an_installation_token_no_header_can_carry_stops_start_up() {
         .await;
     let err = bunq_session_worker::Worker::build(app.settings())
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    let err = chain(&err);
     assert_eq!(
         err,
         "installation token holds characters an HTTP header cannot carry"
@@ -270,9 +270,9 @@ async fn the_same_credential_in_another_shape_is_not_sent_to_bunq_twice() {
     assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
     assert_eq!(
         first.properties.message_id().as_ref().unwrap().to_string(),
-        bunq_session_worker::worker::output_message_id(
+        bunq_session_worker::ledger::output_message_id(
             "session.created",
-            &bunq_session_worker::worker::input_identity(
+            &bunq_session_worker::ledger::input_identity(
                 json!({"token_value": token, "provision_id": 7})
                     .to_string()
                     .as_bytes(),

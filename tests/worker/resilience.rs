@@ -379,7 +379,7 @@ async fn a_subscription_that_keeps_failing_stops_the_worker() {
     .await
     .unwrap();
     eventually("the worker gives up", || async { !app.worker_is_running() }).await;
-    let err = app.stop_worker().await.unwrap_err().to_string();
+    let err = chain(&app.stop_worker().await.unwrap_err());
     assert!(err.contains("cannot subscribe after 5 attempts"), "{err}");
     assert!(err.contains("'type'"), "{err}");
     app.cleanup().await;
@@ -391,8 +391,8 @@ async fn a_broker_that_never_answers_fails_start_up_in_bounded_time() {
     proxy.black_hole();
     let err = bunq_session_worker::Worker::build(app.settings())
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    let err = chain(&err);
     assert!(err.contains("did not complete the AMQP handshake"), "{err}");
     proxy.restore();
     app.extra_args.clear(); // cleanup talks to the broker directly

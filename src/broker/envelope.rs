@@ -1,0 +1,286 @@
+//! The AMQP envelope: what the worker reads from a delivery, once, and the properties of what it
+//! publishes (output events, dead-letter copies, delayed-retry copies).
+//!
+//! An [`Inbound`] is read from a lapin `Delivery` in one pass: the decoded body, the input's
+//! identity, the worker's own `x-bunq-*` bookkeeping headers, the original route, the
+//! redelivered flag and the broker's `x-delivery-count`. Nothing downstream reads a header again,
+//! and [`crate::process`] sees no lapin type.
+
+use lapin::{
+    BasicProperties,
+    message::Delivery,
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use time::OffsetDateTime;
+
+use crate::{
+    events::{self, Decoded, InputError},
+    ledger::{self, Key},
+    outcome::{Delayed, Failure},
+};
+
+/// Value of the `app_id` property on everything the worker publishes.
+pub const APP_ID: &str = "bunq-session-worker";
+
+/// Header with the exchange an input was first published to, kept across delayed retries.
+pub const ORIGINAL_EXCHANGE_HEADER: &str = "x-bunq-original-exchange";
+/// Header with the routing key an input was first published with, kept across delayed retries.
+pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-bunq-original-routing-key";
+/// Header with the first bunq call's time (RFC 3339), kept across delayed retries.
+pub const FIRST_ATTEMPT_HEADER: &str = "x-bunq-first-attempt-at";
+/// Header counting the delayed retries an input has been through.
+pub const DELAYED_RETRIES_HEADER: &str = "x-bunq-delayed-retries";
+/// Header carrying the bunq calls made for an input before its latest delayed retry.
+pub const CALLS_HEADER: &str = "x-bunq-calls";
+/// Header a quorum queue sets on a redelivered message: how often it was returned
+/// (<https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling>).
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// An AMQP long-string value (header or argument).
+pub fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Where a producer published an input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The exchange (empty for the default exchange).
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
+}
+
+/// What earlier rounds of an input left in its bookkeeping headers; all zero for a fresh input.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    /// Delayed retries this input has been through (`x-bunq-delayed-retries`).
+    pub round: u32,
+    /// bunq calls made in earlier rounds (`x-bunq-calls`).
+    pub calls_before: u32,
+    /// When the first bunq call for this input started, over all rounds
+    /// (`x-bunq-first-attempt-at`).
+    pub first_attempt_at: Option<OffsetDateTime>,
+}
+
+/// A delivery as the worker reads it, once.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The body, as received.
+    pub body: Vec<u8>,
+    /// The body decoded (or why it could not be).
+    pub decoded: Result<Decoded, InputError>,
+    /// The input's identity ([`ledger::identity`]).
+    pub identity: Key,
+    /// Earlier rounds of this input (delayed retries).
+    pub history: History,
+    /// Where the producer published it (kept across delayed retries).
+    pub original_route: Route,
+    /// The routing key of this delivery (a copy back from a delay queue has the queue's name).
+    pub routing_key: String,
+    /// AMQP's redelivered flag.
+    pub redelivered: bool,
+    /// The broker's `x-delivery-count`, when a quorum queue set it.
+    pub delivery_count: Option<u32>,
+    /// The producer's `message_id`, shortened and escaped for logs.
+    pub message_id: String,
+    properties: BasicProperties,
+}
+
+impl Inbound {
+    /// Reads `delivery` (taking its body) and decodes the body with the `max_bytes` limit
+    /// (`MAX_MESSAGE_BYTES`).
+    pub fn read(delivery: &mut Delivery, max_bytes: usize) -> Self {
+        let body = std::mem::take(&mut delivery.data);
+        let decoded = events::decode(&body, max_bytes);
+        let identity = ledger::identity(&body, &decoded);
+        let p = &delivery.properties;
+        let original_route = Route {
+            exchange: str_header(p, ORIGINAL_EXCHANGE_HEADER)
+                .unwrap_or_else(|| delivery.exchange.to_string()),
+            routing_key: str_header(p, ORIGINAL_ROUTING_KEY_HEADER)
+                .unwrap_or_else(|| delivery.routing_key.to_string()),
+        };
+        Self {
+            identity,
+            decoded,
+            history: History {
+                round: int_header(p, DELAYED_RETRIES_HEADER).unwrap_or(0),
+                calls_before: int_header(p, CALLS_HEADER).unwrap_or(0),
+                first_attempt_at: str_header(p, FIRST_ATTEMPT_HEADER)
+                    .as_deref()
+                    .and_then(events::parse_time),
+            },
+            original_route,
+            routing_key: delivery.routing_key.to_string(),
+            redelivered: delivery.redelivered,
+            delivery_count: int_header(p, DELIVERY_COUNT_HEADER),
+            message_id: p
+                .message_id()
+                .as_ref()
+                .map(|m| events::log_safe(m.as_str()))
+                .unwrap_or_default(),
+            properties: p.clone(),
+            body,
+        }
+    }
+
+    /// Properties of an output event (`session.created` / `session.failed`): persistent, JSON,
+    /// `type` = `event_type`, a deterministic `message_id` ([`ledger::output_message_id`]), the
+    /// input's `correlation_id` (else its `message_id`, else the provision id), the time in s,
+    /// [`APP_ID`], and the input's W3C `traceparent` header when it had one.
+    pub fn output_properties(&self, event_type: &str, provision_id: &str) -> BasicProperties {
+        let input = &self.properties;
+        let correlation_id = input
+            .correlation_id()
+            .clone()
+            .or_else(|| input.message_id().clone())
+            .unwrap_or_else(|| ShortString::from(provision_id.to_owned()));
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_type(event_type.into())
+            .with_message_id(ledger::output_message_id(event_type, &self.identity).into())
+            .with_correlation_id(correlation_id)
+            .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64)
+            .with_app_id(APP_ID.into());
+        if let Some(tp) = input
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("traceparent"))
+        {
+            let mut headers = FieldTable::default();
+            headers.insert("traceparent".into(), tp.clone());
+            props = props.with_headers(headers);
+        }
+        props
+    }
+
+    /// The dead-letter copy's properties: the input's plus `x-error-reason`, `x-error-detail`,
+    /// `x-attempts`, `x-original-exchange`, `x-original-routing-key` and `x-failed-at`
+    /// (RFC 3339).
+    pub fn dead_letter_properties(&self, failure: &Failure) -> BasicProperties {
+        let mut headers = self.producer_headers();
+        headers.insert("x-error-reason".into(), long(failure.reason.as_str()));
+        headers.insert("x-error-detail".into(), long(&failure.detail));
+        headers.insert(
+            "x-attempts".into(),
+            AMQPValue::LongLongInt(i64::from(failure.attempts)),
+        );
+        headers.insert(
+            "x-original-exchange".into(),
+            long(&self.original_route.exchange),
+        );
+        headers.insert(
+            "x-original-routing-key".into(),
+            long(&self.original_route.routing_key),
+        );
+        headers.insert(
+            "x-failed-at".into(),
+            long(&events::rfc3339(OffsetDateTime::now_utc())),
+        );
+        self.copy_properties(headers)
+    }
+
+    /// The delayed-retry copy's properties: the input's plus the worker's bookkeeping headers
+    /// (round, calls, original route, first attempt time).
+    pub fn delayed_properties(&self, d: &Delayed) -> BasicProperties {
+        let mut headers = self.producer_headers();
+        headers.insert(
+            DELAYED_RETRIES_HEADER.into(),
+            AMQPValue::LongLongInt(d.retries.into()),
+        );
+        headers.insert(CALLS_HEADER.into(), AMQPValue::LongLongInt(d.calls.into()));
+        headers.insert(
+            ORIGINAL_EXCHANGE_HEADER.into(),
+            long(&self.original_route.exchange),
+        );
+        headers.insert(
+            ORIGINAL_ROUTING_KEY_HEADER.into(),
+            long(&self.original_route.routing_key),
+        );
+        headers.insert(
+            FIRST_ATTEMPT_HEADER.into(),
+            long(&events::rfc3339(d.first_attempt_at)),
+        );
+        self.copy_properties(headers)
+    }
+
+    /// Properties for a copy of the input that the worker publishes itself (dead letter, delayed
+    /// retry): the input's, with `headers` set, minus what would make the copy vanish or be
+    /// refused. RabbitMQ's own dead-lettering drops `expiration` likewise
+    /// (<https://www.rabbitmq.com/docs/dlx>); a `user_id` that is not the worker's own login
+    /// makes the broker refuse the publish
+    /// (<https://www.rabbitmq.com/docs/validated-user-id>), so it is kept as the header
+    /// `x-original-user-id`.
+    fn copy_properties(&self, mut headers: FieldTable) -> BasicProperties {
+        let input = &self.properties;
+        if let Some(user) = input.user_id() {
+            headers.insert("x-original-user-id".into(), long(user.as_str()));
+        }
+        let mut props = BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        macro_rules! keep {
+            ($($get:ident => $with:ident),*) => {
+                $(if let Some(v) = input.$get().clone() { props = props.$with(v); })*
+            };
+        }
+        keep!(content_type => with_content_type, content_encoding => with_content_encoding,
+              priority => with_priority, correlation_id => with_correlation_id,
+              reply_to => with_reply_to, message_id => with_message_id, timestamp => with_timestamp,
+              kind => with_type, app_id => with_app_id, cluster_id => with_cluster_id);
+        props
+    }
+
+    /// The input's headers as its producer set them: without the worker's own bookkeeping
+    /// (`x-bunq-*`) and without the broker's dead-lettering history (`x-death`,
+    /// `x-first-death-*`, `x-last-death-*`) from a delay queue, so a dead letter tells its own
+    /// story and can be replayed as a fresh input.
+    fn producer_headers(&self) -> FieldTable {
+        let mut out = FieldTable::default();
+        if let Some(h) = self.properties.headers() {
+            for (k, v) in h.inner() {
+                let k_str = k.as_str();
+                if k_str.starts_with("x-bunq-")
+                    || k_str == "x-death"
+                    || k_str.starts_with("x-first-death-")
+                    || k_str.starts_with("x-last-death-")
+                {
+                    continue;
+                }
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        out
+    }
+}
+
+/// A string header (long or short string).
+fn str_header(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// An integer header (any AMQP integer type, or a decimal string) that fits a `u32`.
+fn int_header(props: &BasicProperties, name: &str) -> Option<u32> {
+    let v = props.headers().as_ref()?.inner().get(name)?;
+    let n: i64 = match v {
+        AMQPValue::ShortShortInt(i) => (*i).into(),
+        AMQPValue::ShortShortUInt(i) => (*i).into(),
+        AMQPValue::ShortInt(i) => (*i).into(),
+        AMQPValue::ShortUInt(i) => (*i).into(),
+        AMQPValue::LongInt(i) => (*i).into(),
+        AMQPValue::LongUInt(i) => (*i).into(),
+        AMQPValue::LongLongInt(i) => *i,
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}

@@ -1,0 +1,61 @@
+//! The failure vocabulary: the reason codes shared by dead-letter headers (`x-error-reason`),
+//! `session.failed`'s `reason` and the classification of bunq's answers.
+//!
+//! A low-level module on purpose: [`crate::events`], [`crate::bunq`] and [`crate::outcome`] all
+//! name these codes, and none of them depends on another for it.
+
+use serde::Serialize;
+
+/// Why a delivery ended in the dead-letter queue. The string forms are a public contract:
+/// they appear in the `x-error-reason` header and in `session.failed`'s `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The body is not JSON (or is empty).
+    MalformedJson,
+    /// The body is not UTF-8.
+    NotUtf8,
+    /// JSON, but not a provision event (wrong shape or types, missing or empty token).
+    InvalidEvent,
+    /// Larger than `MAX_MESSAGE_BYTES`.
+    TooLarge,
+    /// bunq answered 400 or 490: the credential (API key) or IP was refused.
+    CredentialRejected,
+    /// bunq answered 401 or 466: the installation token or request signature was refused.
+    SignatureRejected,
+    /// bunq answered 403.
+    Forbidden,
+    /// The credential's `expiry_time` passed before a session could be opened.
+    CredentialExpired,
+    /// Transient failures (timeouts, 5xx, 429, 491) outlasted the retry budget.
+    RetriesExhausted,
+    /// Another 4xx, a 1xx/3xx, or a 2xx without `Id` or `Token`.
+    UnexpectedResponse,
+    /// A 2xx whose `X-Bunq-Server-Signature` is missing or does not verify.
+    ResponseSignatureInvalid,
+}
+
+impl FailureReason {
+    /// The reason code, e.g. `credential_rejected`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::MalformedJson => "malformed_json",
+            FailureReason::NotUtf8 => "not_utf8",
+            FailureReason::InvalidEvent => "invalid_event",
+            FailureReason::TooLarge => "too_large",
+            FailureReason::CredentialRejected => "credential_rejected",
+            FailureReason::SignatureRejected => "signature_rejected",
+            FailureReason::Forbidden => "forbidden",
+            FailureReason::CredentialExpired => "credential_expired",
+            FailureReason::RetriesExhausted => "retries_exhausted",
+            FailureReason::UnexpectedResponse => "unexpected_response",
+            FailureReason::ResponseSignatureInvalid => "response_signature_invalid",
+        }
+    }
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

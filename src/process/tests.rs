@@ -1,0 +1,94 @@
+//! The choice after a failed round: delayed retry, expiry, or dead letter.
+
+use secrecy::SecretString;
+use time::macros::datetime;
+
+use super::*;
+use crate::events::ProvisionId;
+
+const NOW: OffsetDateTime = datetime!(2026-11-29 12:00 UTC);
+
+fn ready(expires_in_s: i64) -> ProvisionReady {
+    ProvisionReady {
+        provision_id: ProvisionId::Int(7),
+        credential_id: Some(8),
+        external_uuid: None,
+        expiry_time: Some(NOW + time::Duration::seconds(expires_in_s)),
+        token_value: SecretString::from("tok"),
+    }
+}
+
+fn failure(reason: FailureReason) -> FlowFailure {
+    FlowFailure {
+        reason,
+        detail: "503 for a while".into(),
+        http_status: Some(503),
+        error_description: None,
+        attempts: 3,
+        first_attempt_at: NOW,
+        last_attempt_at: NOW,
+    }
+}
+
+const TIERS: [Duration; 2] = [Duration::from_secs(60), Duration::from_secs(300)];
+
+#[test]
+fn spent_retries_take_the_next_tier_and_carry_the_history() {
+    let history = History {
+        round: 1,
+        calls_before: 5,
+        first_attempt_at: Some(NOW - time::Duration::minutes(2)),
+    };
+    let Outcome::Delayed(d) = after_failure(
+        &ready(3600),
+        &history,
+        failure(FailureReason::RetriesExhausted),
+        &TIERS,
+        NOW,
+    ) else {
+        panic!("expected a delayed retry");
+    };
+    assert_eq!(
+        d.delay,
+        Duration::from_secs(300),
+        "round 1 takes the second tier"
+    );
+    assert_eq!((d.retries, d.calls), (2, 8));
+    assert_eq!(d.first_attempt_at, NOW - time::Duration::minutes(2));
+}
+
+#[test]
+fn a_credential_that_expires_before_the_copy_returns_fails_as_expired() {
+    let out = after_failure(
+        &ready(59),
+        &History::default(),
+        failure(FailureReason::RetriesExhausted),
+        &TIERS,
+        NOW,
+    );
+    let Outcome::Failed(f) = out else {
+        panic!("expected a failure");
+    };
+    assert_eq!(f.reason, FailureReason::CredentialExpired);
+    assert!(f.detail.contains("no delayed retry"), "{}", f.detail);
+    assert_eq!(f.event.unwrap().reason, FailureReason::CredentialExpired);
+}
+
+#[test]
+fn without_a_tier_left_or_for_a_permanent_reason_it_is_dead_lettered() {
+    let last = History {
+        round: 2,
+        ..History::default()
+    };
+    for (history, reason) in [
+        (&last, FailureReason::RetriesExhausted),
+        (&History::default(), FailureReason::CredentialRejected),
+    ] {
+        let Outcome::Failed(f) = after_failure(&ready(3600), history, failure(reason), &TIERS, NOW)
+        else {
+            panic!("expected a failure for {reason}");
+        };
+        assert_eq!(f.reason, reason);
+        assert_eq!(f.attempts, 3);
+    }
+}

@@ -1,0 +1,226 @@
+//! Paused-clock tests of the retry budget, the expiry cut-off and pacing: the call is a closure
+//! returning what bunq's client would, so only time and the decisions are under test.
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::pacing::RateLimit;
+
+fn policy(max_elapsed_s: u64) -> RetryPolicy {
+    RetryPolicy {
+        initial_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(8),
+        max_attempts: 10,
+        max_elapsed: Some(Duration::from_secs(max_elapsed_s)),
+        jitter: false,
+        min_delay: Duration::ZERO,
+    }
+}
+
+fn error(class: RetryClass, status: u16) -> CallError {
+    CallError {
+        endpoint: SESSION_SERVER,
+        class,
+        http_status: Some(status),
+        description: "from the test".into(),
+        response_id: None,
+    }
+}
+
+/// A call that fails with `errors` in turn, then succeeds; records when each attempt began
+/// (seconds since `t0`).
+struct Script {
+    t0: Instant,
+    errors: Mutex<Vec<CallError>>,
+    at: Mutex<Vec<u64>>,
+}
+
+impl Script {
+    fn new(mut errors: Vec<CallError>) -> Self {
+        errors.reverse();
+        Self {
+            t0: Instant::now(),
+            errors: Mutex::new(errors),
+            at: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn always(class: RetryClass, status: u16) -> Self {
+        Self::new(vec![error(class, status); 100])
+    }
+
+    async fn call(&self) -> Result<Answer<()>, CallError> {
+        self.at.lock().unwrap().push(self.t0.elapsed().as_secs());
+        match self.errors.lock().unwrap().pop() {
+            Some(e) => Err(e),
+            None => Ok(Answer {
+                value: (),
+                response_id: None,
+            }),
+        }
+    }
+
+    fn at(&self) -> Vec<u64> {
+        self.at.lock().unwrap().clone()
+    }
+}
+
+fn failed(r: Result<Answer<()>, FlowError>) -> FlowFailure {
+    match r {
+        Err(FlowError::Failed(f)) => f,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+fn in_s(s: i64) -> Option<OffsetDateTime> {
+    Some(OffsetDateTime::now_utc() + time::Duration::seconds(s))
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_expiry_cuts_retries_before_the_wait_that_would_pass_it() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let script = Script::always(RetryClass::Transient, 503);
+    // Delays 1, 2, 4, 8 s: attempts at 0, 1, 3, 7; the next would be at 15, past the expiry.
+    let mut calls = Calls::new(policy(300), &pacer, FAR, in_s(12), &cancel);
+    let f = failed(calls.run(DEVICE_SERVER, || script.call()).await);
+    assert_eq!(f.reason, FailureReason::CredentialExpired);
+    assert!(f.detail.contains("before the next retry"), "{}", f.detail);
+    assert_eq!(script.at(), vec![0, 1, 3, 7]);
+    assert_eq!((f.attempts, f.http_status), (4, Some(503)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_elapsed_budget_ends_retries_with_retries_exhausted() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let script = Script::always(RetryClass::Transient, 502);
+    // Attempts at 0, 1, 3; waiting 4 more would end at 7, past the 5 s budget.
+    let mut calls = Calls::new(policy(5), &pacer, FAR, None, &cancel);
+    let f = failed(calls.run(DEVICE_SERVER, || script.call()).await);
+    assert_eq!(f.reason, FailureReason::RetriesExhausted);
+    assert!(
+        f.detail.contains("RETRY_MAX_ELAPSED_S (5 s)"),
+        "{}",
+        f.detail
+    );
+    assert_eq!(script.at(), vec![0, 1, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_is_shared_by_both_calls_but_attempts_are_per_call() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let p = RetryPolicy {
+        max_attempts: 3,
+        ..policy(300)
+    };
+    let mut calls = Calls::new(p, &pacer, FAR, None, &cancel);
+    let device = Script::new(vec![error(RetryClass::Transient, 503); 2]);
+    calls.run(DEVICE_SERVER, || device.call()).await.unwrap();
+    let session = Script::always(RetryClass::Transient, 503);
+    let f = failed(calls.run(SESSION_SERVER, || session.call()).await);
+    assert_eq!(f.reason, FailureReason::RetriesExhausted);
+    assert!(
+        f.detail.contains("failed 3 times (RETRY_MAX_ATTEMPTS)"),
+        "{}",
+        f.detail
+    );
+    assert_eq!(
+        f.attempts, 6,
+        "3 device-server calls and 3 session-server calls"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_pauses_every_session_server_call_for_its_window() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let window = Some(Duration::from_secs(30));
+    let script = Script::new(vec![error(RetryClass::RateLimited { window }, 429)]);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let t0 = Instant::now();
+    let first = calls.run(SESSION_SERVER, || script.call());
+    // Another delivery that wants a slot once the 429 has arrived waits out the same window.
+    let other = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pacer.reserve_before(t0 + FAR).unwrap()
+    };
+    let (first, other_slot) = tokio::join!(first, other);
+    first.unwrap();
+    assert_eq!(
+        script.at(),
+        vec![0, 30],
+        "the retry waits for bunq's window"
+    );
+    assert_eq!(other_slot, t0 + Duration::from_secs(30));
+}
+
+#[tokio::test(start_paused = true)]
+async fn pacing_waits_are_not_charged_to_the_elapsed_budget() {
+    let pacer = Pacer::new(Some(RateLimit {
+        calls: 1,
+        per: Duration::from_secs(20),
+    }));
+    let cancel = CancellationToken::new();
+    let t0 = Instant::now();
+    // Someone else took the first slot: this delivery waits 20 s, more than its 5 s budget.
+    pacer.reserve_before(t0 + FAR).unwrap();
+    let script = Script::new(vec![error(RetryClass::Transient, 503)]);
+    let mut calls = Calls::new(policy(5), &pacer, FAR, None, &cancel);
+    calls.run(SESSION_SERVER, || script.call()).await.unwrap();
+    assert_eq!(script.at(), vec![20, 40], "each attempt waits for its slot");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_past_the_hold_time_or_the_expiry_fails_without_a_call() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    pacer.pause(Duration::from_secs(100));
+    let script = Script::new(vec![]);
+    let mut calls = Calls::new(policy(300), &pacer, Duration::from_secs(10), None, &cancel);
+    let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
+    assert_eq!(f.reason, FailureReason::RetriesExhausted);
+    assert!(
+        f.detail.contains("paused for another 100 s"),
+        "{}",
+        f.detail
+    );
+    let mut calls = Calls::new(policy(300), &pacer, FAR, in_s(50), &cancel);
+    let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
+    assert_eq!(f.reason, FailureReason::CredentialExpired);
+    assert!(script.at().is_empty(), "no call was made");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_a_retry_wait_at_once() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let script = Script::always(RetryClass::Transient, 503);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let t0 = Instant::now();
+    let stopper = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stopper.cancel();
+    });
+    let r = calls.run(DEVICE_SERVER, || script.call()).await;
+    assert!(matches!(r, Err(FlowError::Cancelled)), "{r:?}");
+    assert_eq!(t0.elapsed(), Duration::from_millis(1500));
+    assert_eq!(script.at(), vec![0, 1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_answer_is_not_retried() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let script = Script::always(
+        RetryClass::Permanent(FailureReason::CredentialRejected),
+        400,
+    );
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
+    assert_eq!(f.reason, FailureReason::CredentialRejected);
+    assert_eq!(f.error_description.as_deref(), Some("from the test"));
+    assert_eq!(script.at(), vec![0]);
+}

@@ -1,0 +1,256 @@
+//! The worker: start-up wiring and the handle a caller runs until stopped.
+//!
+//! [`Worker::build`] connects, declares the topology and loads the API context;
+//! [`Worker::run_until_stopped`] consumes through [`crate::broker::Consumer`], each delivery
+//! going through [`delivery::handle`]: read once ([`crate::broker::Inbound`]), looked up in the
+//! [`crate::ledger`], decided ([`crate::process`]), settled ([`crate::settle`]).
+
+mod bootstrap;
+mod delivery;
+
+use std::{sync::Arc, time::Duration};
+
+use lapin::Connection;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    broker::{
+        ConnectError, Consumer, Link, Publisher, Stops, SubscribeFailed, TopologyError, declare,
+    },
+    bunq::{BunqClient, CallError, context::ContextError},
+    config::Settings,
+    ledger::{InFlight, KnownOutcomes},
+    pacing::Pacer,
+    session::SessionFlow,
+    settle::Settler,
+};
+
+pub use crate::broker::envelope::APP_ID;
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The broker is unreachable, refused the login or did not answer in time.
+    #[error("cannot connect to the broker at {url}")]
+    Connect {
+        /// `AMQP_URL` without its password.
+        url: String,
+        /// What went wrong.
+        #[source]
+        source: ConnectError,
+    },
+    /// A declaration failed (see [`TopologyError`]).
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// The API context could not be loaded or saved.
+    #[error(transparent)]
+    Context(#[from] ContextError),
+    /// `POST /installation` failed.
+    #[error("creating the bunq installation failed")]
+    Installation(#[source] CallError),
+    /// The HTTP client could not be built (e.g. no CA certificates for TLS).
+    #[error("cannot build the HTTP client")]
+    Http(#[source] reqwest::Error),
+    /// Another broker failure during start-up.
+    #[error("broker error during start-up")]
+    Broker(#[from] lapin::Error),
+    /// Shutdown was asked for during start-up.
+    #[error("start-up interrupted by a shutdown signal")]
+    Interrupted,
+}
+
+/// Why a running worker stopped without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Declaring the topology and subscribing kept failing on a live connection.
+    #[error(transparent)]
+    Subscribe(#[from] SubscribeFailed),
+}
+
+/// After this many failed attempts in a row to declare the topology and subscribe on a live
+/// connection, the worker exits non-zero rather than stay alive but deaf.
+pub const MAX_SUBSCRIBE_FAILURES: u32 = crate::retry::RetryPolicy::SUBSCRIBE.max_attempts;
+
+/// Everything a delivery's task needs; shared by all tasks.
+struct Shared {
+    flow: SessionFlow,
+    settler: Settler,
+    in_flight: InFlight,
+    max_message_bytes: usize,
+    /// Fires once consuming stopped: work waiting to retry bunq gives up.
+    stop_work: CancellationToken,
+}
+
+/// A worker with its API context ready and a first connection to the broker.
+pub struct Worker {
+    shared: Arc<Shared>,
+    consumer: Consumer,
+    first_connection: Option<Arc<Connection>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("consumer_tag", &self.consumer.consumer_tag)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The worker's broker state, for health checks and tests.
+#[derive(Clone, Debug)]
+pub struct WorkerStatus {
+    link: Arc<Link>,
+}
+
+impl WorkerStatus {
+    /// Whether the broker currently blocks this worker's publishing (`connection.blocked`, a
+    /// memory or disk alarm).
+    pub fn publishing_blocked(&self) -> bool {
+        self.link.is_blocked()
+    }
+
+    /// Whether the worker has an open connection.
+    pub async fn connected(&self) -> bool {
+        self.link.current().await.is_some()
+    }
+}
+
+impl Worker {
+    /// Connects to the broker, declares the topology and loads (or creates) the API context
+    /// (see [`bootstrap::load_context`]).
+    ///
+    /// # Errors
+    /// [`StartError`] naming what failed: at start-up an unreachable broker is an error (the
+    /// orchestrator retries), unlike later, when the worker reconnects by itself. A topology
+    /// conflict names the object and argument.
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let consumer_tag = format!(
+            "{APP_ID}-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let connect_error = |source| StartError::Connect {
+            url: settings.broker.amqp_url_redacted(),
+            source,
+        };
+        let link = Arc::new(
+            Link::new(
+                &settings.broker.amqp_url,
+                consumer_tag.clone(),
+                settings.broker.heartbeat_s,
+            )
+            .map_err(connect_error)?,
+        );
+        let connection = link.connect().await.map_err(connect_error)?;
+        let topology = settings.topology.topology();
+        let topology_channel = connection.create_channel().await?;
+        declare(&topology_channel, &topology).await?;
+        let _ = topology_channel.close(200, "declared".into()).await;
+
+        let bunq = &settings.bunq;
+        let client = BunqClient::new(
+            bunq.api_url.clone(),
+            bunq.user_agent.clone(),
+            bunq.http_timeout,
+            bunq.verify_response_signature,
+        )
+        .map_err(StartError::Http)?;
+        let policy = settings.retry.policy();
+        let never = CancellationToken::new();
+        let ctx = bootstrap::load_context(bunq, &client, policy.clone(), &never).await?;
+        info!(
+            installation_key_sha256 = ctx.public_key_sha256(),
+            "bunq API context ready"
+        );
+        let flow = SessionFlow {
+            client,
+            ctx: Arc::new(ctx),
+            policy,
+            register_device: bunq.register_device,
+            device_description: bunq.device_description.clone(),
+            permitted_ips: bunq
+                .permitted_ips
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .collect(),
+            pacer: Arc::new(Pacer::new(bunq.session_rate_limit)),
+            // Without a broker consumer timeout a paced delivery may wait for the credential's
+            // expiry; a year stands for "no limit" without overflowing clocks.
+            max_hold: if settings.broker.consumer_timeout.is_zero() {
+                Duration::from_secs(365 * 86_400)
+            } else {
+                settings.broker.consumer_timeout / 2
+            },
+        };
+        for w in settings.warnings() {
+            warn!("{w}");
+        }
+        let hard_stop = CancellationToken::new();
+        let settler = Settler {
+            publisher: Publisher::new(link.clone(), settings.broker.publish_confirm_timeout),
+            topology: topology.clone(),
+            known: Arc::new(KnownOutcomes::default()),
+            publish_budget: settings.retry.max_elapsed,
+            hard_stop,
+        };
+        Ok(Self {
+            consumer: Consumer {
+                link,
+                topology,
+                prefetch: settings.effective_prefetch().0,
+                consumer_tag,
+                drain_timeout: settings.shutdown_timeout,
+            },
+            shared: Arc::new(Shared {
+                flow,
+                settler,
+                in_flight: InFlight::default(),
+                max_message_bytes: settings.max_message_bytes,
+                stop_work: CancellationToken::new(),
+            }),
+            first_connection: Some(connection),
+        })
+    }
+
+    /// A handle on the worker's broker state, usable while it runs.
+    pub fn status(&self) -> WorkerStatus {
+        WorkerStatus {
+            link: self.consumer.link.clone(),
+        }
+    }
+
+    /// The consumer tag, also the AMQP connection name (`connection_name` client property,
+    /// shown by `rabbitmqctl list_connections client_properties`).
+    pub fn consumer_tag(&self) -> &str {
+        &self.consumer.consumer_tag
+    }
+
+    /// Consumes until `shutdown` fires, surviving the broker (see
+    /// [`crate::broker::consumer`]), then drains in-flight deliveries within
+    /// `SHUTDOWN_TIMEOUT_S`, aborts what is left (the broker redelivers it) and closes the
+    /// connection.
+    ///
+    /// # Errors
+    /// [`RunError::Subscribe`] when declaring and subscribing fails
+    /// [`MAX_SUBSCRIBE_FAILURES`] times in a row on a live connection: the process should exit
+    /// non-zero and be restarted rather than stay alive but deaf.
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> Result<(), RunError> {
+        let stops = Stops {
+            shutdown,
+            stop_work: self.shared.stop_work.clone(),
+            hard_stop: self.shared.settler.hard_stop.clone(),
+        };
+        let shared = self.shared.clone();
+        let result = self
+            .consumer
+            .run(self.first_connection.take(), &stops, move |d| {
+                delivery::handle(shared.clone(), d)
+            })
+            .await;
+        self.shared.settler.publisher.close().await;
+        self.consumer.link.close().await;
+        info!("stopped");
+        Ok(result?)
+    }
+}
