@@ -16,6 +16,59 @@ use crate::{
     telemetry::LogFormat,
 };
 
+/// Text shown after `--help`: the variables read outside the settings below.
+const AFTER_HELP: &str = "Logging: RUST_LOG sets the log filter (default info; e.g. RUST_LOG=debug or RUST_LOG=bunq_session_worker=debug); LOG_FORMAT=json writes one JSON object per line; text is coloured only on a terminal and never when NO_COLOR is set.";
+
+/// What the binary does.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run the worker (the default): consume provision-ready events, open sessions, publish
+    /// session events.
+    Run,
+    /// Try the whole job on this machine with only RabbitMQ (AMQP_URL): an embedded bunq
+    /// emulator, the worker on its own exchanges and queues, one sample event of each kind;
+    /// exits 0 when every outcome is the expected one.
+    Demo,
+    /// Publish one sample event of each kind to a running worker's input exchange and print
+    /// what comes back (the worker must use the bunq emulator); exits 0 when every outcome is
+    /// the expected one.
+    Samples,
+    /// Serve the bunq emulator: installation, device-server and session-server as bunq answers
+    /// them, for trying the worker without bunq credentials. Not for production.
+    Emulator(crate::emulator::EmulatorSettings),
+}
+
+/// The command line: a subcommand (default `run`) and the worker's settings.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "bunq-session-worker",
+    version,
+    args_override_self = true,
+    long_about = None,
+    after_help = AFTER_HELP,
+    about = "Opens bunq sessions for provisioned users: consumes provision-ready events from RabbitMQ and publishes session events."
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The worker's settings.
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+impl Cli {
+    /// Reads the command line and environment; validates the settings.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn load() -> Result<(Command, Settings), LoadError> {
+        let cli = Cli::try_parse()?;
+        cli.settings.validate()?;
+        Ok((cli.command.unwrap_or(Command::Run), cli.settings))
+    }
+}
+
 /// The worker's settings, read from environment variables or flags (a flag wins over its env var).
 ///
 /// Grouped by what each group builds: [`BrokerSettings`] the connection and consumer,
@@ -162,7 +215,7 @@ pub struct TopologySettings {
 
     /// Durable delayed retry: comma-separated delays in s, one per tier (e.g. `60,300,900`);
     /// when a delivery's in-process retries are spent and its credential still has time, it
-    /// waits in the tier's delay queue and comes back. Empty disables.
+    /// waits in the tier's delay queue and comes back. `off` or empty disables.
     #[arg(long = "delayed-retry-delays-s", env = "DELAYED_RETRY_DELAYS_S", value_name = "DELAYED_RETRY_DELAYS_S", default_value = "60,300,900", value_parser = parse_delays)]
     pub delayed_retry_delays: DelayTiers,
 }

@@ -21,11 +21,16 @@
 //! - [`config`]: the only module that reads the environment.
 //! - [`telemetry`]: tracing set-up, text or JSON; error cause chains.
 //! - [`worker`]: start-up wiring and the delivery path.
+//! - [`emulator`]: a bunq emulator (installation, device-server, session-server) for trying
+//!   the worker without bunq credentials.
+//! - [`demo`]: `demo` (emulator + worker + one sample of each kind) and `samples`.
 #![warn(missing_docs)]
 
 pub mod broker;
 pub mod bunq;
 pub mod config;
+pub mod demo;
+pub mod emulator;
 pub mod events;
 pub mod failure;
 pub mod ledger;

@@ -1,16 +1,22 @@
 //! The `bunq-session-worker` binary: reads the configuration and runs the worker until SIGINT
-//! or SIGTERM. Exit status: 0 after a clean stop, 1 on a start-up or run failure, 2 on invalid
-//! configuration.
+//! or SIGTERM, or runs `demo`, `samples` or `emulator`. Exit status: 0 after a clean stop (or a
+//! demo whose outcomes were all expected), 1 on a start-up or run failure (or an unexpected demo
+//! outcome), 2 on invalid configuration.
 
 use std::process::ExitCode;
 
-use bunq_session_worker::{Settings, Worker, config::LoadError, telemetry, telemetry::Chain};
+use bunq_session_worker::{
+    Settings, Worker,
+    config::{Cli, Command, LoadError},
+    demo, emulator, telemetry,
+    telemetry::Chain,
+};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let settings = match Settings::load() {
-        Ok(s) => s,
+    let (command, settings) = match Cli::load() {
+        Ok(loaded) => loaded,
         Err(LoadError::Args(e)) => {
             let _ = e.print();
             return if e.use_stderr() {
@@ -24,32 +30,99 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(settings.log_format);
-    let worker = match Worker::build(settings).await {
-        Ok(w) => w,
+    // Signals are handled from the first moment: as PID 1 in a container an unhandled SIGTERM
+    // is ignored by the kernel, and start-up (connecting, the installation) can take a while.
+    let shutdown = CancellationToken::new();
+    #[cfg(unix)]
+    let term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
         Err(e) => {
-            tracing::error!(error = %Chain(&e), "start-up failed");
-            eprintln!("bunq-session-worker: {}", Chain(&e));
+            eprintln!("bunq-session-worker: cannot handle SIGTERM: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signal_listener(shutdown.clone()));
-    match worker.run_until_stopped(shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %Chain(&e), "worker stopped");
-            eprintln!("bunq-session-worker: {}", Chain(&e));
-            ExitCode::FAILURE
-        }
+    tokio::spawn(signal_listener(
+        shutdown.clone(),
+        #[cfg(unix)]
+        term,
+    ));
+    // The demo prints its own lines; the worker inside it speaks only of errors.
+    let quiet = !matches!(command, Command::Run | Command::Emulator(_));
+    telemetry::init(settings.log_format, if quiet { "error" } else { "info" });
+    execute(command, settings, shutdown).await
+}
+
+async fn execute(command: Command, settings: Settings, shutdown: CancellationToken) -> ExitCode {
+    match command {
+        Command::Run => run(settings, shutdown).await,
+        Command::Demo => interruptible(demo::run(settings), &shutdown).await,
+        Command::Samples => interruptible(demo::publish_samples(&settings), &shutdown).await,
+        Command::Emulator(e) => match emulator::start(&e, shutdown).await {
+            Ok(running) => {
+                tracing::info!(base_url = %running.base_url, "bunq emulator listening; give the worker BUNQ_API_URL={}", running.base_url);
+                match running.wait().await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(&e),
+                }
+            }
+            Err(e) => fail(&e),
+        },
     }
 }
 
-async fn signal_listener(shutdown: CancellationToken) {
+async fn run(settings: Settings, shutdown: CancellationToken) -> ExitCode {
+    let worker = tokio::select! {
+        built = Worker::build(settings) => match built {
+            Ok(w) => w,
+            Err(e) => return fail(&e),
+        },
+        // The context file is written whole or not at all, so stopping here leaves nothing
+        // half-written.
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped during start-up");
+            return ExitCode::SUCCESS;
+        }
+    };
+    match worker.run_until_stopped(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Runs a demo step unless a signal comes first (then exit 130, as a shell does for SIGINT).
+async fn interruptible(
+    step: impl Future<Output = Result<bool, demo::DemoError>>,
+    shutdown: &CancellationToken,
+) -> ExitCode {
+    let result = tokio::select! {
+        r = step => r,
+        _ = shutdown.cancelled() => return ExitCode::from(130),
+    };
+    match result {
+        Ok(true) => {
+            println!("every outcome was the expected one");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("some outcomes were not the expected ones (see above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Logs an error once, with its causes.
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    tracing::error!(error = %Chain(e), "stopped");
+    ExitCode::FAILURE
+}
+
+async fn signal_listener(
+    shutdown: CancellationToken,
+    #[cfg(unix)] mut term: tokio::signal::unix::Signal,
+) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -225,8 +225,7 @@ impl<'a> Calls<'a> {
                         endpoint,
                         attempt,
                         latency_ms,
-                        bunq_response_id = answer.response_id.as_deref().unwrap_or(""),
-                        outcome = "ok",
+                        bunq_response_id = answer.response_id.as_deref(),
                         "bunq call succeeded"
                     );
                     return Ok(answer);
@@ -238,8 +237,8 @@ impl<'a> Calls<'a> {
                 attempt,
                 latency_ms,
                 http_status = err.http_status,
-                bunq_response_id = err.response_id.as_deref().unwrap_or(""),
-                outcome = ?err.class,
+                bunq_response_id = err.response_id.as_deref(),
+                retry_class = err.class.as_str(),
                 error = %err,
                 "bunq call failed"
             );

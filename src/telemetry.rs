@@ -29,15 +29,24 @@ pub fn carries_message_bodies(meta: &Metadata<'_>) -> bool {
 }
 
 /// Installs the global subscriber writing to standard output. Call once, from `main`.
-pub fn init(format: LogFormat) {
-    let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+///
+/// `RUST_LOG` sets the filter; without it, `default_level` (e.g. `info`) with lapin's own
+/// events off: the worker reports broker failures itself, once, in its own words. Text is
+/// coloured only when standard output is a terminal and `NO_COLOR` is unset
+/// (<https://no-color.org>). JSON lines carry the current span once, as `span`.
+pub fn init(format: LogFormat, default_level: &str) {
+    let env = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},lapin=off")));
     let safe = filter_fn(|meta| !carries_message_bodies(meta));
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let layer = match format {
-        LogFormat::Text => fmt::layer().with_target(false).boxed(),
+        LogFormat::Text => fmt::layer().with_target(false).with_ansi(colour).boxed(),
         LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .with_span_list(false)
             .boxed(),
     };
     tracing_subscriber::registry()

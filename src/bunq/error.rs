@@ -22,6 +22,18 @@ pub enum RetryClass {
     Permanent(FailureReason),
 }
 
+impl RetryClass {
+    /// The class for logs: `transient`, `rate_limited`, or the reason code of a permanent
+    /// failure (e.g. `credential_rejected`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RetryClass::Transient => "transient",
+            RetryClass::RateLimited { .. } => "rate_limited",
+            RetryClass::Permanent(reason) => reason.as_str(),
+        }
+    }
+}
+
 /// One failed call to bunq. Holds no secret: descriptions are scrubbed of the tokens the call
 /// carried before they are stored.
 #[derive(Clone, Debug, thiserror::Error)]

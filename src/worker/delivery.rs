@@ -58,6 +58,10 @@ pub(super) async fn handle(shared: Arc<Shared>, mut delivery: Delivery) {
         metrics::histogram!("bunq_session_worker_delivery_seconds")
             .record(started.elapsed().as_secs_f64());
         info!(outcome = label, latency_ms, "delivery handled");
+        let _ = shared.handled.send(super::Handled {
+            message_id: inbound.message_id.clone(),
+            outcome: label,
+        });
     }
     .instrument(span)
     .await

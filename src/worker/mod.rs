@@ -72,8 +72,20 @@ pub enum RunError {
 /// connection, the worker exits non-zero rather than stay alive but deaf.
 pub const MAX_SUBSCRIBE_FAILURES: u32 = crate::retry::RetryPolicy::SUBSCRIBE.max_attempts;
 
+/// A delivery the worker finished with, for observers (the demo, tests).
+#[derive(Clone, Debug)]
+pub struct Handled {
+    /// The input's `message_id`, escaped and shortened for logs.
+    pub message_id: String,
+    /// What was done: `created`, `skipped`, `dead_lettered`, `delayed`, `requeued`, `abandoned`,
+    /// `unfinished` or `already_settled`.
+    pub outcome: &'static str,
+}
+
 /// Everything a delivery's task needs; shared by all tasks.
 struct Shared {
+    /// Told of every delivery handled; nobody need listen.
+    handled: tokio::sync::broadcast::Sender<Handled>,
     flow: SessionFlow,
     settler: Settler,
     in_flight: InFlight,
@@ -203,6 +215,7 @@ impl Worker {
                 drain_timeout: settings.shutdown_timeout,
             },
             shared: Arc::new(Shared {
+                handled: tokio::sync::broadcast::channel(1024).0,
                 flow,
                 settler,
                 in_flight: InFlight::default(),
@@ -218,6 +231,11 @@ impl Worker {
         WorkerStatus {
             link: self.consumer.link.clone(),
         }
+    }
+
+    /// Reports every delivery handled from now on (a lagging receiver loses the oldest).
+    pub fn handled(&self) -> tokio::sync::broadcast::Receiver<Handled> {
+        self.shared.handled.subscribe()
     }
 
     /// The consumer tag, also the AMQP connection name (`connection_name` client property,
