@@ -15,15 +15,43 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
+fn redact(url: &str) -> String {
+    bunq_session_worker::broker::link::redact_url_password(url)
+}
+
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // In words, with the causes, not Rust's Debug form.
+            let mut text = e.to_string();
+            let mut source = e.source();
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("bus: {text}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let url = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
-    let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to RabbitMQ at AMQP_URL ({}): {e}",
+                redact(&url)
+            )
+        })?;
     let ch = conn.create_channel().await?;
     match args.first().map(String::as_str) {
         Some("publish") => {

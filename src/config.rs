@@ -61,12 +61,61 @@ impl Cli {
     /// Reads the command line and environment; validates the settings.
     ///
     /// # Errors
-    /// As [`Settings::load`].
+    /// As [`Settings::load`]; a value that does not parse is reported as
+    /// [`LoadError::Invalid`] naming the environment variable (see [`explain`]).
     pub fn load() -> Result<(Command, Settings), LoadError> {
-        let cli = Cli::try_parse()?;
+        let cli = Cli::try_parse().map_err(explain::<Cli>)?;
         cli.settings.validate()?;
         Ok((cli.command.unwrap_or(Command::Run), cli.settings))
     }
+}
+
+/// Rewrites clap's error for a value that does not parse so that it names the environment
+/// variable (and its flag) and says what is allowed, e.g. `PREFETCH (--prefetch): "0" is not
+/// allowed: expected a whole number from 1 to 65535`. The value is quoted only when it is not a
+/// hidden (secret) setting. Other errors (help, unknown flags) are returned as they are.
+pub fn explain<P: clap::CommandFactory>(e: clap::Error) -> LoadError {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return LoadError::Args(e);
+    }
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let Some(arg_text) = text(ContextKind::InvalidArg) else {
+        return LoadError::Args(e);
+    };
+    let flag = arg_text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let command = P::command();
+    let arg = command
+        .get_arguments()
+        .chain(command.get_subcommands().flat_map(|c| c.get_arguments()))
+        .find(|a| a.get_long().is_some_and(|l| format!("--{l}") == flag));
+    let env = arg
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned());
+    let hidden = arg.is_some_and(|a| a.is_hide_env_values_set());
+    let value = text(ContextKind::InvalidValue).filter(|_| !hidden);
+    let allowed = match e.get(ContextKind::ValidValue) {
+        Some(ContextValue::Strings(v)) => format!("expected one of {}", v.join(", ")),
+        _ => std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "not a valid value".into()),
+    };
+    let name = match env {
+        Some(env) => format!("{env} ({flag})"),
+        None => flag,
+    };
+    let value = value.map_or(String::new(), |v| format!(" {v:?} is not allowed:"));
+    LoadError::Invalid(ConfigError(format!("{name}:{value} {allowed}")))
 }
 
 /// The worker's settings, read from environment variables or flags (a flag wins over its env var).
@@ -141,7 +190,7 @@ pub struct BrokerSettings {
     pub publish_confirm_timeout: Duration,
 
     /// AMQP prefetch (`basic.qos` prefetch-count): deliveries in flight at once, 1..=65535.
-    #[arg(long, env = "PREFETCH", default_value = "16")]
+    #[arg(long, env = "PREFETCH", default_value = "16", value_parser = parse_prefetch)]
     pub prefetch: NonZeroU16,
 
     /// The broker's consumer timeout in s (RabbitMQ `consumer_timeout`, 30 min by default): a
@@ -362,7 +411,15 @@ fn parse_ms(s: &str) -> Result<Duration, String> {
     s.trim()
         .parse::<u64>()
         .map(Duration::from_millis)
-        .map_err(|e| format!("expected a whole number of milliseconds: {e}"))
+        .map_err(|_| "expected a whole number of milliseconds, such as 500".to_owned())
+}
+
+fn parse_prefetch(s: &str) -> Result<NonZeroU16, String> {
+    s.trim()
+        .parse::<u16>()
+        .ok()
+        .and_then(NonZeroU16::new)
+        .ok_or_else(|| "expected a whole number from 1 to 65535".to_owned())
 }
 
 /// The delayed-retry tiers, in order; empty when disabled.
@@ -397,7 +454,7 @@ fn parse_s(s: &str) -> Result<Duration, String> {
     s.trim()
         .parse::<u64>()
         .map(Duration::from_secs)
-        .map_err(|e| format!("expected a whole number of seconds: {e}"))
+        .map_err(|_| "expected a whole number of seconds, such as 30".to_owned())
 }
 
 /// A settings error found after parsing, naming the variable at fault.
@@ -426,7 +483,7 @@ impl Settings {
     /// value) or help was asked for; [`LoadError::Invalid`] when values are inconsistent (see
     /// [`Settings::validate`]).
     pub fn load() -> Result<Self, LoadError> {
-        let settings = Settings::try_parse()?;
+        let settings = Settings::try_parse().map_err(explain::<Settings>)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -705,6 +762,64 @@ mod tests {
         assert_eq!(redact_url_password("amqps://a:b@h/v"), "amqps://a:***@h/v");
         assert_eq!(redact_url_password("amqp://h:5672/v"), "amqp://h:5672/v");
         assert_eq!(redact_url_password("amqp://a:b:c@h"), "amqp://a:***@h");
+    }
+
+    #[test]
+    fn unparsable_values_name_the_variable_and_what_is_allowed() {
+        let explained = |args: &[&str]| {
+            let mut argv = vec!["bunq-session-worker"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv).map_err(explain::<Cli>) {
+                Err(LoadError::Invalid(e)) => e.to_string(),
+                other => panic!("expected an explained error, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            explained(&["--prefetch", "0"]),
+            "invalid configuration: PREFETCH (--prefetch): \"0\" is not allowed: expected a whole number from 1 to 65535"
+        );
+        let e = explained(&["--queue-type", "stream"]);
+        assert!(
+            e.contains("QUEUE_TYPE (--queue-type)") && e.contains("quorum, classic"),
+            "{e}"
+        );
+        let e = explained(&["--http-timeout-ms", "soon"]);
+        assert!(
+            e.contains("HTTP_TIMEOUT_MS") && e.contains("milliseconds"),
+            "{e}"
+        );
+        let e = explained(&["emulator", "--listen", "nowhere"]);
+        assert!(e.contains("EMULATOR_LISTEN"), "{e}");
+    }
+
+    /// `--help` and the README's configuration table name the same variables.
+    #[test]
+    fn the_readme_lists_every_setting() {
+        use clap::CommandFactory;
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("## Configuration")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has a Configuration section");
+        let documented: std::collections::BTreeSet<String> = section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .flat_map(|l| {
+                l.split('|')
+                    .nth(1)
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|v| v.trim().trim_matches('`').to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let known: std::collections::BTreeSet<String> = Settings::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .chain(["RUST_LOG".to_owned(), "NO_COLOR".to_owned()])
+            .collect();
+        assert_eq!(documented, known);
     }
 
     #[test]

@@ -59,7 +59,7 @@ async fn execute(command: Command, settings: Settings, shutdown: CancellationTok
         Command::Samples => interruptible(demo::publish_samples(&settings), &shutdown).await,
         Command::Emulator(e) => match emulator::start(&e, shutdown).await {
             Ok(running) => {
-                tracing::info!(base_url = %running.base_url, "bunq emulator listening; give the worker BUNQ_API_URL={}", running.base_url);
+                tracing::info!(base_url = %running.base_url, "bunq emulator listening (give the worker this base URL as BUNQ_API_URL)");
                 match running.wait().await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => fail(&e),
@@ -74,7 +74,7 @@ async fn run(settings: Settings, shutdown: CancellationToken) -> ExitCode {
     let worker = tokio::select! {
         built = Worker::build(settings) => match built {
             Ok(w) => w,
-            Err(e) => return fail(&e),
+            Err(e) => return fail_at_start(&e),
         },
         // The context file is written whole or not at all, so stopping here leaves nothing
         // half-written.
@@ -114,6 +114,12 @@ async fn interruptible(
 /// Logs an error once, with its causes.
 fn fail(e: &dyn std::error::Error) -> ExitCode {
     tracing::error!(error = %Chain(e), "stopped");
+    ExitCode::FAILURE
+}
+
+/// Logs a start-up error once, with its causes.
+fn fail_at_start(e: &dyn std::error::Error) -> ExitCode {
+    tracing::error!(error = %Chain(e), "start-up failed");
     ExitCode::FAILURE
 }
 
