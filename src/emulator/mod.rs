@@ -128,3 +128,6 @@ pub async fn start(
         task,
     })
 }
+
+#[cfg(test)]
+mod tests;
