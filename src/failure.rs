@@ -19,6 +19,8 @@ pub enum FailureReason {
     InvalidEvent,
     /// Larger than `MAX_MESSAGE_BYTES`.
     TooLarge,
+    /// A key the worker reads appears twice in its object.
+    DuplicateKey,
     /// bunq answered 400 or 490: the credential (API key) or IP was refused.
     CredentialRejected,
     /// bunq answered 401 or 466: the installation token or request signature was refused.
@@ -43,6 +45,7 @@ impl FailureReason {
             FailureReason::NotUtf8 => "not_utf8",
             FailureReason::InvalidEvent => "invalid_event",
             FailureReason::TooLarge => "too_large",
+            FailureReason::DuplicateKey => "duplicate_key",
             FailureReason::CredentialRejected => "credential_rejected",
             FailureReason::SignatureRejected => "signature_rejected",
             FailureReason::Forbidden => "forbidden",

@@ -10,7 +10,9 @@
 //! - bunq's object, wrapped `{"PartnerUserProvision": {...}}` or unwrapped `{"id": .., ...}`;
 //! - bunq's callback body `{"NotificationUrl": {"object": {"PartnerUserProvision": {...}}}}`.
 
-use std::fmt;
+mod strict_json;
+
+use std::{collections::HashSet, fmt};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Serialize, Serializer};
@@ -117,6 +119,11 @@ pub enum InputError {
     /// The body is JSON but not a provision event.
     #[error("{0}")]
     InvalidEvent(String),
+    /// A key the worker reads appears more than once in its object (the path, never a value).
+    #[error(
+        "the key {0} appears more than once in its object, so readers of this event could disagree on its value"
+    )]
+    DuplicateKey(String),
 }
 
 impl InputError {
@@ -127,6 +134,7 @@ impl InputError {
             InputError::NotUtf8 { .. } => FailureReason::NotUtf8,
             InputError::MalformedJson(_) => FailureReason::MalformedJson,
             InputError::InvalidEvent(_) => FailureReason::InvalidEvent,
+            InputError::DuplicateKey(_) => FailureReason::DuplicateKey,
         }
     }
 }
@@ -139,11 +147,17 @@ fn invalid(msg: impl Into<String>) -> InputError {
 ///
 /// The size check runs before anything else so an oversized body is never parsed.
 ///
+/// A key that appears twice in an object is refused on every path the worker reads (the
+/// wrappers, the provision, its credential, the slim fields), because JSON readers disagree on
+/// which value counts. Duplicates in objects or fields the worker ignores (`label_user`,
+/// `NotificationUrl.target_url`, …) pass: they cannot change what the worker does.
+///
 /// # Errors
 /// [`InputError::TooLarge`] when `body.len() > max_bytes`; [`InputError::NotUtf8`];
-/// [`InputError::MalformedJson`] for an empty body or invalid JSON; [`InputError::InvalidEvent`]
-/// when the JSON matches none of the shapes, a field has the wrong type, a slim event lacks a
-/// non-empty `token_value`, or a time does not parse.
+/// [`InputError::MalformedJson`] for an empty body or invalid JSON; [`InputError::DuplicateKey`]
+/// for a duplicated key the worker reads; [`InputError::InvalidEvent`] when the JSON matches
+/// none of the shapes, a field has the wrong type, a slim event lacks a non-empty
+/// `token_value`, or a time does not parse.
 pub fn decode(body: &[u8], max_bytes: usize) -> Result<Decoded, InputError> {
     if body.len() > max_bytes {
         return Err(InputError::TooLarge {
@@ -159,44 +173,79 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Decoded, InputError> {
     if text.trim().is_empty() {
         return Err(InputError::MalformedJson("body is empty".into()));
     }
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| InputError::MalformedJson(json_error(&e)))?;
-    let Value::Object(root) = value else {
+    let (value, dups) =
+        strict_json::parse(text).map_err(|e| InputError::MalformedJson(json_error(&e)))?;
+    let Value::Object(root) = &value else {
         return Err(invalid(format!(
             "expected a JSON object, found {}",
             type_name(&value)
         )));
     };
+    let root = Obj {
+        map: root,
+        path: String::new(),
+        dups: &dups,
+    };
 
-    if let Some(notification) = root.get("NotificationUrl") {
-        let notification = as_object(notification, "NotificationUrl")?;
+    if let Some(notification) = root.get("NotificationUrl")? {
+        let notification = root.child("NotificationUrl", notification)?;
         let object = notification
-            .get("object")
+            .get("object")?
             .ok_or_else(|| invalid("NotificationUrl.object is missing"))?;
-        let object = as_object(object, "NotificationUrl.object")?;
-        let provision = object.get("PartnerUserProvision").ok_or_else(|| {
+        let object = notification.child("object", object)?;
+        let provision = object.get("PartnerUserProvision")?.ok_or_else(|| {
             invalid("NotificationUrl.object holds no PartnerUserProvision (a callback of another category?)")
         })?;
-        return bunq_provision(
-            as_object(provision, "NotificationUrl.object.PartnerUserProvision")?,
-            "NotificationUrl.object.PartnerUserProvision.",
-        );
+        return bunq_provision(&object.child("PartnerUserProvision", provision)?);
     }
-    if let Some(provision) = root.get("PartnerUserProvision") {
-        return bunq_provision(
-            as_object(provision, "PartnerUserProvision")?,
-            "PartnerUserProvision.",
-        );
+    if let Some(provision) = root.get("PartnerUserProvision")? {
+        return bunq_provision(&root.child("PartnerUserProvision", provision)?);
     }
-    if root.contains_key("provision_id") {
+    if root.get("provision_id")?.is_some() {
         return slim(&root);
     }
-    if root.contains_key("id") {
-        return bunq_provision(&root, "");
+    if root.get("id")?.is_some() {
+        return bunq_provision(&root);
     }
     Err(invalid(
         "unrecognised event: expected a slim event (provision_id, token_value), a PartnerUserProvision object or a NotificationUrl callback",
     ))
+}
+
+/// An object of the input at `path` (empty at the root, else ending in `.`); reading a key
+/// that appears twice in it is an error.
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    path: String,
+    dups: &'a HashSet<String>,
+}
+
+impl<'a> Obj<'a> {
+    /// The value of `key`.
+    ///
+    /// # Errors
+    /// [`InputError::DuplicateKey`] when `key` appears more than once in this object.
+    fn get(&self, key: &str) -> Result<Option<&'a Value>, InputError> {
+        let path = self.field(key);
+        if self.dups.contains(&path) {
+            return Err(InputError::DuplicateKey(path));
+        }
+        Ok(self.map.get(key))
+    }
+
+    /// `key`'s value as an object.
+    fn child(&self, key: &str, v: &'a Value) -> Result<Obj<'a>, InputError> {
+        Ok(Obj {
+            map: as_object(v, &self.field(key))?,
+            path: format!("{}.", self.field(key)),
+            dups: self.dups,
+        })
+    }
+
+    /// The dotted path of `key`, for messages.
+    fn field(&self, key: &str) -> String {
+        format!("{}{key}", self.path)
+    }
 }
 
 /// serde_json's syntax messages quote no input, only positions; keep it that way.
@@ -212,9 +261,9 @@ fn json_error(e: &serde_json::Error) -> String {
     )
 }
 
-fn slim(root: &Map<String, Value>) -> Result<Decoded, InputError> {
-    let provision_id = provision_id(root.get("provision_id"), "provision_id")?;
-    let token_value = match root.get("token_value") {
+fn slim(root: &Obj<'_>) -> Result<Decoded, InputError> {
+    let provision_id = provision_id(root.get("provision_id")?, "provision_id")?;
+    let token_value = match root.get("token_value")? {
         None | Some(Value::Null) => return Err(invalid("token_value is missing")),
         Some(Value::String(s)) if s.trim().is_empty() => {
             return Err(invalid("token_value is empty"));
@@ -229,36 +278,35 @@ fn slim(root: &Map<String, Value>) -> Result<Decoded, InputError> {
     };
     Ok(Decoded::Ready(ProvisionReady {
         provision_id,
-        credential_id: opt_int(root.get("credential_id"), "credential_id")?,
-        external_uuid: opt_string(root.get("external_uuid"), "external_uuid")?,
-        expiry_time: opt_time(root.get("expiry_time"), "expiry_time")?,
+        credential_id: opt_int(root.get("credential_id")?, "credential_id")?,
+        external_uuid: opt_string(root.get("external_uuid")?, "external_uuid")?,
+        expiry_time: opt_time(root.get("expiry_time")?, "expiry_time")?,
         token_value,
     }))
 }
 
-fn bunq_provision(p: &Map<String, Value>, path: &str) -> Result<Decoded, InputError> {
-    let provision_id = provision_id(p.get("id"), &format!("{path}id"))?;
-    let external_uuid = opt_string(p.get("external_uuid"), &format!("{path}external_uuid"))?;
+fn bunq_provision(p: &Obj<'_>) -> Result<Decoded, InputError> {
+    let provision_id = provision_id(p.get("id")?, &p.field("id"))?;
+    let external_uuid = opt_string(p.get("external_uuid")?, &p.field("external_uuid"))?;
     let not_ready = |why: &str| {
         Ok(Decoded::NotReady(NotReady {
             provision_id: Some(provision_id.clone()),
             why: why.to_owned(),
         }))
     };
-    let credential = match p.get("credential") {
+    let credential = match p.get("credential")? {
         None | Some(Value::Null) => return not_ready("provision has no credential yet"),
-        Some(c) => as_object(c, &format!("{path}credential"))?,
+        Some(c) => p.child("credential", c)?,
     };
-    let cpath = format!("{path}credential.");
-    let status = opt_string(credential.get("status"), &format!("{cpath}status"))?;
-    let credential_id = opt_int(credential.get("id"), &format!("{cpath}id"))?;
+    let status = opt_string(credential.get("status")?, &credential.field("status"))?;
+    let credential_id = opt_int(credential.get("id")?, &credential.field("id"))?;
     let expiry_time = opt_time(
-        credential.get("expiry_time"),
-        &format!("{cpath}expiry_time"),
+        credential.get("expiry_time")?,
+        &credential.field("expiry_time"),
     )?;
     let token = opt_string(
-        credential.get("token_value"),
-        &format!("{cpath}token_value"),
+        credential.get("token_value")?,
+        &credential.field("token_value"),
     )?;
     if let Some(status) = status.as_deref()
         && status != "PENDING_FIRST_USE"
@@ -573,6 +621,62 @@ mod tests {
                 .to_string()
                 .contains("no PartnerUserProvision")
         );
+    }
+
+    #[test]
+    fn duplicate_keys_on_read_paths_are_refused_by_path() {
+        let cases = [
+            (
+                r#"{"provision_id": 1, "token_value": "AAAA", "token_value": "BBBB"}"#,
+                "token_value",
+            ),
+            (
+                r#"{"provision_id": 1, "provision_id": 2, "token_value": "AAAA"}"#,
+                "provision_id",
+            ),
+            (
+                r#"{"PartnerUserProvision": {"id": 1, "credential": {"token_value": "AAAA", "status": "PENDING_FIRST_USE", "token_value": "BBBB"}}}"#,
+                "PartnerUserProvision.credential.token_value",
+            ),
+            (
+                r#"{"PartnerUserProvision": {"id": 1, "credential": null}, "PartnerUserProvision": {"id": 2}}"#,
+                "PartnerUserProvision",
+            ),
+            (
+                r#"{"NotificationUrl": {"object": {"PartnerUserProvision": {"id": 1}}, "object": {}}}"#,
+                "NotificationUrl.object",
+            ),
+            (
+                r#"{"NotificationUrl": {"object": {"PartnerUserProvision": {"id": 1, "credential": {"expiry_time": "2099-01-01 00:00:00", "expiry_time": "2000-01-01 00:00:00", "token_value": "AAAA"}}}}}"#,
+                "NotificationUrl.object.PartnerUserProvision.credential.expiry_time",
+            ),
+            (r#"{"id": 1, "id": 2}"#, "id"),
+        ];
+        for (body, path) in cases {
+            let e = err(body.as_bytes());
+            assert_eq!(e, InputError::DuplicateKey(path.into()), "{body}");
+            assert_eq!(e.reason(), FailureReason::DuplicateKey);
+            let text = e.to_string();
+            assert!(text.contains(path), "{text}");
+            assert!(!text.contains("AAAA") && !text.contains("BBBB"), "{text}");
+        }
+    }
+
+    #[test]
+    fn duplicates_in_ignored_fields_pass() {
+        let body = r#"{"PartnerUserProvision": {"id": 1, "label_user": {"display_name": "a", "display_name": "b"},
+            "products": [{"x": 1, "x": 2}], "credential": {"token_value": "tok", "status": "PENDING_FIRST_USE"}},
+            "extra": 1, "extra": 2}"#;
+        assert!(matches!(
+            decode(body.as_bytes(), 4096),
+            Ok(Decoded::Ready(_))
+        ));
+        let callback = r#"{"NotificationUrl": {"target_url": "a", "target_url": "b",
+            "object": {"PartnerUserProvision": {"id": 1, "credential": null}}}}"#;
+        assert!(matches!(
+            decode(callback.as_bytes(), 4096),
+            Ok(Decoded::NotReady(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,130 @@
+//! JSON parsing that notices duplicate keys.
+//!
+//! RFC 8259 §4 says names within an object "SHOULD be unique" and leaves duplicates to each
+//! reader: serde_json keeps the last, other readers keep the first. For a credential that would
+//! let the worker and its neighbours disagree on which token an event carried, so the worker
+//! records every duplicated key's path and refuses the ones it reads (see [`super::decode`]).
+
+use std::{cell::RefCell, collections::HashSet, fmt};
+
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+
+/// Parses `text` like `serde_json::from_str::<Value>` (the last of duplicate keys wins) and
+/// returns the dotted paths of keys that appeared more than once in their object, e.g.
+/// `PartnerUserProvision.credential.token_value`; array elements add `[]` to the path.
+///
+/// # Errors
+/// serde_json's error for text that is not JSON (its messages quote no input).
+pub fn parse(text: &str) -> Result<(Value, HashSet<String>), serde_json::Error> {
+    let dups = RefCell::new(HashSet::new());
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = Node {
+        prefix: String::new(),
+        dups: &dups,
+    }
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok((value, dups.into_inner()))
+}
+
+/// A value being read at `prefix` (empty at the root, else ending in `.`).
+struct Node<'a> {
+    prefix: String,
+    dups: &'a RefCell<HashSet<String>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        let prefix = format!("{}[].", self.prefix.trim_end_matches('.'));
+        while let Some(v) = seq.next_element_seed(Node {
+            prefix: prefix.clone(),
+            dups: self.dups,
+        })? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = format!("{}{key}", self.prefix);
+            let value = map.next_value_seed(Node {
+                prefix: format!("{path}."),
+                dups: self.dups,
+            })?;
+            if out.insert(key, value).is_some() {
+                self.dups.borrow_mut().insert(path);
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_are_found_at_every_depth_and_the_last_wins() {
+        let (v, dups) = parse(
+            r#"{"a": 1, "a": 2, "b": {"c": {"d": 1, "d": 2}}, "e": [{"f": 1, "f": 1}], "g": 1.5}"#,
+        )
+        .unwrap();
+        assert_eq!(v["a"], 2);
+        let mut dups: Vec<_> = dups.into_iter().collect();
+        dups.sort();
+        assert_eq!(dups, vec!["a", "b.c.d", "e[].f"]);
+        assert_eq!(v["g"], 1.5);
+        assert!(parse("{} x").is_err(), "trailing input");
+        let (_, none) = parse(r#"{"a": {"a": 1}}"#).unwrap();
+        assert!(
+            none.is_empty(),
+            "the same name at other depths is no duplicate"
+        );
+    }
+}
