@@ -35,6 +35,9 @@ pub enum FailureReason {
     UnexpectedResponse,
     /// A 2xx whose `X-Bunq-Server-Signature` is missing or does not verify.
     ResponseSignatureInvalid,
+    /// An earlier session-server attempt's answer was lost and a retry was refused as a spent
+    /// credential: bunq may have opened a session whose token never arrived.
+    OutcomeUnknown,
 }
 
 impl FailureReason {
@@ -53,6 +56,7 @@ impl FailureReason {
             FailureReason::RetriesExhausted => "retries_exhausted",
             FailureReason::UnexpectedResponse => "unexpected_response",
             FailureReason::ResponseSignatureInvalid => "response_signature_invalid",
+            FailureReason::OutcomeUnknown => "outcome_unknown",
         }
     }
 }

@@ -9,7 +9,7 @@ use std::{panic::AssertUnwindSafe, time::Duration};
 use futures_util::FutureExt;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     broker::envelope::{History, Inbound},
@@ -90,6 +90,13 @@ async fn decide(
 
 fn created_event(ready: &ProvisionReady, opened: Opened, flow: &SessionFlow) -> SessionCreated {
     let s = opened.session;
+    if let Some(keys) = &s.unread_user {
+        // The credential is spent and the session exists: publish it rather than lose it.
+        warn!(
+            keys_seen = %keys.join(","),
+            "session opened, but bunq's user part could not be read; session.created carries null user fields"
+        );
+    }
     let created_at = s
         .token_created
         .as_deref()

@@ -97,6 +97,8 @@ pub(crate) struct Calls<'a> {
     first_attempt_at: Option<OffsetDateTime>,
     last_attempt_at: Option<OffsetDateTime>,
     last_error: Option<CallError>,
+    /// What an earlier session-server attempt whose answer was lost said, if one was.
+    lost_answer: Option<String>,
 }
 
 impl<'a> Calls<'a> {
@@ -124,6 +126,7 @@ impl<'a> Calls<'a> {
             first_attempt_at: None,
             last_attempt_at: None,
             last_error: None,
+            lost_answer: None,
         }
     }
 
@@ -244,8 +247,22 @@ impl<'a> Calls<'a> {
             );
             let class = err.class.clone();
             let summary = err.to_string();
+            if endpoint == SESSION_SERVER && err.answer_lost && self.lost_answer.is_none() {
+                self.lost_answer = Some(summary.clone());
+            }
             self.last_error = Some(err);
             let floor = match class {
+                RetryClass::Permanent(FailureReason::CredentialRejected)
+                    if endpoint == SESSION_SERVER =>
+                {
+                    return Err(match &self.lost_answer {
+                        Some(lost) => self.failure(
+                            FailureReason::OutcomeUnknown,
+                            format!("an earlier session-server attempt's answer was lost ({lost}) and bunq now refuses the credential ({summary}): bunq may have opened a session whose token never arrived; ask bunq for a token reset (PUT partner-user-provision/{{id}} with TOKEN_RESET_REQUESTED) and publish the new credential"),
+                        ),
+                        None => self.failure(FailureReason::CredentialRejected, summary),
+                    });
+                }
                 RetryClass::Permanent(reason) => return Err(self.failure(reason, summary)),
                 RetryClass::Transient => Duration::ZERO,
                 RetryClass::RateLimited { window } => window.unwrap_or_default(),

@@ -106,6 +106,7 @@ impl BunqClient {
             http_status: Some(status),
             description: d.to_owned(),
             response_id: response_id.clone(),
+            answer_lost: false,
         };
         let m = merge_response(&bytes).map_err(|d| unexpected(&d))?;
         let token = m
@@ -173,8 +174,21 @@ impl BunqClient {
             http_status: Some(status),
             description: d,
             response_id: response_id.clone(),
+            answer_lost: false,
         })?;
         Ok(Answer { value, response_id })
+    }
+
+    /// Whether `bytes` are a whole 2xx answer: its server signature verifies (when answers are
+    /// verified), else it is a whole JSON document.
+    fn is_whole_answer(&self, ctx: Option<&ApiContext>, headers: &HeaderMap, bytes: &[u8]) -> bool {
+        match (self.verify_responses, ctx) {
+            (true, Some(ctx)) => headers
+                .get("X-Bunq-Server-Signature")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|sig| signing::verify(ctx.server_public_key_der(), bytes, sig)),
+            _ => serde_json::from_slice::<serde_json::Value>(bytes).is_ok(),
+        }
     }
 
     /// Sends one attempt. `secrets` are scrubbed from any error description bunq echoes.
@@ -192,6 +206,7 @@ impl BunqClient {
             http_status,
             description,
             response_id,
+            answer_lost: false,
         };
         let mut req = self
             .http
@@ -219,11 +234,11 @@ impl BunqClient {
                 )
                 .header("X-Bunq-Client-Signature", signature);
         }
-        let mut resp = req
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| fail(RetryClass::Transient, None, transport_error(&e), None))?;
+        let mut resp = req.body(body).send().await.map_err(|e| CallError {
+            // Past the connection stage the request may have reached bunq.
+            answer_lost: !e.is_connect(),
+            ..fail(RetryClass::Transient, None, transport_error(&e), None)
+        })?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let rid = response_id(&headers);
@@ -246,13 +261,22 @@ impl BunqClient {
                     bytes.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
+                // A whole answer whose connection then ended badly (over TLS: closed without
+                // close_notify) is an answer: once bunq made a session, losing it over how the
+                // connection ended would waste a spent credential.
+                Err(_) if status.is_success() && self.is_whole_answer(ctx, &headers, &bytes) => {
+                    break;
+                }
                 Err(e) => {
-                    return Err(fail(
-                        RetryClass::Transient,
-                        Some(status.as_u16()),
-                        format!("reading the response failed: {}", transport_error(&e)),
-                        rid,
-                    ));
+                    return Err(CallError {
+                        answer_lost: true,
+                        ..fail(
+                            RetryClass::Transient,
+                            Some(status.as_u16()),
+                            format!("reading the response failed: {}", transport_error(&e)),
+                            rid,
+                        )
+                    });
                 }
             }
         }

@@ -49,6 +49,9 @@ pub struct CallError {
     pub description: String,
     /// bunq's `X-Bunq-Client-Response-Id`, when present.
     pub response_id: Option<String>,
+    /// The request may have reached bunq but its answer was lost (a timeout or a broken
+    /// connection after the request was sent): bunq may have acted on it.
+    pub answer_lost: bool,
 }
 
 impl CallError {

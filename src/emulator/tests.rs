@@ -45,7 +45,7 @@ async fn a_credential_opens_one_session_with_signed_answers() {
         .unwrap();
     // The client verifies X-Bunq-Server-Signature on every 2xx answer.
     let session = client.session_server(&ctx, &secret).await.unwrap();
-    assert_eq!(session.value.user_type, "UserPerson");
+    assert_eq!(session.value.user_type.as_deref(), Some("UserPerson"));
     assert!(session.response_id.is_some());
     assert_eq!(emu.emulator.sessions_opened(), 1);
     let spent = client.session_server(&ctx, &secret).await.unwrap_err();

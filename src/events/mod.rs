@@ -453,12 +453,14 @@ pub struct SessionCreated {
     /// session-server's `Token.token`: the bearer token for the user's API calls.
     #[serde(serialize_with = "expose")]
     pub session_token: SecretString,
-    /// The provisioned user's id: `UserApiKey.granted_by_user`'s id, else the user object's id.
-    pub user_id: i64,
+    /// The provisioned user's id: `UserApiKey.granted_by_user`'s id, else the user object's id;
+    /// null when bunq's user part could not be read.
+    pub user_id: Option<i64>,
     /// `UserApiKey.id` when bunq answered with a `UserApiKey`, else null.
     pub user_api_key_id: Option<i64>,
-    /// Type of the user `user_id` names, e.g. `UserPerson`, `UserCompany`.
-    pub user_type: String,
+    /// Type of the user `user_id` names, e.g. `UserPerson`, `UserCompany`; null when bunq's
+    /// user part could not be read (the session exists all the same).
+    pub user_type: Option<String>,
     /// The session's lifetime in s (the user's `session_timeout`).
     pub session_timeout_seconds: u64,
     /// `created_at` + `session_timeout_seconds`, RFC 3339 UTC.

@@ -24,6 +24,7 @@ fn error(class: RetryClass, status: u16) -> CallError {
         http_status: Some(status),
         description: "from the test".into(),
         response_id: None,
+        answer_lost: false,
     }
 }
 
@@ -223,4 +224,31 @@ async fn a_permanent_answer_is_not_retried() {
     assert_eq!(f.reason, FailureReason::CredentialRejected);
     assert_eq!(f.error_description.as_deref(), Some("from the test"));
     assert_eq!(script.at(), vec![0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_after_a_lost_answer_is_outcome_unknown() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let lost = CallError {
+        answer_lost: true,
+        description: "timed out".into(),
+        http_status: None,
+        ..error(RetryClass::Transient, 0)
+    };
+    let spent = error(
+        RetryClass::Permanent(FailureReason::CredentialRejected),
+        400,
+    );
+    let script = Script::new(vec![lost, spent.clone()]);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
+    assert_eq!(f.reason, FailureReason::OutcomeUnknown);
+    assert!(f.detail.contains("token reset"), "{}", f.detail);
+    assert!(f.detail.contains("timed out"), "{}", f.detail);
+    // Without a lost answer before it, the same refusal is the credential's.
+    let script = Script::new(vec![spent]);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
+    assert_eq!(f.reason, FailureReason::CredentialRejected);
 }
