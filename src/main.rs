@@ -74,7 +74,10 @@ async fn run(settings: Settings, shutdown: CancellationToken) -> ExitCode {
     let worker = tokio::select! {
         built = Worker::build(settings) => match built {
             Ok(w) => w,
-            Err(e) => return fail_at_start(&e),
+            Err(e) => {
+                fail_at_start(&e);
+                return ExitCode::from(e.exit_code());
+            }
         },
         // The context file is written whole or not at all, so stopping here leaves nothing
         // half-written.

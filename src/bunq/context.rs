@@ -47,6 +47,7 @@ pub struct ApiContext {
     public_key_sha256: String,
     installation_token: SecretString,
     server_public_key_der: Vec<u8>,
+    api_url: Option<String>,
 }
 
 impl fmt::Debug for ApiContext {
@@ -63,6 +64,10 @@ struct StoredContext {
     client_private_key: String,
     installation_token: String,
     server_public_key: String,
+    /// The `BUNQ_API_URL` the installation was made with; absent in files from before it was
+    /// recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api_url: Option<String>,
 }
 
 /// A fresh RSA-2048 key pair that has no installation yet.
@@ -170,7 +175,18 @@ impl ApiContext {
             public_key_sha256,
             installation_token,
             server_public_key_der,
+            api_url: None,
         })
+    }
+
+    /// The bunq base URL (`BUNQ_API_URL`) this installation was made with, when known.
+    pub fn api_url(&self) -> Option<&str> {
+        self.api_url.as_deref()
+    }
+
+    /// Records the bunq base URL this installation belongs to (saved with the context).
+    pub fn set_api_url(&mut self, url: &str) {
+        self.api_url = Some(url.trim_end_matches('/').to_owned());
     }
 
     /// Builds a context from its three parts as PEM / text (the env var form).
@@ -226,12 +242,13 @@ impl ApiContext {
                 e.column()
             ))
         })?;
-        Self::from_parts(
+        let mut ctx = Self::from_parts(
             &SecretString::from(stored.client_private_key),
             SecretString::from(stored.installation_token),
             &stored.server_public_key,
-        )
-        .map(Some)
+        )?;
+        ctx.api_url = stored.api_url;
+        Ok(Some(ctx))
     }
 
     /// Writes the context to `path` with mode 0600, atomically (temporary file, then rename).
@@ -257,6 +274,7 @@ impl ApiContext {
                 "PUBLIC KEY",
                 self.server_public_key_der.clone(),
             )),
+            api_url: self.api_url.clone(),
         };
         let json = serde_json::to_vec_pretty(&stored).map_err(|e| save_err(e.into()))?;
         // A new file with an unguessable name: an existing file (with looser permissions, or a

@@ -58,6 +58,29 @@ pub enum StartError {
     /// Shutdown was asked for during start-up.
     #[error("start-up interrupted by a shutdown signal")]
     Interrupted,
+    /// The context file's installation was made with another `BUNQ_API_URL`.
+    #[error(
+        "BUNQ_CONTEXT_FILE {file} holds an installation made for {stored}, but BUNQ_API_URL is {configured}: bunq would refuse every call. Point BUNQ_CONTEXT_FILE at that environment's context (or a new path, to create an installation), or set BUNQ_API_URL back"
+    )]
+    ContextForOtherApi {
+        /// The context file.
+        file: String,
+        /// The URL recorded in it.
+        stored: String,
+        /// `BUNQ_API_URL`.
+        configured: String,
+    },
+}
+
+impl StartError {
+    /// The process exit status for this error: 2 for a configuration that cannot work
+    /// ([`StartError::ContextForOtherApi`]), else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::ContextForOtherApi { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Why a running worker stopped without being asked to.
