@@ -3,7 +3,8 @@
 //! ```text
 //! cargo run --example bus -- publish tests/fixtures/provision-ready.slim.json
 //! cargo run --example bus -- watch          # prints session.created / session.failed
-//! cargo run --example bus -- dead-letters   # prints the dead-letter queue (messages stay there)
+//! cargo run --example bus -- dead-letters   # lists the dead-letter queue (messages stay there,
+//!                                           # moved to its end; bodies are not printed)
 //! ```
 //! Uses `AMQP_URL` and the default exchange and queue names (or `INPUT_EXCHANGE`,
 //! `INPUT_ROUTING_KEY`, `OUTPUT_EXCHANGE`, `DEAD_LETTER_QUEUE`).
@@ -146,13 +147,22 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 "DEAD_LETTER_QUEUE",
                 "bunq-session-worker.provision-ready.dead-letter",
             );
-            // Peek: take every message, print it, then nack them all back with requeue.
-            let mut last = None;
-            while let Some(m) = ch
-                .basic_get(queue.as_str().into(), BasicGetOptions::default())
-                .await?
-            {
-                let h = m.delivery.properties.headers().clone().unwrap_or_default();
+            // Browse without harm: a nack with requeue counts toward a quorum queue's delivery
+            // limit (RabbitMQ 4 drops or dead-letters past it), so each message is put back as
+            // a confirmed copy at the end of the queue, then the original is acked. Bodies are
+            // not printed: they may hold a credential.
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            let mut left: Option<u32> = None;
+            while left != Some(0) {
+                let Some(m) = ch
+                    .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                    .await?
+                else {
+                    break;
+                };
+                left = Some(left.unwrap_or(m.message_count + 1) - 1);
+                let d = &m.delivery;
+                let h = d.properties.headers().clone().unwrap_or_default();
                 let get = |k: &str| match h.inner().get(k) {
                     Some(AMQPValue::LongString(s)) => {
                         String::from_utf8_lossy(s.as_bytes()).into_owned()
@@ -162,27 +172,40 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                     None => "-".into(),
                 };
                 println!(
-                    "reason={} attempts={} detail={:?} body={}",
+                    "reason={} attempts={} failed_at={} body_bytes={} detail={:?}",
                     get("x-error-reason"),
                     get("x-attempts"),
+                    get("x-failed-at"),
+                    d.data.len(),
                     get("x-error-detail"),
-                    String::from_utf8_lossy(&m.delivery.data)
-                        .chars()
-                        .take(200)
-                        .collect::<String>()
                 );
-                last = Some(m.delivery.delivery_tag);
+                let mut headers = FieldTable::default();
+                for (k, v) in h.inner() {
+                    if k.as_str() != "x-delivery-count" {
+                        headers.insert(k.clone(), v.clone());
+                    }
+                }
+                let copy = d.properties.clone().with_headers(headers);
+                let confirm = ch
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &d.data,
+                        copy,
+                    )
+                    .await?
+                    .await?;
+                if confirm.is_nack() || confirm.take_message().is_some() {
+                    return Err("the broker did not take the copy back; the original stays unacked and returns to the queue".into());
+                }
+                ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
+                    .await?;
             }
-            if let Some(tag) = last {
-                ch.basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: true,
-                        requeue: true,
-                    },
-                )
-                .await?;
-            } else {
+            if left.is_none() {
                 println!("{queue} is empty");
             }
         }

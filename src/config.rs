@@ -150,6 +150,13 @@ pub struct Settings {
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 65536)]
     pub max_message_bytes: usize,
 
+    /// Consecutive failures of one reason that may be the worker's own set-up
+    /// (`credential_rejected` "Incorrect API key or IP address", `forbidden`,
+    /// `unexpected_response`, `response_signature_invalid`), on different credentials, that stop
+    /// the worker taking work. bunq refusing its installation or signature stops it at once.
+    #[arg(long, env = "BREAKER_THRESHOLD", default_value = "5", value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_threshold: u32,
+
     /// Time in-flight deliveries get to finish after SIGINT/SIGTERM, in s.
     #[arg(long = "shutdown-timeout-s", env = "SHUTDOWN_TIMEOUT_S", value_name = "SHUTDOWN_TIMEOUT_S", default_value = "30", value_parser = parse_s)]
     pub shutdown_timeout: Duration,
@@ -267,6 +274,11 @@ pub struct TopologySettings {
     /// waits in the tier's delay queue and comes back. `off` or empty disables.
     #[arg(long = "delayed-retry-delays-s", env = "DELAYED_RETRY_DELAYS_S", value_name = "DELAYED_RETRY_DELAYS_S", default_value = "60,300,900", value_parser = parse_delays)]
     pub delayed_retry_delays: DelayTiers,
+
+    /// Times an input may be handed back (shutdown, lost connections) before it is dead-lettered
+    /// as `redelivery_limit`; also declared as the input queue's `x-delivery-limit` (quorum).
+    #[arg(long, env = "DELIVERY_LIMIT", default_value = "20", value_parser = clap::value_parser!(u32).range(1..))]
+    pub delivery_limit: u32,
 }
 
 impl TopologySettings {
@@ -281,6 +293,7 @@ impl TopologySettings {
             dead_letter_exchange: self.dead_letter_exchange.clone(),
             dead_letter_queue: self.dead_letter_queue.clone(),
             delay_tiers: self.delayed_retry_delays.0.clone(),
+            delivery_limit: self.delivery_limit,
         }
     }
 }

@@ -35,6 +35,9 @@ pub enum FailureReason {
     UnexpectedResponse,
     /// A 2xx whose `X-Bunq-Server-Signature` is missing or does not verify.
     ResponseSignatureInvalid,
+    /// The input was handed back `DELIVERY_LIMIT` times (shutdowns, lost connections) without
+    /// an outcome.
+    RedeliveryLimit,
     /// An earlier session-server attempt's answer was lost and a retry was refused as a spent
     /// credential: bunq may have opened a session whose token never arrived.
     OutcomeUnknown,
@@ -57,6 +60,7 @@ impl FailureReason {
             FailureReason::UnexpectedResponse => "unexpected_response",
             FailureReason::ResponseSignatureInvalid => "response_signature_invalid",
             FailureReason::OutcomeUnknown => "outcome_unknown",
+            FailureReason::RedeliveryLimit => "redelivery_limit",
         }
     }
 }

@@ -80,6 +80,9 @@ pub fn output_message_id(event_type: &str, identity: &Key) -> String {
 pub enum Known {
     /// Its `session.created` was confirmed: just ack a repeat.
     Settled,
+    /// Its dead letter or delayed-retry copy was confirmed: ack a redelivery of it; a new
+    /// message with the same credential (a replayed dead letter) is processed.
+    Finished,
     /// bunq refused it permanently but the dead letter was not confirmed yet: settle this again
     /// without calling bunq.
     Failed(Box<Failure>),
@@ -88,7 +91,8 @@ pub enum Known {
 /// Outcomes this process settled, by [`round_key`].
 ///
 /// A failure whose dead letter could not be published yet is kept so the retry does not call
-/// bunq again; a confirmed failure is forgotten, so an operator can replay its dead letter.
+/// bunq again; a confirmed failure is remembered for redeliveries only, so an operator can replay
+/// its dead letter.
 /// Bounded: entries live [`KnownOutcomes::TTL`], at most [`KnownOutcomes::CAPACITY`] are kept.
 #[derive(Debug, Default)]
 pub struct KnownOutcomes {
@@ -116,12 +120,6 @@ impl KnownOutcomes {
         m.get(key)
             .filter(|(at, _)| at.elapsed() < Self::TTL)
             .map(|(_, k)| k.clone())
-    }
-
-    /// Forgets `key` (its failure is safe in the dead-letter queue; a replay is a fresh input).
-    pub fn forget(&self, key: &Key) {
-        let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(key);
     }
 }
 

@@ -18,6 +18,7 @@
 //!   supervisor, confirmed publishing.
 //! - [`process`]: `(&Inbound, &SessionFlow) -> Outcome`, the business decision, no broker call.
 //! - [`settle`]: the only code that publishes, acks and nacks.
+//! - [`breaker`]: stops taking work when bunq refuses the worker's own set-up.
 //! - [`config`]: the only module that reads the environment.
 //! - [`telemetry`]: tracing set-up, text or JSON; error cause chains.
 //! - [`worker`]: start-up wiring and the delivery path.
@@ -26,6 +27,7 @@
 //! - [`demo`]: `demo` (emulator + worker + one sample of each kind) and `samples`.
 #![warn(missing_docs)]
 
+pub mod breaker;
 pub mod broker;
 pub mod bunq;
 pub mod config;

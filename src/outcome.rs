@@ -20,9 +20,18 @@ pub enum Outcome {
     /// Transient failures spent the in-process budget but the credential has time: publish a
     /// copy to a delay queue (confirmed), then ack; it comes back through the input exchange.
     Delayed(Box<Delayed>),
-    /// Shutdown interrupted the work before a session existed: nack with requeue so another
-    /// consumer takes it.
+    /// The work stopped before a session existed (shutdown, or the delivery's channel is gone):
+    /// on shutdown hand it back ([`Outcome::Returned`], counted); with its channel gone, do
+    /// nothing: the broker redelivers it.
     Abandoned,
+    /// Hand the delivery back for later: publish a fresh copy to the input queue (confirmed),
+    /// then ack. The broker's own requeue would count toward a quorum queue's delivery limit and
+    /// in the end drop the input without the worker's reason.
+    Returned {
+        /// Whether this return counts toward `DELIVERY_LIMIT` (not when the breaker is open:
+        /// that is no fault of the input's).
+        counted: bool,
+    },
 }
 
 /// A delivery parked for a durable delayed retry.

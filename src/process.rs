@@ -88,6 +88,39 @@ async fn decide(
     }
 }
 
+/// The outcome for an input handed back `limit` times (`DELIVERY_LIMIT`, the worker's own
+/// returns and the broker's redeliveries together) without an outcome: a dead letter with
+/// `redelivery_limit`, and `session.failed` when it names a provision.
+pub fn redelivery_limit(inbound: &Inbound, limit: u32) -> Outcome {
+    let times = inbound.history.returns + inbound.delivery_count.unwrap_or(0);
+    let detail = format!(
+        "handed back {times} times (DELIVERY_LIMIT {limit}: shutdowns, lost connections or consumer timeouts) without an outcome; {} bunq calls were made",
+        inbound.history.calls_before
+    );
+    let now = OffsetDateTime::now_utc();
+    let event = match &inbound.decoded {
+        Ok(Decoded::Ready(ready)) => Some(failed_event(
+            ready,
+            FlowFailure {
+                reason: FailureReason::RedeliveryLimit,
+                detail: detail.clone(),
+                http_status: None,
+                error_description: Some(detail.clone()),
+                attempts: inbound.history.calls_before,
+                first_attempt_at: inbound.history.first_attempt_at.unwrap_or(now),
+                last_attempt_at: now,
+            },
+        )),
+        _ => None,
+    };
+    Outcome::Failed(Box::new(Failure {
+        reason: FailureReason::RedeliveryLimit,
+        detail,
+        attempts: inbound.history.calls_before,
+        event,
+    }))
+}
+
 fn created_event(ready: &ProvisionReady, opened: Opened, flow: &SessionFlow) -> SessionCreated {
     let s = opened.session;
     if let Some(keys) = &s.unread_user {

@@ -173,6 +173,17 @@ impl<'a> Calls<'a> {
                     .await
                     .map_err(|_| FlowError::Cancelled)
             }
+            Err(_) if Instant::now() >= self.hold_until => {
+                // Not pacing: this delivery's own retries used up the time it may be held.
+                let last = self
+                    .last_error
+                    .as_ref()
+                    .map_or_else(String::new, |e| format!("; last: {e}"));
+                Err(self.failure(
+                    FailureReason::RetriesExhausted,
+                    format!("{endpoint}: retries took longer than half the consumer timeout (CONSUMER_TIMEOUT_S){last}"),
+                ))
+            }
             Err(earliest) => {
                 let wait_s = earliest.saturating_duration_since(Instant::now()).as_secs();
                 let reason = if self.expired_at(earliest) {

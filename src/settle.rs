@@ -51,7 +51,8 @@ impl Settler {
     /// Turns an outcome into broker actions: publish and wait for confirms, then ack (or nack
     /// with requeue). Never acks before the outcome is confirmed at the broker. `key` is the
     /// input's [`crate::ledger::round_key`]. Returns what it did, for the log line and the
-    /// metric: `created`, `skipped`, `dead_lettered`, `delayed`, `requeued` or `abandoned`.
+    /// metric: `created`, `skipped`, `dead_lettered`, `delayed`, `returned`, `requeued`,
+    /// `abandoned` or `unfinished`.
     ///
     /// - created: `session.created` until confirmed, remembered, then ack;
     /// - skipped: ack;
@@ -61,7 +62,8 @@ impl Settler {
     ///   records the failure, and an error is logged); then ack;
     /// - delayed: the copy in the tier's delay queue within the budget (else requeued), then
     ///   ack;
-    /// - abandoned: nack with requeue.
+    /// - returned: a fresh copy in the input queue within the budget (else requeued), then ack;
+    /// - abandoned (the delivery's channel is gone): nothing; the broker redelivers it.
     pub async fn settle(
         &self,
         acker: &Acker,
@@ -118,7 +120,9 @@ impl Settler {
                     nack_requeue(acker).await;
                     return "requeued";
                 }
-                self.known.forget(&key);
+                // Remembered before the ack: a redelivery of this delivery is acked, not sent to
+                // bunq again; a replay of the dead letter (a new message) is processed.
+                self.known.remember(key, Known::Finished);
                 warn!(reason = %failure.reason, detail = %failure.detail, attempts = failure.attempts, "dead-lettered");
                 if let Some(event) = &failure.event {
                     let body = serde_json::to_vec(event).expect("SessionFailed always serialises");
@@ -157,6 +161,7 @@ impl Settler {
                     nack_requeue(acker).await;
                     return "requeued";
                 }
+                self.known.remember(key, Known::Finished);
                 warn!(
                     %queue,
                     delay_s = d.delay.as_secs(),
@@ -168,8 +173,31 @@ impl Settler {
                 "delayed"
             }
             Outcome::Abandoned => {
-                nack_requeue(acker).await;
+                warn!(
+                    "the delivery's channel is gone; the broker redelivers it and the redelivery takes the work over"
+                );
                 return "abandoned";
+            }
+            Outcome::Returned { counted } => {
+                let returns = inbound.history.returns + u32::from(counted);
+                // Straight back into the input queue through the default exchange.
+                let returned = self
+                    .publish(
+                        "",
+                        &t.input_queue,
+                        &inbound.body,
+                        inbound.returned_properties(returns),
+                        Patience::Budget,
+                    )
+                    .await;
+                if !returned {
+                    error!(
+                        "the hand-back copy was not confirmed within RETRY_MAX_ELAPSED_S; requeueing the delivery"
+                    );
+                    nack_requeue(acker).await;
+                    return "requeued";
+                }
+                "returned"
             }
         };
         ack(acker).await;

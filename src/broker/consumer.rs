@@ -20,7 +20,7 @@ use lapin::{
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
-use tokio::task::JoinSet;
+use tokio::{sync::watch, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -80,6 +80,9 @@ pub struct Consumer {
     pub consumer_tag: String,
     /// Time in-flight deliveries get to finish after shutdown (`SHUTDOWN_TIMEOUT_S`).
     pub drain_timeout: Duration,
+    /// `Some(until)` while consuming should pause (the breaker is open): the consumer is
+    /// cancelled and subscribed again at `until`.
+    pub pause: Option<watch::Receiver<Option<Instant>>>,
 }
 
 /// The stop signals of a running consumer.
@@ -109,11 +112,11 @@ impl Consumer {
         connection: &Connection,
     ) -> Result<(Channel, lapin::Consumer), SubscribeError> {
         let steps = async {
+            declare(connection, &self.topology).await?;
             let channel = connection
                 .create_channel()
                 .await
                 .map_err(SubscribeError::Channel)?;
-            declare(&channel, &self.topology).await?;
             channel
                 .basic_qos(self.prefetch, BasicQosOptions::default())
                 .await
@@ -138,7 +141,8 @@ impl Consumer {
     }
 
     /// Consumes until `stops.shutdown` fires, surviving the broker; each delivery runs
-    /// `handle` in a task of its own.
+    /// `handle(delivery, channel_live)` in a task of its own, where `channel_live` fires when
+    /// the delivery's channel is gone (or at shutdown, with `stops.stop_work`).
     ///
     /// # Errors
     /// [`SubscribeFailed`] when declaring and subscribing fails [`RetryPolicy::SUBSCRIBE`]'s
@@ -151,7 +155,7 @@ impl Consumer {
         handle: H,
     ) -> Result<(), SubscribeFailed>
     where
-        H: Fn(Delivery) -> Fut,
+        H: Fn(Delivery, CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let shutdown = &stops.shutdown;
@@ -197,19 +201,36 @@ impl Consumer {
                 amqp_url = %self.link.redacted_url(),
                 "consuming"
             );
+            let channel_live = stops.stop_work.child_token();
+            let mut pause = self.pause.clone();
             let end = loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break ConsumerEnd::Shutdown,
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    Ok(()) = changed(&mut pause) => {
+                        let until = pause.as_mut().and_then(|p| *p.borrow_and_update());
+                        if let Some(until) = until {
+                            match self.pause_until(&channel, until, &mut pause, shutdown).await {
+                                Ok(Some(resumed)) => consumer = resumed,
+                                Ok(None) => break ConsumerEnd::Shutdown,
+                                Err(e) => break ConsumerEnd::Failed(e),
+                            }
+                        }
+                    }
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
-                            tasks.spawn(handle(delivery));
+                            tasks.spawn(handle(delivery, channel_live.clone()));
                         }
                         Some(Err(e)) => break ConsumerEnd::Failed(e),
                         None => break ConsumerEnd::CancelledByBroker,
                     },
                 }
             };
+            if !matches!(end, ConsumerEnd::Shutdown) {
+                // Work of this channel's deliveries starts no new bunq call: the broker
+                // redelivers them on the next channel, where they wait for or take over the work.
+                channel_live.cancel();
+            }
             match end {
                 ConsumerEnd::Shutdown => {
                     consumer_channel = Some(channel);
@@ -231,6 +252,49 @@ impl Consumer {
         };
         self.drain(tasks, consumer_channel, stops).await;
         result
+    }
+
+    /// Pauses consuming (`basic.cancel`) until `until`, or later while the pause is extended;
+    /// then subscribes again on the same channel, so deliveries in flight can still be settled
+    /// on it. `Ok(None)` when shutdown came first.
+    async fn pause_until(
+        &self,
+        channel: &Channel,
+        mut until: Instant,
+        pause: &mut Option<watch::Receiver<Option<Instant>>>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<lapin::Consumer>, lapin::Error> {
+        channel
+            .basic_cancel(
+                self.consumer_tag.as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await?;
+        warn!(
+            queue = %self.topology.input_queue,
+            resume_in_s = until.saturating_duration_since(Instant::now()).as_secs(),
+            "consuming paused by the breaker"
+        );
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep_until(until) => break,
+                Ok(()) = changed(pause) => match pause.as_mut().and_then(|p| *p.borrow_and_update()) {
+                    Some(later) => until = later,
+                    None => break,
+                },
+            }
+        }
+        let consumer = channel
+            .basic_consume(
+                self.topology.input_queue.as_str().into(),
+                self.consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        info!(queue = %self.topology.input_queue, "consuming again (the breaker lets one delivery try)");
+        Ok(Some(consumer))
     }
 
     /// Stops consuming and lets in-flight deliveries finish within the drain time; every step
@@ -265,5 +329,15 @@ impl Consumer {
             let _ = tokio::time::timeout(CHANNEL_OP_TIMEOUT, channel.close(200, "shutdown".into()))
                 .await;
         }
+    }
+}
+
+/// Waits for a change of the pause signal; never, without one.
+async fn changed(
+    pause: &mut Option<watch::Receiver<Option<Instant>>>,
+) -> Result<(), watch::error::RecvError> {
+    match pause {
+        Some(p) => p.changed().await,
+        None => std::future::pending().await,
     }
 }

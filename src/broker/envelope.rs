@@ -32,6 +32,8 @@ pub const FIRST_ATTEMPT_HEADER: &str = "x-bunq-first-attempt-at";
 pub const DELAYED_RETRIES_HEADER: &str = "x-bunq-delayed-retries";
 /// Header carrying the bunq calls made for an input before its latest delayed retry.
 pub const CALLS_HEADER: &str = "x-bunq-calls";
+/// Header counting the worker's own hand-backs of an input (fresh copies instead of a requeue).
+pub const RETURNS_HEADER: &str = "x-bunq-returns";
 /// Header a quorum queue sets on a redelivered message: how often it was returned
 /// (<https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling>).
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
@@ -60,6 +62,8 @@ pub struct History {
     /// When the first bunq call for this input started, over all rounds
     /// (`x-bunq-first-attempt-at`).
     pub first_attempt_at: Option<OffsetDateTime>,
+    /// Times the worker handed it back (`x-bunq-returns`).
+    pub returns: u32,
 }
 
 /// A delivery as the worker reads it, once.
@@ -109,6 +113,7 @@ impl Inbound {
                 first_attempt_at: str_header(p, FIRST_ATTEMPT_HEADER)
                     .as_deref()
                     .and_then(events::parse_time),
+                returns: int_header(p, RETURNS_HEADER).unwrap_or(0),
             },
             original_route,
             routing_key: delivery.routing_key.to_string(),
@@ -205,6 +210,35 @@ impl Inbound {
         self.copy_properties(headers)
     }
 
+    /// A hand-back copy's properties: the input's, all its headers but the broker's redelivery
+    /// count and dead-lettering history, and `x-bunq-returns` = `returns`.
+    pub fn returned_properties(&self, returns: u32) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        if let Some(h) = self.properties.headers() {
+            for (k, v) in h.inner() {
+                let k_str = k.as_str();
+                if k_str == DELIVERY_COUNT_HEADER || k_str == RETURNS_HEADER || is_death(k_str) {
+                    continue;
+                }
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+        headers.insert(
+            RETURNS_HEADER.into(),
+            AMQPValue::LongLongInt(returns.into()),
+        );
+        // The copy arrives through the default exchange: keep where the producer sent it.
+        headers.insert(
+            ORIGINAL_EXCHANGE_HEADER.into(),
+            long(&self.original_route.exchange),
+        );
+        headers.insert(
+            ORIGINAL_ROUTING_KEY_HEADER.into(),
+            long(&self.original_route.routing_key),
+        );
+        self.copy_properties(headers)
+    }
+
     /// Properties for a copy of the input that the worker publishes itself (dead letter, delayed
     /// retry): the input's, with `headers` set, minus what would make the copy vanish or be
     /// refused. RabbitMQ's own dead-lettering drops `expiration` likewise
@@ -241,10 +275,7 @@ impl Inbound {
         if let Some(h) = self.properties.headers() {
             for (k, v) in h.inner() {
                 let k_str = k.as_str();
-                if k_str.starts_with("x-bunq-")
-                    || k_str == "x-death"
-                    || k_str.starts_with("x-first-death-")
-                    || k_str.starts_with("x-last-death-")
+                if k_str.starts_with("x-bunq-") || k_str == DELIVERY_COUNT_HEADER || is_death(k_str)
                 {
                     continue;
                 }
@@ -253,6 +284,11 @@ impl Inbound {
         }
         out
     }
+}
+
+/// The broker's dead-lettering history headers.
+fn is_death(name: &str) -> bool {
+    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
 }
 
 /// A string header (long or short string).

@@ -169,18 +169,9 @@ impl Publisher {
         let Some(connection) = self.link.current().await else {
             return Ok(()); // reconnecting: the supervisor declares the topology on the new one
         };
-        let ch = connection
-            .create_channel()
+        tokio::time::timeout(CONNECT_TIMEOUT, declare(&connection, topology))
             .await
-            .map_err(|source| TopologyError::Other {
-                object: "a channel".into(),
-                source,
-            })?;
-        let result = tokio::time::timeout(CONNECT_TIMEOUT, declare(&ch, topology))
-            .await
-            .unwrap_or(Err(TopologyError::Timeout(CONNECT_TIMEOUT.as_secs())));
-        let _ = tokio::time::timeout(CHANNEL_OP_TIMEOUT, ch.close(200, "declared".into())).await;
-        result
+            .unwrap_or(Err(TopologyError::Timeout(CONNECT_TIMEOUT.as_secs())))
     }
 
     /// Closes the channel, if open, waiting at most [`CHANNEL_OP_TIMEOUT`].

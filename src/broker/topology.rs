@@ -5,7 +5,7 @@
 //! §1.8.2.1); that failure is turned into a message naming the object and the argument.
 
 use lapin::{
-    Channel, ExchangeKind,
+    Channel, Connection, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable},
@@ -53,6 +53,8 @@ pub struct Topology {
     pub dead_letter_queue: String,
     /// Delays of the delayed-retry tiers; one delay queue each.
     pub delay_tiers: Vec<std::time::Duration>,
+    /// `DELIVERY_LIMIT`: the input queue's `x-delivery-limit` (quorum queues only).
+    pub delivery_limit: u32,
 }
 
 impl Topology {
@@ -112,12 +114,51 @@ fn classify(object: String, e: lapin::Error) -> TopologyError {
     TopologyError::Other { object, source: e }
 }
 
-/// Declares the topology on `channel`.
+/// Declares the topology on channels of its own on `connection`.
+///
+/// The input queue of a quorum type gets `x-delivery-limit` = `DELIVERY_LIMIT`. A queue's
+/// arguments cannot change once it exists, so an input queue declared before the worker set the
+/// argument is declared again without it and a WARN says how to move to it; the worker reads
+/// `x-delivery-count` and keeps its own count either way.
 ///
 /// # Errors
-/// [`TopologyError::Inequivalent`] when an object exists with other arguments (the channel is
-/// then closed by the broker); [`TopologyError::Other`] otherwise.
-pub async fn declare(channel: &Channel, t: &Topology) -> Result<(), TopologyError> {
+/// [`TopologyError::Inequivalent`] when an object exists with other arguments;
+/// [`TopologyError::Other`] otherwise.
+pub async fn declare(connection: &Connection, t: &Topology) -> Result<(), TopologyError> {
+    let open = || async {
+        connection
+            .create_channel()
+            .await
+            .map_err(|source| TopologyError::Other {
+                object: "a channel".into(),
+                source,
+            })
+    };
+    let channel = open().await?;
+    let with_limit = declare_on(&channel, t, true).await;
+    let channel = match with_limit {
+        Err(TopologyError::Inequivalent { argument, .. }) if argument == "'x-delivery-limit'" => {
+            tracing::warn!(
+                queue = %t.input_queue,
+                "the input queue was declared without x-delivery-limit (by an earlier version); it keeps working, with the broker's own delivery limit (20 on RabbitMQ 4). To use DELIVERY_LIMIT there, set a policy: rabbitmqctl set_policy <name> '^<queue>$' '{{\"delivery-limit\": <N>}}' --apply-to queues"
+            );
+            // The refused declaration closed the channel.
+            let channel = open().await?;
+            declare_on(&channel, t, false).await?;
+            channel
+        }
+        Err(e) => return Err(e),
+        Ok(()) => channel,
+    };
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
+async fn declare_on(
+    channel: &Channel,
+    t: &Topology,
+    delivery_limit: bool,
+) -> Result<(), TopologyError> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -165,6 +206,12 @@ pub async fn declare(channel: &Channel, t: &Topology) -> Result<(), TopologyErro
         "x-dead-letter-exchange".into(),
         long(&t.dead_letter_exchange),
     );
+    if delivery_limit && t.queue_type == QueueType::Quorum {
+        in_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(t.delivery_limit.into()),
+        );
+    }
     channel
         .queue_declare(t.input_queue.as_str().into(), queue_opts, in_args)
         .await

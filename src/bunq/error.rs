@@ -63,8 +63,14 @@ impl CallError {
     }
 }
 
-/// Classifies an HTTP status that is not 2xx.
+/// Classifies an HTTP status that is not 2xx, by what bunq says as well as the status: a
+/// refusal of the worker's signature or installation is `signature_rejected` whatever the
+/// status (bunq answers "The request signature is invalid." with 400), so it is not charged to
+/// the credential.
 pub fn classify_status(status: u16, description: &str) -> RetryClass {
+    if !matches!(status, 429 | 491 | 500..=599) && refuses_the_installation(description) {
+        return RetryClass::Permanent(FailureReason::SignatureRejected);
+    }
     match status {
         429 => RetryClass::RateLimited {
             window: rate_limit_window(description),
@@ -75,6 +81,28 @@ pub fn classify_status(status: u16, description: &str) -> RetryClass {
         403 => RetryClass::Permanent(FailureReason::Forbidden),
         _ => RetryClass::Permanent(FailureReason::UnexpectedResponse),
     }
+}
+
+/// Whether bunq's text refuses the worker's request signature or installation (not the
+/// credential): "The request signature is invalid.", "Request signature required.", an unknown
+/// or invalid installation or authentication token.
+pub fn refuses_the_installation(description: &str) -> bool {
+    let d = description.to_ascii_lowercase();
+    let about_us =
+        d.contains("signature") || d.contains("installation") || d.contains("authentication token");
+    let refused = [
+        "invalid",
+        "required",
+        "missing",
+        "not valid",
+        "unknown",
+        "incorrect",
+        "not found",
+        "does not match",
+    ]
+    .iter()
+    .any(|w| d.contains(w));
+    about_us && refused
 }
 
 /// Reads the window from bunq's 429 message: "You can do a maximum of X calls per Y second(s)".
@@ -122,6 +150,29 @@ mod tests {
             assert_eq!(p(s), RetryClass::Transient, "{s}");
         }
         assert_eq!(p(429), RetryClass::RateLimited { window: None });
+    }
+
+    #[test]
+    fn bunqs_words_about_the_installation_override_the_status() {
+        let sig = RetryClass::Permanent(FailureReason::SignatureRejected);
+        assert_eq!(
+            classify_status(400, "The request signature is invalid."),
+            sig
+        );
+        assert_eq!(classify_status(403, "Request signature required."), sig);
+        assert_eq!(classify_status(400, "Installation not found."), sig);
+        assert_eq!(
+            classify_status(
+                400,
+                "User credentials are incorrect. Incorrect API key or IP address."
+            ),
+            RetryClass::Permanent(FailureReason::CredentialRejected)
+        );
+        // A transient status stays transient whatever it says.
+        assert_eq!(
+            classify_status(503, "signature service unavailable, invalid state"),
+            RetryClass::Transient
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn spent_retries_take_the_next_tier_and_carry_the_history() {
         round: 1,
         calls_before: 5,
         first_attempt_at: Some(NOW - time::Duration::minutes(2)),
+        returns: 0,
     };
     let Outcome::Delayed(d) = after_failure(
         &ready(3600),

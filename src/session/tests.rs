@@ -252,3 +252,22 @@ async fn a_refusal_after_a_lost_answer_is_outcome_unknown() {
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::CredentialRejected);
 }
+
+#[tokio::test(start_paused = true)]
+async fn retries_past_the_hold_time_say_so_rather_than_blame_pacing() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let script = Script::always(RetryClass::Transient, 503);
+    // Held at most 5 s: attempts at 0, 1, 3; the next at 7 is past the hold time.
+    let mut calls = Calls::new(policy(300), &pacer, Duration::from_secs(5), None, &cancel);
+    let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
+    assert_eq!(f.reason, FailureReason::RetriesExhausted);
+    assert!(
+        f.detail
+            .contains("retries took longer than half the consumer timeout"),
+        "{}",
+        f.detail
+    );
+    assert!(!f.detail.contains("paced"), "{}", f.detail);
+    assert_eq!(script.at(), vec![0, 1, 3]);
+}

@@ -1,21 +1,31 @@
-//! One delivery's path: read the envelope, look it up in the ledger, decide, settle.
+//! One delivery's path: read the envelope, look it up in the ledger, ask the breaker, decide,
+//! settle.
 
 use std::sync::Arc;
 
 use lapin::message::Delivery;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
 use super::Shared;
 use crate::{
+    breaker::{Admission, Fault, fault_of},
     broker::Inbound,
+    events::Decoded,
     ledger::{self, Known},
     outcome::Outcome,
-    process::process,
+    process,
 };
 
-/// Handles one delivery to the end: acked, nacked, or left for the broker to redeliver.
-pub(super) async fn handle(shared: Arc<Shared>, mut delivery: Delivery) {
+/// Handles one delivery to the end: acked, handed back, or left for the broker to redeliver.
+/// `channel_live` fires when the delivery's channel is gone (or at shutdown): no new bunq call
+/// starts for it then.
+pub(super) async fn handle(
+    shared: Arc<Shared>,
+    mut delivery: Delivery,
+    channel_live: CancellationToken,
+) {
     let inbound = Inbound::read(&mut delivery, shared.max_message_bytes);
     let span = info_span!(
         "delivery",
@@ -31,26 +41,21 @@ pub(super) async fn handle(shared: Arc<Shared>, mut delivery: Delivery) {
         // still at bunq (its channel died) waits for it, then finds its outcome below.
         let _guard = shared.in_flight.lock(key).await;
         let acker = &delivery.acker;
-        let label = match shared.settler.known.recall(&key) {
-            Some(Known::Settled) => shared.settler.settle_repeat(acker).await,
+        let settler = &shared.settler;
+        let label = match settler.known.recall(&key) {
+            Some(Known::Settled) => settler.settle_repeat(acker).await,
+            Some(Known::Finished) if inbound.redelivered => settler.settle_repeat(acker).await,
             Some(Known::Failed(failure)) => {
                 info!(
                     "this input already failed; settling that failure again without calling bunq"
                 );
-                shared
-                    .settler
+                settler
                     .settle(acker, &inbound, key, Outcome::Failed(failure))
                     .await
             }
-            None => {
-                let outcome = process(
-                    &inbound,
-                    &shared.flow,
-                    &shared.settler.topology.delay_tiers,
-                    &shared.stop_work,
-                )
-                .await;
-                shared.settler.settle(acker, &inbound, key, outcome).await
+            _ => {
+                let outcome = decide(&shared, &inbound, &channel_live).await;
+                settler.settle(acker, &inbound, key, outcome).await
             }
         };
         let latency_ms = started.elapsed().as_millis() as u64;
@@ -65,4 +70,80 @@ pub(super) async fn handle(shared: Arc<Shared>, mut delivery: Delivery) {
     }
     .instrument(span)
     .await
+}
+
+/// The outcome of a delivery not settled before: the redelivery limit, the breaker, then
+/// [`process::process`], with the breaker told what bunq said.
+async fn decide(shared: &Shared, inbound: &Inbound, channel_live: &CancellationToken) -> Outcome {
+    let limit = shared.settler.topology.delivery_limit;
+    let handed_back = inbound.history.returns + inbound.delivery_count.unwrap_or(0);
+    if handed_back >= limit {
+        return process::redelivery_limit(inbound, limit);
+    }
+    let breaker = &shared.breaker;
+    let admission = if matches!(inbound.decoded, Ok(Decoded::Ready(_))) {
+        tokio::select! {
+            a = breaker.admit() => a,
+            _ = channel_live.cancelled() => return abandoned(shared, inbound),
+        }
+    } else {
+        Admission::Go
+    };
+    if let Admission::Refused(reason) = admission {
+        info!(%reason, "the breaker is open; handing the delivery back unprocessed");
+        return Outcome::Returned { counted: false };
+    }
+    let outcome = process::process(
+        inbound,
+        &shared.flow,
+        &shared.settler.topology.delay_tiers,
+        channel_live,
+    )
+    .await;
+    let mut told = false;
+    match &outcome {
+        Outcome::Created(_) => {
+            breaker.record_ok();
+            told = true;
+        }
+        Outcome::Failed(f) if f.event.is_some() => {
+            let fault = fault_of(f.reason, &f.detail);
+            if fault == Fault::Credential {
+                // bunq judged the credential: the worker's own set-up works.
+                if f.event
+                    .as_ref()
+                    .and_then(|e| e.http_status)
+                    .is_some_and(|s| (400..500).contains(&s))
+                {
+                    breaker.record_ok();
+                    told = true;
+                }
+            } else if breaker.record_fault(fault, f.reason, &f.detail, inbound.identity) {
+                return Outcome::Returned { counted: false };
+            } else {
+                told = true;
+            }
+        }
+        _ => {}
+    }
+    if admission == Admission::Trial && !told {
+        breaker.release_trial();
+    }
+    match outcome {
+        Outcome::Abandoned => abandoned(shared, inbound),
+        other => other,
+    }
+}
+
+/// Work stopped before an outcome: at shutdown the delivery is handed back (counted toward
+/// `DELIVERY_LIMIT`); with its channel gone the broker redelivers it.
+fn abandoned(shared: &Shared, inbound: &Inbound) -> Outcome {
+    if !shared.stop_work.is_cancelled() {
+        return Outcome::Abandoned;
+    }
+    let limit = shared.settler.topology.delivery_limit;
+    if inbound.history.returns + inbound.delivery_count.unwrap_or(0) + 1 >= limit {
+        return process::redelivery_limit(inbound, limit);
+    }
+    Outcome::Returned { counted: true }
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    breaker::Breaker,
     broker::{
         ConnectError, Consumer, Link, Publisher, Stops, SubscribeFailed, TopologyError, declare,
     },
@@ -111,6 +112,7 @@ struct Shared {
     handled: tokio::sync::broadcast::Sender<Handled>,
     flow: SessionFlow,
     settler: Settler,
+    breaker: Arc<Breaker>,
     in_flight: InFlight,
     max_message_bytes: usize,
     /// Fires once consuming stopped: work waiting to retry bunq gives up.
@@ -136,6 +138,7 @@ impl std::fmt::Debug for Worker {
 #[derive(Clone, Debug)]
 pub struct WorkerStatus {
     link: Arc<Link>,
+    breaker: Arc<Breaker>,
 }
 
 impl WorkerStatus {
@@ -143,6 +146,11 @@ impl WorkerStatus {
     /// memory or disk alarm).
     pub fn publishing_blocked(&self) -> bool {
         self.link.is_blocked()
+    }
+
+    /// Why the breaker stopped the worker taking work, while it does (see [`crate::breaker`]).
+    pub fn breaker_open(&self) -> Option<crate::breaker::Open> {
+        self.breaker.open()
     }
 
     /// Whether the worker has an open connection.
@@ -179,9 +187,7 @@ impl Worker {
         );
         let connection = link.connect().await.map_err(connect_error)?;
         let topology = settings.topology.topology();
-        let topology_channel = connection.create_channel().await?;
-        declare(&topology_channel, &topology).await?;
-        let _ = topology_channel.close(200, "declared".into()).await;
+        declare(&connection, &topology).await?;
 
         let bunq = &settings.bunq;
         let client = BunqClient::new(
@@ -222,6 +228,7 @@ impl Worker {
             warn!("{w}");
         }
         let hard_stop = CancellationToken::new();
+        let breaker = Arc::new(Breaker::new(settings.breaker_threshold));
         let settler = Settler {
             publisher: Publisher::new(link.clone(), settings.broker.publish_confirm_timeout),
             topology: topology.clone(),
@@ -236,8 +243,10 @@ impl Worker {
                 prefetch: settings.effective_prefetch().0,
                 consumer_tag,
                 drain_timeout: settings.shutdown_timeout,
+                pause: Some(breaker.paused()),
             },
             shared: Arc::new(Shared {
+                breaker: breaker.clone(),
                 handled: tokio::sync::broadcast::channel(1024).0,
                 flow,
                 settler,
@@ -253,6 +262,7 @@ impl Worker {
     pub fn status(&self) -> WorkerStatus {
         WorkerStatus {
             link: self.consumer.link.clone(),
+            breaker: self.shared.breaker.clone(),
         }
     }
 
@@ -285,8 +295,8 @@ impl Worker {
         let shared = self.shared.clone();
         let result = self
             .consumer
-            .run(self.first_connection.take(), &stops, move |d| {
-                delivery::handle(shared.clone(), d)
+            .run(self.first_connection.take(), &stops, move |d, live| {
+                delivery::handle(shared.clone(), d, live)
             })
             .await;
         self.shared.settler.publisher.close().await;
