@@ -56,12 +56,8 @@ async fn a_memory_alarm_makes_publishing_wait_and_nothing_is_lost() {
         return;
     }
     let mut app = TestApp::new().await;
-    app.extend_args(&[
-        "--publish-confirm-timeout-ms",
-        "500",
-        "--http-timeout-ms",
-        "10000",
-    ]);
+    app.settings.broker.publish_confirm_timeout = Duration::from_millis(500);
+    app.settings.bunq.http_timeout = Duration::from_secs(10);
     let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
     // Long enough for rabbitmqctl (about a second) to raise the alarm before the publish.
     slow.delay = Some(Duration::from_millis(3000));

@@ -12,7 +12,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn each_kind_of_bad_input_is_dead_lettered_with_its_reason() {
     let mut app = TestApp::new().await;
-    app.extend_args(&["--max-message-bytes", "1024"]);
+    app.settings.max_message_bytes = 1024;
     app.mount_happy_path().await;
     app.start_worker().await;
 

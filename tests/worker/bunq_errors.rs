@@ -1,26 +1,16 @@
 //! bunq's answers: transient ones are retried, permanent ones give `session.failed` plus a
 //! dead letter with the right reason and no retry; the credential's expiry bounds everything.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use serde_json::json;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
 
-use crate::helpers::*;
+use crate::{helpers::*, proxy::TcpProxy};
 
 #[tokio::test]
 async fn transient_failures_are_retried_until_success() {
     let mut app = TestApp::new().await;
-    app.extend_args(&["--http-timeout-ms", "500"]);
+    app.settings.bunq.http_timeout = Duration::from_millis(500);
     app.mount_device_server_ok().await;
     let mut html = app.answer(502, "<html><body><h1>502 Bad Gateway</h1></body></html>");
     html.content_type = "text/html";
@@ -72,6 +62,8 @@ async fn transient_failures_are_retried_until_success() {
 
 #[tokio::test]
 async fn permanent_failures_give_session_failed_and_a_dead_letter_without_retry() {
+    // 401 and 466 say the worker's installation or signature is refused: they open the breaker
+    // instead (tests/worker/breaker.rs).
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
     app.mount_device_server_ok().await;
     let creds = fixture("error.credentials-incorrect.json");
@@ -91,24 +83,6 @@ async fn permanent_failures_give_session_failed_and_a_dead_letter_without_retry(
             app.answer(490, r#"{"Error":[{"error_description":"User error"}]}"#),
             "credential_rejected",
             Some(490),
-        ),
-        (
-            "t401",
-            app.answer(
-                401,
-                r#"{"Error":[{"error_description":"Authentication token not valid."}]}"#,
-            ),
-            "signature_rejected",
-            Some(401),
-        ),
-        (
-            "t466",
-            app.answer(
-                466,
-                r#"{"Error":[{"error_description":"Request signature is required."}]}"#,
-            ),
-            "signature_rejected",
-            Some(466),
         ),
         (
             "t403",
@@ -192,7 +166,7 @@ async fn permanent_failures_give_session_failed_and_a_dead_letter_without_retry(
 #[tokio::test]
 async fn bunq_error_description_is_reported() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extend_args(&["--bunq-register-device", "false"]);
+    app.settings.bunq.register_device = false;
     app.mount(
         "session-server",
         None,
@@ -217,16 +191,10 @@ async fn bunq_error_description_is_reported() {
 async fn an_expired_credential_makes_no_call_and_expiry_cuts_retries_short() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
     // Retries would go on for 60 s; the credential expires in 2 s.
-    app.extend_args(&[
-        "--retry-initial-delay-ms",
-        "300",
-        "--retry-max-delay-ms",
-        "300",
-        "--retry-max-attempts",
-        "200",
-        "--retry-max-elapsed-s",
-        "60",
-    ]);
+    app.settings.retry.initial_delay = Duration::from_millis(300);
+    app.settings.retry.max_delay = Duration::from_millis(300);
+    app.settings.retry.max_attempts = 200;
+    app.settings.retry.max_elapsed = Duration::from_secs(60);
     app.mount_device_server_ok().await;
     // Records when each session-server call arrives.
     let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -289,12 +257,8 @@ async fn an_expired_credential_makes_no_call_and_expiry_cuts_retries_short() {
 #[tokio::test]
 async fn retries_are_bounded_by_max_attempts() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extend_args(&[
-        "--retry-max-attempts",
-        "3",
-        "--bunq-register-device",
-        "false",
-    ]);
+    app.settings.retry.max_attempts = 3;
+    app.settings.bunq.register_device = false;
     app.mount("session-server", None, app.answer(500, "{}"), None)
         .await;
     app.start_worker().await;
@@ -307,70 +271,21 @@ async fn retries_are_bounded_by_max_attempts() {
     app.cleanup().await;
 }
 
-/// A TCP proxy in front of the fake bunq that resets the connection of the next request when
-/// armed: the worker sees "connection reset" after sending.
-async fn resetting_proxy(
-    upstream: std::net::SocketAddr,
-    armed: Arc<AtomicBool>,
-    resets: Arc<AtomicUsize>,
-) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let armed = armed.clone();
-            let resets = resets.clone();
-            tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(upstream).await else {
-                    return;
-                };
-                let (mut sr, mut sw) = server.into_split();
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    tokio::select! {
-                        n = client.read(&mut buf) => {
-                            let Ok(n) = n else { return };
-                            if n == 0 { return; }
-                            if armed.swap(false, Ordering::SeqCst) {
-                                resets.fetch_add(1, Ordering::SeqCst);
-                                let _ = client.set_zero_linger();
-                                return; // dropping with linger 0 sends RST
-                            }
-                            if sw.write_all(&buf[..n]).await.is_err() { return; }
-                        }
-                        n = async { let mut b = vec![0u8; 16 * 1024]; let r = sr.read(&mut b).await; r.map(|n| (n, b)) } => {
-                            let Ok((n, b)) = n else { return };
-                            if n == 0 { return; }
-                            if client.write_all(&b[..n]).await.is_err() { return; }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn a_connection_reset_is_retried() {
     let mut app = TestApp::new().await;
     app.mount_happy_path().await;
-    let armed = Arc::new(AtomicBool::new(false));
-    let resets = Arc::new(AtomicUsize::new(0));
-    let proxy = resetting_proxy(*app.bunq.address(), armed.clone(), resets.clone()).await;
-    app.extra_args.extend([
-        "--bunq-api-url".into(),
-        format!("http://{proxy}/v1"),
-        "--bunq-register-device".into(),
-        "false".into(),
-    ]);
+    // bunq behind a proxy that, once armed, resets the connection of the next request.
+    let proxy = TcpProxy::start(app.bunq.address().to_string()).await;
+    app.settings.bunq.api_url = format!("http://{}/v1", proxy.addr()).parse().unwrap();
+    app.settings.bunq.register_device = false;
     app.start_worker().await; // installation goes through unharmed
-    armed.store(true, Ordering::SeqCst);
+    proxy.reset_next_request();
     app.publish_json(&slim(1, "tok-reset")).await;
     let out = app.next_output().await;
     assert_eq!(type_of(&out), "session.created");
     assert_eq!(
-        resets.load(Ordering::SeqCst),
+        proxy.resets(),
         1,
         "the first session-server attempt was reset"
     );

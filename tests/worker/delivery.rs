@@ -11,7 +11,7 @@ use crate::helpers::*;
 async fn a_delivery_stays_unacked_until_its_publish_is_confirmed() {
     // No queue is bound for session.created: every publish comes back unroutable.
     let mut app = TestApp::new_with_binding(None).await;
-    app.extend_args(&["--shutdown-timeout-s", "1"]);
+    app.settings.shutdown_timeout = Duration::from_secs(1);
     app.mount_happy_path().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-unacked")).await;
@@ -109,9 +109,7 @@ async fn an_inequivalent_queue_stops_start_up_with_a_message_naming_it() {
     let dlx = app.names.dead_letter_exchange.clone();
     app.declare_classic_queue(&app.names.input_queue, &[("x-dead-letter-exchange", &dlx)])
         .await;
-    let err = bunq_session_worker::Worker::build(app.settings())
-        .await
-        .unwrap_err();
+    let err = app.build_worker().await.unwrap_err();
     let err = chain(&err);
     assert!(
         err.contains(&format!("queue '{}'", app.names.input_queue)),
@@ -128,7 +126,7 @@ async fn an_inequivalent_queue_stops_start_up_with_a_message_naming_it() {
 #[tokio::test]
 async fn a_classic_queue_type_can_be_configured() {
     let mut app = TestApp::new().await;
-    app.extend_args(&["--queue-type", "classic"]);
+    app.settings.topology.queue_type = bunq_session_worker::broker::QueueType::Classic;
     app.mount_happy_path().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-classic")).await;

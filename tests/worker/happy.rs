@@ -309,7 +309,7 @@ async fn a_context_file_is_reused_and_a_device_registration_can_be_turned_off() 
         assert_eq!(mode, 0o600);
     }
     // A second worker reuses the saved installation: no new POST /installation.
-    app.extend_args(&["--bunq-register-device", "false"]);
+    app.settings.bunq.register_device = false;
     app.start_worker().await;
     app.publish_json(&slim(2, "tok-2")).await;
     let b = body_json(&app.next_output().await);

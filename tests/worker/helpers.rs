@@ -1,9 +1,18 @@
 //! Test harness: a real RabbitMQ (from `AMQP_URL`), a wiremock fake of bunq that checks headers
 //! and signatures and signs its answers, and a worker with its own `test-<uuid>` names.
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
-use bunq_session_worker::{Settings, Worker, worker::RunError};
+use bunq_session_worker::{
+    Settings, Worker,
+    config::DelayTiers,
+    worker::{RunError, StartError},
+};
 use clap::Parser;
 use futures_util::StreamExt;
 use lapin::{
@@ -12,6 +21,7 @@ use lapin::{
     options::*,
     types::{AMQPValue, FieldTable},
 };
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +33,14 @@ pub use fake_bunq::*;
 
 /// How long a test waits for an expected event before failing.
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// `x-expires` of the queues a test declares itself (observer queues): the broker deletes them
+/// this long after their last consumer is gone, even when the test died before `cleanup`.
+pub const OBSERVER_QUEUE_EXPIRES_MS: i32 = 60_000;
+
+/// How long the drop guard of a test that did not reach `cleanup` may spend deleting its broker
+/// objects (connecting included), so a dead broker cannot hang the test.
+const LEFTOVER_DELETE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The RabbitMQ image started when `AMQP_URL` is unset and a Docker engine exists (pinned: the
 /// testcontainers module's default tag is end-of-life).
@@ -134,7 +152,44 @@ impl Names {
     }
 }
 
+/// The settings of one test's worker: the defaults, then this test's names, the fake bunq at
+/// `bunq_url`, its own context file, the broker, and fast retries without delayed retry.
+fn test_settings(names: &Names, bunq_url: &str, context_file: &Path, amqp_url: &str) -> Settings {
+    let mut s = Settings::try_parse_from(["bunq-session-worker"]).expect("the defaults parse");
+    s.broker.amqp_url = SecretString::from(amqp_url.to_owned());
+    s.bunq.api_url = format!("{bunq_url}/v1")
+        .parse()
+        .expect("the fake bunq's URL");
+    s.bunq.context_file = context_file.to_path_buf();
+    let t = &mut s.topology;
+    t.input_exchange = names.input_exchange.clone();
+    t.input_queue = names.input_queue.clone();
+    t.output_exchange = names.output_exchange.clone();
+    t.dead_letter_exchange = names.dead_letter_exchange.clone();
+    t.dead_letter_queue = names.dead_letter_queue.clone();
+    // Tests of the in-process outcome; the delayed-retry tests turn it on.
+    t.delayed_retry_delays = DelayTiers::default();
+    s.retry.initial_delay = Duration::from_millis(10);
+    s.retry.max_delay = Duration::from_millis(50);
+    s.bunq.http_timeout = Duration::from_millis(2000);
+    s
+}
+
+/// Arguments of a queue a test declares for itself: it expires when unused, so it goes away
+/// even when the test dies before `cleanup`.
+pub fn observer_queue_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongInt(OBSERVER_QUEUE_EXPIRES_MS),
+    );
+    args
+}
+
 /// One test's world.
+///
+/// `cleanup` deletes the test's broker objects and files; a `TestApp` dropped without it (the
+/// test panicked) deletes them from its drop guard, best effort and bounded in time.
 pub struct TestApp {
     pub names: Names,
     pub bunq: MockServer,
@@ -143,14 +198,20 @@ pub struct TestApp {
     pub channel: Channel,
     pub dir: PathBuf,
     pub context_file: PathBuf,
+    /// The broker's own URL (the worker's `settings.broker.amqp_url` may point at a proxy).
     pub amqp_url: String,
+    /// The worker's settings: change fields before `start_worker`, e.g.
+    /// `app.settings.retry.max_attempts = 1`.
+    pub settings: Settings,
     outputs: Option<Consumer>,
     dead_letters: Option<Consumer>,
     worker: Option<(CancellationToken, JoinHandle<Result<(), RunError>>)>,
     pub status: Option<bunq_session_worker::worker::WorkerStatus>,
-    pub extra_args: Vec<String>,
-    /// More queues the test made the worker declare (delay queues), deleted by `cleanup`.
+    /// More queues the test declared itself (delay queues follow from the settings), deleted
+    /// by `cleanup` and the drop guard.
     pub extra_queues: Vec<String>,
+    /// Set by `cleanup`: the drop guard has nothing left to do.
+    cleaned_up: bool,
 }
 
 impl TestApp {
@@ -191,7 +252,7 @@ impl TestApp {
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                observer_queue_args(),
             )
             .await
             .unwrap();
@@ -210,6 +271,8 @@ impl TestApp {
         let dir = std::env::temp_dir().join(format!("bsw-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let context_file = dir.join("bunq-context.json");
+        let amqp_url = amqp_url().await;
+        let settings = test_settings(&names, &bunq.uri(), &context_file, &amqp_url);
         Self {
             names,
             bunq,
@@ -218,23 +281,14 @@ impl TestApp {
             channel,
             dir,
             context_file,
-            amqp_url: amqp_url().await,
+            amqp_url,
+            settings,
             outputs: None,
             dead_letters: None,
             worker: None,
             status: None,
-            extra_args: vec![
-                "--retry-initial-delay-ms".into(),
-                "10".into(),
-                "--retry-max-delay-ms".into(),
-                "50".into(),
-                "--http-timeout-ms".into(),
-                "2000".into(),
-                // Tests of the in-process outcome; the delayed-retry tests turn it on.
-                "--delayed-retry-delays-s".into(),
-                "off".into(),
-            ],
             extra_queues: Vec::new(),
+            cleaned_up: false,
         }
     }
 
@@ -242,50 +296,68 @@ impl TestApp {
         Self::new_with_binding(Some("session.#")).await
     }
 
-    /// Adds worker arguments (flag, value, …) after the defaults; a later flag wins.
-    pub fn extend_args(&mut self, args: &[&str]) {
-        self.extra_args.extend(args.iter().map(|a| a.to_string()));
-    }
-
-    /// The worker's arguments: this test's names, the fake bunq, fast retries, then `extra_args`.
+    /// The binary's flags for this test, rendered from `settings`: the broker, the fake bunq,
+    /// the context file, the names and the fast retries. Only those: pass what else a test
+    /// changes to the binary as environment variables (`Running::start(&app.args(), env)`).
+    ///
+    /// # Panics
+    /// When these flags would not give the binary `settings` (a test changed another typed
+    /// field and then started the binary, which would silently not see it).
     pub fn args(&self) -> Vec<String> {
-        let n = &self.names;
-        let mut a: Vec<String> = [
-            "--amqp-url",
-            &self.amqp_url,
-            "--bunq-api-url",
-            &format!("{}/v1", self.bunq.uri()),
-            "--bunq-context-file",
-            self.context_file.to_str().unwrap(),
-            "--input-exchange",
-            &n.input_exchange,
-            "--input-queue",
-            &n.input_queue,
-            "--output-exchange",
-            &n.output_exchange,
-            "--dead-letter-exchange",
-            &n.dead_letter_exchange,
-            "--dead-letter-queue",
-            &n.dead_letter_queue,
+        let s = &self.settings;
+        let t = &s.topology;
+        let ms = |d: Duration| d.as_millis().to_string();
+        let delays = if t.delayed_retry_delays.0.is_empty() {
+            "off".to_owned()
+        } else {
+            t.delayed_retry_delays
+                .0
+                .iter()
+                .map(|d| d.as_secs().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let args: Vec<String> = [
+            ("--amqp-url", s.broker.amqp_url.expose_secret().to_owned()),
+            ("--bunq-api-url", s.bunq.api_url.to_string()),
+            (
+                "--bunq-context-file",
+                s.bunq.context_file.to_str().unwrap().to_owned(),
+            ),
+            ("--input-exchange", t.input_exchange.clone()),
+            ("--input-queue", t.input_queue.clone()),
+            ("--output-exchange", t.output_exchange.clone()),
+            ("--dead-letter-exchange", t.dead_letter_exchange.clone()),
+            ("--dead-letter-queue", t.dead_letter_queue.clone()),
+            ("--retry-initial-delay-ms", ms(s.retry.initial_delay)),
+            ("--retry-max-delay-ms", ms(s.retry.max_delay)),
+            ("--http-timeout-ms", ms(s.bunq.http_timeout)),
+            ("--delayed-retry-delays-s", delays),
         ]
-        .iter()
-        .map(|s| s.to_string())
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
         .collect();
-        a.extend(self.extra_args.iter().cloned());
-        a
+        let rendered = Settings::try_parse_from(
+            std::iter::once("bunq-session-worker".to_owned()).chain(args.iter().cloned()),
+        )
+        .expect("the rendered flags parse");
+        assert_eq!(
+            format!("{rendered:?}"),
+            format!("{s:?}"),
+            "the binary's flags do not carry every setting this test changed: pass the others as environment variables"
+        );
+        args
     }
 
-    pub fn settings(&self) -> Settings {
-        let mut argv = vec!["bunq-session-worker".to_string()];
-        argv.extend(self.args());
-        let s = Settings::try_parse_from(argv).unwrap();
-        s.validate().unwrap();
-        s
+    /// Validates `settings` and builds a worker from a copy of them.
+    pub async fn build_worker(&self) -> Result<Worker, StartError> {
+        self.settings.validate().unwrap();
+        Worker::build(self.settings.clone()).await
     }
 
     /// Builds and runs a worker in this process.
     pub async fn start_worker(&mut self) {
-        let worker = Worker::build(self.settings()).await.expect("worker starts");
+        let worker = self.build_worker().await.expect("worker starts");
         self.status = Some(worker.status());
         let token = CancellationToken::new();
         let handle = tokio::spawn(worker.run_until_stopped(token.clone()));
@@ -505,33 +577,135 @@ impl TestApp {
             .collect()
     }
 
+    /// This test's queues: the worker's input, dead-letter and delay queues, the observer
+    /// queue and `extra_queues`.
+    fn queues(&self) -> Vec<String> {
+        let n = &self.names;
+        let topology = self.settings.topology.topology();
+        let mut queues = vec![
+            n.input_queue.clone(),
+            n.dead_letter_queue.clone(),
+            n.output_queue.clone(),
+        ];
+        queues.extend(
+            topology
+                .delay_tiers
+                .iter()
+                .map(|d| topology.delay_queue_name(*d)),
+        );
+        queues.extend(self.extra_queues.iter().cloned());
+        queues.sort();
+        queues.dedup();
+        queues
+    }
+
+    /// This test's exchanges: input, output and dead-letter.
+    fn exchanges(&self) -> Vec<String> {
+        let n = &self.names;
+        vec![
+            n.input_exchange.clone(),
+            n.output_exchange.clone(),
+            n.dead_letter_exchange.clone(),
+        ]
+    }
+
     /// Deletes this test's broker objects and files.
     pub async fn cleanup(mut self) {
         if self.worker.is_some() {
             let _ = self.stop_worker().await;
         }
-        let ch = self.conn.create_channel().await.unwrap();
-        let n = &self.names;
-        for q in [&n.input_queue, &n.dead_letter_queue, &n.output_queue]
-            .into_iter()
-            .chain(self.extra_queues.iter())
-        {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for e in [
-            &n.input_exchange,
-            &n.output_exchange,
-            &n.dead_letter_exchange,
-        ] {
-            let _ = ch
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        delete_broker_objects(&self.conn, &self.queues(), &self.exchanges()).await;
         let _ = self.conn.close(200, "".into()).await;
         let _ = std::fs::remove_dir_all(&self.dir);
+        self.cleaned_up = true;
     }
+}
+
+/// The drop guard: a test that did not reach `cleanup` (it panicked) still leaves no queue,
+/// exchange or file behind. The deletion runs on a thread of its own with its own runtime and
+/// connection (the test's runtime may be unwinding), bounded by `LEFTOVER_DELETE_TIMEOUT`.
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if self.cleaned_up {
+            return;
+        }
+        if let Some((token, _)) = &self.worker {
+            token.cancel();
+        }
+        let (url, queues, exchanges, dir) = (
+            self.amqp_url.clone(),
+            self.queues(),
+            self.exchanges(),
+            self.dir.clone(),
+        );
+        let deleter = std::thread::spawn(move || {
+            let _ = std::fs::remove_dir_all(&dir);
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let deleted = rt.block_on(async {
+                tokio::time::timeout(LEFTOVER_DELETE_TIMEOUT, async {
+                    let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+                    delete_broker_objects(&conn, &queues, &exchanges).await;
+                    let _ = conn.close(200, "".into()).await;
+                    Ok::<_, lapin::Error>(())
+                })
+                .await
+            });
+            match deleted {
+                Ok(Ok(())) => eprintln!(
+                    "test ended without cleanup: deleted its queues {queues:?} and exchanges {exchanges:?}"
+                ),
+                Ok(Err(e)) => {
+                    eprintln!("test ended without cleanup; deleting its broker objects failed: {e}")
+                }
+                Err(_) => eprintln!(
+                    "test ended without cleanup; deleting its broker objects timed out after {LEFTOVER_DELETE_TIMEOUT:?}"
+                ),
+            }
+            rt.shutdown_timeout(Duration::from_secs(1));
+        });
+        let _ = deleter.join();
+    }
+}
+
+/// Deletes `queues` and `exchanges`, ignoring what is already gone; a failure closes its channel,
+/// so the next deletion gets a new one.
+async fn delete_broker_objects(conn: &Connection, queues: &[String], exchanges: &[String]) {
+    let mut ch: Option<Channel> = None;
+    for q in queues {
+        let Some(c) = channel_of(conn, &mut ch).await else {
+            return;
+        };
+        if c.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .is_err()
+        {
+            ch = None;
+        }
+    }
+    for e in exchanges {
+        let Some(c) = channel_of(conn, &mut ch).await else {
+            return;
+        };
+        if c.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .is_err()
+        {
+            ch = None;
+        }
+    }
+}
+
+/// The open channel in `slot`, or a new one.
+async fn channel_of<'a>(conn: &Connection, slot: &'a mut Option<Channel>) -> Option<&'a Channel> {
+    if slot.is_none() {
+        *slot = Some(conn.create_channel().await.ok()?);
+    }
+    slot.as_ref()
 }
 
 /// An error as the binary prints it: the message and its causes.

@@ -1,7 +1,7 @@
 //! Hostile or absurd input from the producer, bunq or an operator: each case once broke the
 //! worker (a panic, a stuck delivery, a lost dead letter); each now has an outcome.
 
-use std::time::Duration;
+use std::{num::NonZeroU16, time::Duration};
 
 use lapin::{BasicProperties, options::ExchangeDeleteOptions};
 use serde_json::json;
@@ -12,7 +12,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn absurd_numbers_from_bunq_do_not_strand_a_session() {
     let mut app = TestApp::new().await;
-    app.extend_args(&["--bunq-register-device", "false"]);
+    app.settings.bunq.register_device = false;
     app.mount(
         "session-server",
         Some("t-timeout"),
@@ -45,7 +45,7 @@ async fn absurd_numbers_from_bunq_do_not_strand_a_session() {
 #[tokio::test]
 async fn a_huge_rate_limit_window_ends_in_retries_exhausted() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extend_args(&["--bunq-register-device", "false"]);
+    app.settings.bunq.register_device = false;
     let mut slow = app.answer(
         429,
         r#"{"Error":[{"error_description":"Too many requests. You can do a maximum of 1 calls per 18446744073709551615 second to this endpoint."}]}"#,
@@ -107,14 +107,9 @@ async fn a_deleted_dead_letter_exchange_is_declared_again() {
 async fn an_unroutable_session_failed_does_not_hold_the_worker() {
     // Only session.created has a queue; session.failed is routed nowhere.
     let mut app = TestApp::new_with_binding(Some("session.created")).await;
-    app.extend_args(&[
-        "--prefetch",
-        "2",
-        "--retry-max-elapsed-s",
-        "1",
-        "--bunq-register-device",
-        "false",
-    ]);
+    app.settings.broker.prefetch = NonZeroU16::new(2).unwrap();
+    app.settings.retry.max_elapsed = Duration::from_secs(1);
+    app.settings.bunq.register_device = false;
     app.mount(
         "session-server",
         Some("bad-1"),
@@ -170,9 +165,7 @@ async fn an_installation_token_no_header_can_carry_stops_start_up() {
         .with_priority(1)
         .mount(&app.bunq)
         .await;
-    let err = bunq_session_worker::Worker::build(app.settings())
-        .await
-        .unwrap_err();
+    let err = app.build_worker().await.unwrap_err();
     let err = chain(&err);
     assert_eq!(
         err,
@@ -202,12 +195,8 @@ async fn a_multibyte_provision_id_at_the_limit_round_trips() {
 #[tokio::test]
 async fn a_deleted_dead_letter_queue_is_declared_again_without_calling_bunq_twice() {
     let mut app = TestApp::new().await;
-    app.extend_args(&[
-        "--bunq-register-device",
-        "false",
-        "--retry-max-elapsed-s",
-        "1",
-    ]);
+    app.settings.bunq.register_device = false;
+    app.settings.retry.max_elapsed = Duration::from_secs(1);
     app.mount(
         "session-server",
         None,
@@ -287,7 +276,7 @@ async fn the_same_credential_in_another_shape_is_not_sent_to_bunq_twice() {
 #[tokio::test]
 async fn a_replayed_dead_letter_is_processed_again() {
     let mut app = TestApp::new_with_binding(Some("session.#")).await;
-    app.extend_args(&["--bunq-register-device", "false"]);
+    app.settings.bunq.register_device = false;
     app.mount("session-server", None, app.answer(503, "{}"), Some(1))
         .await;
     app.mount(
@@ -297,7 +286,7 @@ async fn a_replayed_dead_letter_is_processed_again() {
         None,
     )
     .await;
-    app.extend_args(&["--retry-max-attempts", "1"]);
+    app.settings.retry.max_attempts = 1;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-replay")).await;
     assert_eq!(
@@ -317,7 +306,7 @@ async fn a_replayed_dead_letter_is_processed_again() {
 #[tokio::test]
 async fn without_a_consumer_timeout_sessions_still_open() {
     let mut app = TestApp::new().await;
-    app.extend_args(&["--consumer-timeout-s", "0"]);
+    app.settings.broker.consumer_timeout = Duration::ZERO;
     app.mount_happy_path().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-no-timeout")).await;

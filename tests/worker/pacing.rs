@@ -1,14 +1,20 @@
-//! Pacing session-server: a process-wide rate limit, and a 429 that pauses every call; durable
-//! delayed retry through per-tier delay queues.
+//! Pacing session-server end to end (the decisions have paused-clock unit tests in the
+//! library); durable delayed retry through the broker's per-tier delay queues.
 
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use bunq_session_worker::{config::DelayTiers, pacing::RateLimit};
 use wiremock::{Mock, Request, Respond, ResponseTemplate, matchers};
 
 use crate::helpers::*;
+
+/// Delayed-retry tiers of `secs` seconds each.
+fn tiers(secs: &[u64]) -> DelayTiers {
+    DelayTiers(secs.iter().map(|s| Duration::from_secs(*s)).collect())
+}
 
 /// Wraps a responder and records when each request arrived.
 struct Timed<R> {
@@ -52,16 +58,18 @@ async fn mount_timed(
     m.mount(&app.bunq).await;
 }
 
+/// Pacing is wired end to end: one session-server call per second for the process, across
+/// deliveries. The pacing decisions themselves (spacing, 429 pauses, waits not charged to the
+/// retry budget) have paused-clock unit tests in `src/pacing.rs` and `src/session/tests.rs`.
 #[tokio::test]
-async fn a_429_pauses_every_session_server_call_for_its_window() {
+async fn session_server_calls_are_paced_across_deliveries() {
     let mut app = TestApp::new().await;
-    app.extend_args(&["--bunq-register-device", "false"]);
+    app.settings.bunq.register_device = false;
+    app.settings.bunq.session_rate_limit = Some(RateLimit {
+        calls: 1,
+        per: Duration::from_secs(1),
+    });
     let at = Arc::new(Mutex::new(Vec::new()));
-    let limited = app.answer(
-        429,
-        r#"{"Error":[{"error_description":"Too many requests. You can do a maximum of 1 calls per 2 second to this endpoint."}]}"#,
-    );
-    mount_timed(&app, Some("tok-a"), limited, Some(1), &at).await;
     mount_timed(
         &app,
         None,
@@ -71,68 +79,28 @@ async fn a_429_pauses_every_session_server_call_for_its_window() {
     )
     .await;
     app.start_worker().await;
-    app.publish_json(&slim(1, "tok-a")).await;
-    eventually("the 429", || async { !at.lock().unwrap().is_empty() }).await;
-    // Another delivery arrives inside the window: it must wait too.
-    app.publish_json(&slim(2, "tok-b")).await;
-    let mut got = vec![
-        body_json(&app.next_output().await)["provision_id"]
-            .as_i64()
-            .unwrap(),
-        body_json(&app.next_output().await)["provision_id"]
-            .as_i64()
-            .unwrap(),
-    ];
+    for i in 0..3 {
+        app.publish_json(&slim(i, &format!("tok-paced-{i}"))).await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let out = app.next_output().await;
+        assert_eq!(type_of(&out), "session.created");
+        got.push(body_json(&out)["provision_id"].as_i64().unwrap());
+    }
     got.sort();
-    assert_eq!(got, [1, 2]);
-    let calls = at.lock().unwrap().clone();
-    assert_eq!(calls.len(), 3, "429, then one call each");
-    let (t429, _) = calls[0];
-    for (t, secret) in &calls[1..] {
-        let after = t.duration_since(t429);
-        assert!(
-            after >= Duration::from_secs(2),
-            "{secret} called {after:?} after the 429, inside its 2 s window"
-        );
-    }
-    app.cleanup().await;
-}
-
-#[tokio::test]
-async fn session_server_calls_are_spaced_by_the_rate_limit() {
-    let mut app = TestApp::new().await;
-    app.extend_args(&[
-        "--bunq-register-device",
-        "false",
-        "--bunq-session-rate-limit",
-        "2/1s",
-    ]);
-    let at = Arc::new(Mutex::new(Vec::new()));
-    mount_timed(
-        &app,
-        None,
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-        &at,
-    )
-    .await;
-    app.start_worker().await;
-    for i in 0..4 {
-        app.publish_json(&slim(i, &format!("tok-{i}"))).await;
-    }
-    for _ in 0..4 {
-        app.next_output().await;
-    }
+    assert_eq!(got, [0, 1, 2]);
     let mut times: Vec<Instant> = at.lock().unwrap().iter().map(|(t, _)| *t).collect();
+    assert_eq!(times.len(), 3, "one session-server call per delivery");
     times.sort();
     for w in times.windows(2) {
         let gap = w[1].duration_since(w[0]);
-        // One call every 500 ms, measured where the calls arrive: a loaded machine may delay
-        // one request more than the next, so allow 100 ms of slack (unpaced calls come
-        // within a few ms of each other).
+        // One call a second, measured where the calls arrive: a loaded machine may delay one
+        // request more than the next, so allow 200 ms of slack (unpaced calls come within a
+        // few ms of each other).
         assert!(
-            gap >= Duration::from_millis(400),
-            "calls {gap:?} apart under 2/1s"
+            gap >= Duration::from_millis(800),
+            "calls {gap:?} apart under 1/1s"
         );
     }
     app.cleanup().await;
@@ -141,18 +109,9 @@ async fn session_server_calls_are_spaced_by_the_rate_limit() {
 #[tokio::test]
 async fn a_spent_retry_budget_parks_the_delivery_and_it_comes_back() {
     let mut app = TestApp::new().await;
-    app.extend_args(&[
-        "--bunq-register-device",
-        "false",
-        "--retry-max-attempts",
-        "2",
-        "--delayed-retry-delays-s",
-        "1,2",
-    ]);
-    app.extra_queues = vec![
-        format!("{}.retry-1s", app.names.input_queue),
-        format!("{}.retry-2s", app.names.input_queue),
-    ];
+    app.settings.bunq.register_device = false;
+    app.settings.retry.max_attempts = 2;
+    app.settings.topology.delayed_retry_delays = tiers(&[1, 2]);
     let at = Arc::new(Mutex::new(Vec::new()));
     // Two failures spend the in-process budget; the call after the delay succeeds.
     mount_timed(
@@ -188,15 +147,9 @@ async fn a_spent_retry_budget_parks_the_delivery_and_it_comes_back() {
 #[tokio::test]
 async fn delayed_retries_end_in_the_dead_letter_queue_when_every_tier_is_spent() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extend_args(&[
-        "--bunq-register-device",
-        "false",
-        "--retry-max-attempts",
-        "2",
-        "--delayed-retry-delays-s",
-        "1,1",
-    ]);
-    app.extra_queues = vec![format!("{}.retry-1s", app.names.input_queue)];
+    app.settings.bunq.register_device = false;
+    app.settings.retry.max_attempts = 2;
+    app.settings.topology.delayed_retry_delays = tiers(&[1, 1]);
     app.mount("session-server", None, app.answer(500, "{}"), None)
         .await;
     app.start_worker().await;
@@ -234,15 +187,9 @@ async fn delayed_retries_end_in_the_dead_letter_queue_when_every_tier_is_spent()
 #[tokio::test]
 async fn no_delayed_retry_when_the_credential_expires_first() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.extend_args(&[
-        "--bunq-register-device",
-        "false",
-        "--retry-max-attempts",
-        "1",
-        "--delayed-retry-delays-s",
-        "3600",
-    ]);
-    app.extra_queues = vec![format!("{}.retry-3600s", app.names.input_queue)];
+    app.settings.bunq.register_device = false;
+    app.settings.retry.max_attempts = 1;
+    app.settings.topology.delayed_retry_delays = tiers(&[3600]);
     app.mount("session-server", None, app.answer(500, "{}"), None)
         .await;
     app.start_worker().await;
@@ -259,51 +206,13 @@ async fn no_delayed_retry_when_the_credential_expires_first() {
 }
 
 #[tokio::test]
-async fn waiting_for_a_pacing_slot_is_not_charged_to_the_retry_budget() {
-    let mut app = TestApp::new().await;
-    // Four deliveries at once, one call every 500 ms: the last waits ~1.5 s for its slot,
-    // longer than the 1 s retry budget, and must still succeed.
-    app.extend_args(&[
-        "--bunq-register-device",
-        "false",
-        "--bunq-session-rate-limit",
-        "2/1s",
-        "--retry-max-elapsed-s",
-        "1",
-    ]);
-    app.mount(
-        "session-server",
-        None,
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-    )
-    .await;
-    app.start_worker().await;
-    for i in 0..4 {
-        app.publish_json(&slim(i, &format!("tok-burst-{i}"))).await;
-    }
-    for _ in 0..4 {
-        assert_eq!(type_of(&app.next_output().await), "session.created");
-    }
-    assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
-    app.cleanup().await;
-}
-
-#[tokio::test]
 async fn delayed_retries_return_to_the_input_queue_only() {
     let mut app = TestApp::new().await;
-    app.extend_args(&[
-        "--bunq-register-device",
-        "false",
-        "--retry-max-attempts",
-        "1",
-        "--delayed-retry-delays-s",
-        "1",
-    ]);
-    app.extra_queues = vec![
-        format!("{}.retry-1s", app.names.input_queue),
-        format!("{}.audit", app.names.input_queue),
-    ];
+    app.settings.bunq.register_device = false;
+    app.settings.retry.max_attempts = 1;
+    app.settings.topology.delayed_retry_delays = tiers(&[1]);
+    // Declared by the test itself, so `cleanup` does not know it from the settings.
+    app.extra_queues = vec![format!("{}.audit", app.names.input_queue)];
     app.mount("session-server", None, app.answer(503, "{}"), Some(1))
         .await;
     app.mount(
@@ -315,12 +224,12 @@ async fn delayed_retries_return_to_the_input_queue_only() {
     .await;
     app.start_worker().await;
     // Someone else listens on the input exchange too.
-    let audit = app.extra_queues[1].clone();
+    let audit = app.extra_queues[0].clone();
     app.channel
         .queue_declare(
             audit.as_str().into(),
             lapin::options::QueueDeclareOptions::default(),
-            lapin::types::FieldTable::default(),
+            observer_queue_args(),
         )
         .await
         .unwrap();
@@ -355,9 +264,8 @@ async fn delay_queues_dead_letter_at_least_once() {
     // a test; declaring the queue with exactly these arguments succeeds only if the worker
     // declared it so (a difference is PRECONDITION_FAILED).
     let mut app = TestApp::new().await;
-    app.extend_args(&["--delayed-retry-delays-s", "2"]);
+    app.settings.topology.delayed_retry_delays = tiers(&[2]);
     let delay_queue = format!("{}.retry-2s", app.names.input_queue);
-    app.extra_queues = vec![delay_queue.clone()];
     app.start_worker().await;
     let mut args = lapin::types::FieldTable::default();
     for (k, v) in [

@@ -281,14 +281,15 @@ async fn sigterm_under_load_loses_nothing() {
 /// `message_id`, nothing stays queued or is dead-lettered.
 async fn stop_mid_stream(signal: &str) {
     let mut app = TestApp::new().await;
-    app.extend_args(&["--prefetch", "4"]);
     app.mount_device_server_ok().await;
     let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
     slow.delay = Some(Duration::from_millis(100));
     app.mount("session-server", None, slow, None).await;
     const N: i64 = 24;
 
-    let mut w = Running::start(&app.args(), &[]);
+    // Four deliveries in flight at once, so a stop finds work under way.
+    let env = [("PREFETCH", "4")];
+    let mut w = Running::start(&app.args(), &env);
     eventually("the worker consumes", || async {
         consumers(&app).await == 1
     })
@@ -320,7 +321,7 @@ async fn stop_mid_stream(signal: &str) {
     );
 
     // A new process picks up whatever the killed one left unacked.
-    let mut w = Running::start(&app.args(), &[]);
+    let mut w = Running::start(&app.args(), &env);
     while seen.len() < N as usize {
         let d = app.next_output().await;
         record(&d, &mut seen);

@@ -1,13 +1,7 @@
 //! Faults of the broker under a running worker: connection cut, queue deleted, exchange deleted.
 //! Each test asserts that nothing was lost.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use lapin::{
     ExchangeKind,
@@ -16,145 +10,18 @@ use lapin::{
     },
     types::FieldTable,
 };
-use tokio::{
-    io::copy_bidirectional,
-    net::{TcpListener, TcpStream},
-    sync::Mutex,
-};
-use tokio_util::sync::CancellationToken;
+use secrecy::SecretString;
 
-use crate::helpers::*;
+use crate::{helpers::*, proxy::*};
 
-/// A TCP proxy between the worker and the broker that can cut every connection and refuse new
-/// ones (a network cut or a broker restart, as the worker sees it) without touching the broker.
-pub struct BrokerProxy {
-    pub port: u16,
-    down: Arc<AtomicBool>,
-    hole: Arc<AtomicBool>,
-    generation: Arc<Mutex<CancellationToken>>,
-    stall: Arc<Mutex<CancellationToken>>,
-}
-
-impl BrokerProxy {
-    pub async fn start(upstream: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
-        let hole = Arc::new(AtomicBool::new(false));
-        let generation = Arc::new(Mutex::new(CancellationToken::new()));
-        let stall = Arc::new(Mutex::new(CancellationToken::new()));
-        let (d, g, st, h) = (
-            down.clone(),
-            generation.clone(),
-            stall.clone(),
-            hole.clone(),
-        );
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if d.load(Ordering::SeqCst) {
-                    continue; // refused: dropped at once
-                }
-                let token = g.lock().await.clone();
-                if h.load(Ordering::SeqCst) {
-                    // A black hole: the connection is accepted, then nothing ever comes back.
-                    tokio::spawn(async move {
-                        token.cancelled().await;
-                        drop(client);
-                    });
-                    continue;
-                }
-                let stalled = st.lock().await.clone();
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut client, &mut server) => {}
-                        _ = token.cancelled() => {}
-                        _ = stalled.cancelled() => {
-                            // Half-open: both sockets stay open, nothing moves.
-                            token.cancelled().await;
-                        }
-                    }
-                });
-            }
-        });
-        Self {
-            port,
-            down,
-            hole,
-            generation,
-            stall,
-        }
-    }
-
-    /// Drops every proxied connection and refuses new ones.
-    pub async fn cut(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        let mut g = self.generation.lock().await;
-        g.cancel();
-        *g = CancellationToken::new();
-    }
-
-    /// Freezes every proxied connection without closing it (a half-open connection); new
-    /// connections work.
-    pub async fn stall(&self) {
-        let mut st = self.stall.lock().await;
-        st.cancel();
-        *st = CancellationToken::new();
-    }
-
-    /// Accepts connections again, and forwards them.
-    pub fn restore(&self) {
-        self.down.store(false, Ordering::SeqCst);
-        self.hole.store(false, Ordering::SeqCst);
-    }
-
-    /// From now on accepts connections but never answers (a broker hung in its start-up, a
-    /// firewall that swallows packets).
-    pub fn black_hole(&self) {
-        self.hole.store(true, Ordering::SeqCst);
-    }
-}
-
-/// `url` with its host:port replaced by the proxy's.
-fn via_proxy(url: &str, port: u16) -> String {
-    let at = url
-        .rfind('@')
-        .map(|i| i + 1)
-        .unwrap_or_else(|| url.find("://").unwrap() + 3);
-    let rest = &url[at..];
-    let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("");
-    format!("{}127.0.0.1:{port}{path}", &url[..at])
-}
-
-fn host_port(url: &str) -> String {
-    let at = url
-        .rfind('@')
-        .map(|i| i + 1)
-        .unwrap_or_else(|| url.find("://").unwrap() + 3);
-    let rest = &url[at..];
-    let hp = rest.split('/').next().unwrap();
-    if hp.contains(':') {
-        hp.to_owned()
-    } else {
-        format!("{hp}:5672")
-    }
-}
-
-async fn app_behind_proxy() -> (TestApp, BrokerProxy) {
+/// A test whose worker reaches the broker through a proxy, with 2 s heartbeats and a 5 s
+/// shutdown timeout.
+async fn app_behind_proxy() -> (TestApp, TcpProxy) {
     let mut app = TestApp::new().await;
-    let proxy = BrokerProxy::start(host_port(&app.amqp_url)).await;
-    let url = via_proxy(&app.amqp_url, proxy.port);
-    app.extra_args.extend([
-        "--amqp-url".into(),
-        url,
-        "--amqp-heartbeat-s".into(),
-        "2".into(),
-        "--shutdown-timeout-s".into(),
-        "5".into(),
-    ]);
+    let proxy = TcpProxy::start(amqp_host_port(&app.amqp_url)).await;
+    app.settings.broker.amqp_url = SecretString::from(amqp_url_via(&app.amqp_url, proxy.addr()));
+    app.settings.broker.heartbeat_s = 2;
+    app.settings.shutdown_timeout = Duration::from_secs(5);
     (app, proxy)
 }
 
@@ -168,7 +35,7 @@ async fn the_worker_reconnects_and_resumes_after_the_connection_is_cut() {
     assert_eq!(body_json(&first)["provision_id"], 1);
     let first_id = first.properties.message_id().clone();
 
-    proxy.cut().await;
+    proxy.cut();
     // Published while the worker is disconnected: it must not be lost.
     app.publish_json(&slim(2, "tok-during")).await;
     proxy.restore();
@@ -210,7 +77,7 @@ async fn a_half_open_connection_is_noticed_by_heartbeats_and_replaced() {
     let first = app.next_output().await;
     assert_eq!(body_json(&first)["provision_id"], 1);
     let first_id = first.properties.message_id().clone();
-    proxy.stall().await;
+    proxy.stall();
     app.publish_json(&slim(2, "tok-after-stall")).await;
     let out = loop {
         let out = app.next_output().await;
@@ -222,7 +89,7 @@ async fn a_half_open_connection_is_noticed_by_heartbeats_and_replaced() {
     assert_eq!(type_of(&out), "session.created");
     assert!(app.worker_is_running());
     // Release the frozen sockets and let the worker finish cleanly.
-    proxy.cut().await;
+    proxy.cut();
     proxy.restore();
     app.cleanup().await;
 }
@@ -230,7 +97,7 @@ async fn a_half_open_connection_is_noticed_by_heartbeats_and_replaced() {
 #[tokio::test]
 async fn a_delivery_in_flight_when_the_connection_dies_is_not_spent_twice() {
     let (mut app, proxy) = app_behind_proxy().await;
-    app.extend_args(&["--bunq-register-device", "false"]);
+    app.settings.bunq.register_device = false;
     let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
     slow.delay = Some(Duration::from_millis(1000));
     app.mount("session-server", None, slow, None).await;
@@ -238,7 +105,7 @@ async fn a_delivery_in_flight_when_the_connection_dies_is_not_spent_twice() {
     app.publish_json(&slim(1, "tok-in-flight")).await;
     app.wait_for_session_server_call().await;
     // bunq is answering; the channel the delivery came on dies now.
-    proxy.cut().await;
+    proxy.cut();
     proxy.restore();
     let first = app.next_output().await;
     assert_eq!(type_of(&first), "session.created");
@@ -387,15 +254,12 @@ async fn a_subscription_that_keeps_failing_stops_the_worker() {
 
 #[tokio::test]
 async fn a_broker_that_never_answers_fails_start_up_in_bounded_time() {
-    let (mut app, proxy) = app_behind_proxy().await;
+    let (app, proxy) = app_behind_proxy().await;
     proxy.black_hole();
-    let err = bunq_session_worker::Worker::build(app.settings())
-        .await
-        .unwrap_err();
+    let err = app.build_worker().await.unwrap_err();
     let err = chain(&err);
     assert!(err.contains("did not complete the AMQP handshake"), "{err}");
     proxy.restore();
-    app.extra_args.clear(); // cleanup talks to the broker directly
     app.cleanup().await;
 }
 
@@ -408,7 +272,7 @@ async fn shutdown_is_bounded_while_the_broker_is_a_black_hole() {
     assert_eq!(body_json(&app.next_output().await)["provision_id"], 1);
     // The connection freezes and every reconnection attempt is swallowed.
     proxy.black_hole();
-    proxy.stall().await;
+    proxy.stall();
     let status = app.status.clone().unwrap();
     eventually("the worker notices the dead connection", || async {
         !status.connected().await
@@ -420,11 +284,11 @@ async fn shutdown_is_bounded_while_the_broker_is_a_black_hole() {
     // SHUTDOWN_TIMEOUT_S (5 s) plus at most three 2 s close steps, not a connect attempt or
     // a heartbeat timeout more.
     assert!(
-        t0.elapsed() < std::time::Duration::from_secs(12),
+        t0.elapsed() < Duration::from_secs(12),
         "stopped {:?} after the signal",
         t0.elapsed()
     );
-    proxy.cut().await;
+    proxy.cut();
     proxy.restore();
     app.cleanup().await;
 }
