@@ -77,6 +77,25 @@ impl BunqClient {
         })
     }
 
+    /// A client trusting `root_pem` as well (a test server's self-signed certificate).
+    #[cfg(test)]
+    fn trusting(base: Url, root_pem: &[u8]) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(root_pem).expect("a PEM certificate"),
+            )
+            .build()
+            .expect("a TLS client");
+        Self {
+            http,
+            base,
+            user_agent: "tls-test".into(),
+            verify_responses: true,
+        }
+    }
+
     fn url(&self, path: &str) -> Url {
         let mut url = self.base.clone();
         let joined = format!("{}/{}", url.path().trim_end_matches('/'), path);
@@ -375,6 +394,9 @@ pub(crate) fn scrub(
     }
     text
 }
+
+#[cfg(test)]
+mod tls_tests;
 
 #[cfg(test)]
 mod tests {

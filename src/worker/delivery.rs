@@ -30,10 +30,14 @@ pub(super) async fn handle(
     let span = info_span!(
         "delivery",
         delivery_tag = delivery.delivery_tag,
-        message_id = %inbound.message_id,
+        message_id = tracing::field::Empty,
         redelivered = inbound.redelivered,
         provision_id = tracing::field::Empty,
     );
+    // No empty fields in the logs: a message without a message_id has none.
+    if !inbound.message_id.is_empty() {
+        span.record("message_id", inbound.message_id.as_str());
+    }
     async move {
         let started = Instant::now();
         let key = ledger::round_key(&inbound.identity, inbound.history.round);
