@@ -47,6 +47,8 @@ pub struct Delayed {
     pub detail: String,
     /// When the first bunq call for this input started, over all rounds.
     pub first_attempt_at: time::OffsetDateTime,
+    /// When a pause bunq asked for ends (`x-bunq-not-before`): the copy makes no call before.
+    pub not_before: Option<time::OffsetDateTime>,
 }
 
 /// A permanent failure of one delivery.

@@ -58,27 +58,46 @@ impl FromStr for RateLimit {
 struct State {
     next_slot: Instant,
     paused_until: Instant,
+    /// The interval bunq's last 429 stated (or its window, when it stated no rate).
+    learned: Option<Duration>,
 }
 
-/// Hands out session-server call times: evenly spaced when a rate limit is set, and never
-/// inside a pause that a 429 started. Times are tokio's, so tests can pause the clock.
+/// Hands out session-server call times, process-wide: spaced by the configured limit (else by
+/// the rate bunq's last 429 stated), never inside a pause a 429 started, and spaced from when the
+/// previous call was answered, since bunq counts calls when they arrive. Times are tokio's, so
+/// tests can pause the clock.
 #[derive(Debug)]
 pub struct Pacer {
-    interval: Option<Duration>,
+    configured: Option<Duration>,
+    default_window: Duration,
     state: Mutex<State>,
 }
 
+/// bunq's documented session-server window, used for a 429 that names none: 1 call per 30 s.
+pub const DEFAULT_429_WINDOW: Duration = Duration::from_secs(30);
+
 impl Pacer {
-    /// A pacer spacing calls by `limit` (None: no spacing, pauses only).
+    /// A pacer spacing calls by `limit` (`BUNQ_SESSION_RATE_LIMIT`; None: only what bunq's 429s
+    /// say). A 429 naming no window and sending no `Retry-After` pauses [`DEFAULT_429_WINDOW`].
     pub fn new(limit: Option<RateLimit>) -> Self {
         let now = Instant::now();
         Self {
-            interval: limit.map(|l| l.interval()),
+            configured: limit.map(|l| l.interval()),
+            default_window: DEFAULT_429_WINDOW,
             state: Mutex::new(State {
                 next_slot: now,
                 paused_until: now,
+                learned: None,
             }),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn interval(&self, st: &State) -> Option<Duration> {
+        self.configured.or(st.learned)
     }
 
     /// Reserves the next call time if it is no later than `deadline`.
@@ -87,23 +106,57 @@ impl Pacer {
     /// When the slot would be later than `deadline`: reserves nothing and returns the earliest
     /// time it could have had.
     pub fn reserve_before(&self, deadline: Instant) -> Result<Instant, Instant> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
         let slot = Instant::now().max(st.next_slot).max(st.paused_until);
         if slot > deadline {
             return Err(slot);
         }
-        if let Some(i) = self.interval {
+        if let Some(i) = self.interval(&st) {
             st.next_slot = slot + i;
         }
         Ok(slot)
     }
 
-    /// Pauses every later call until `window` from now (a 429 answer).
-    pub fn pause(&self, window: Duration) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(until) = Instant::now().checked_add(window) {
-            st.paused_until = st.paused_until.max(until);
+    /// A session-server call was answered now: the next slot is at least one interval later,
+    /// which keeps a margin when the limit is set at bunq's own figure.
+    pub fn answered(&self) {
+        let mut st = self.lock();
+        if let Some(i) = self.interval(&st) {
+            st.next_slot = st.next_slot.max(Instant::now() + i);
         }
+    }
+
+    /// A 429: pauses every later call for `window` (bunq's `Retry-After` or the window its
+    /// message names; [`DEFAULT_429_WINDOW`] when neither) and adopts the `rate` bunq stated as
+    /// the pace (without one, one call per window) until a later 429 says otherwise; a
+    /// configured limit still wins. Calls resume spaced, the first after a random part of one
+    /// interval, so processes paused together do not resume together. Returns when the pause
+    /// ends.
+    pub fn rate_limited(&self, window: Option<Duration>, rate: Option<RateLimit>) -> Instant {
+        let window = window.unwrap_or(self.default_window);
+        let mut st = self.lock();
+        st.learned = Some(rate.map_or(window, |r| r.interval()));
+        let interval = self.interval(&st).unwrap_or(window);
+        let now = Instant::now();
+        let until = now
+            .checked_add(window + crate::retry::RetryPolicy::full_jitter(interval.min(window)))
+            .unwrap_or(now + window);
+        st.paused_until = st.paused_until.max(until);
+        st.next_slot = st.next_slot.max(st.paused_until);
+        st.paused_until
+    }
+
+    /// Pauses every later call until `until` at least (a delayed-retry copy carrying the end of
+    /// a window bunq named).
+    pub fn pause_until(&self, until: Instant) {
+        let mut st = self.lock();
+        st.paused_until = st.paused_until.max(until);
+    }
+
+    /// When the current pause ends, if one is under way.
+    pub fn paused_until(&self) -> Option<Instant> {
+        let st = self.lock();
+        (st.paused_until > Instant::now()).then_some(st.paused_until)
     }
 }
 
@@ -134,7 +187,7 @@ mod tests {
         let far = t0 + Duration::from_secs(3600);
         assert_eq!(p.reserve_before(far), Ok(t0));
         assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_millis(500)));
-        p.pause(Duration::from_secs(10));
+        p.pause_until(t0 + Duration::from_secs(10));
         let c = p.reserve_before(far).unwrap();
         assert_eq!(
             c,
@@ -151,16 +204,51 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn without_a_limit_only_pauses_apply() {
+    async fn without_a_limit_only_pauses_and_learned_rates_apply() {
         let p = Pacer::new(None);
         let t0 = Instant::now();
         let far = t0 + Duration::from_secs(3600);
         assert_eq!(p.reserve_before(far), Ok(t0));
-        assert_eq!(p.reserve_before(far), Ok(t0));
-        p.pause(Duration::from_secs(30));
-        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_secs(30)));
+        assert_eq!(p.reserve_before(far), Ok(t0), "no limit: no spacing");
+        // bunq says 1 call per 30 s: pause 30 s (plus up to one interval of jitter), then
+        // calls resume spaced by 30 s, not together.
+        let until = p.rate_limited(
+            Some(Duration::from_secs(30)),
+            Some(RateLimit {
+                calls: 1,
+                per: Duration::from_secs(30),
+            }),
+        );
+        assert!(until >= t0 + Duration::from_secs(30) && until <= t0 + Duration::from_secs(60));
+        let a = p.reserve_before(far).unwrap();
+        let b = p.reserve_before(far).unwrap();
+        assert_eq!(a, until);
+        assert_eq!(b - a, Duration::from_secs(30));
         // A shorter pause later does not shorten the longer one.
-        p.pause(Duration::from_secs(1));
-        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_secs(30)));
+        p.pause_until(t0 + Duration::from_secs(1));
+        assert_eq!(p.paused_until(), Some(until));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_naming_nothing_waits_bunqs_documented_window() {
+        let p = Pacer::new(None);
+        let until = p.rate_limited(None, None);
+        let waited = until.duration_since(Instant::now());
+        assert!(
+            waited >= DEFAULT_429_WINDOW && waited <= DEFAULT_429_WINDOW * 2,
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_are_spaced_from_the_previous_answer() {
+        let p = Pacer::new(Some("1/2s".parse().unwrap()));
+        let t0 = Instant::now();
+        let far = t0 + Duration::from_secs(3600);
+        assert_eq!(p.reserve_before(far), Ok(t0));
+        // The call took 300 ms: the next may arrive no earlier than 2 s after its answer.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        p.answered();
+        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_millis(2300)));
     }
 }

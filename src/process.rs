@@ -75,7 +75,7 @@ async fn decide(
         "provision_id",
         events::log_safe(&ready.provision_id.to_string()),
     );
-    match flow.open(ready, shutdown).await {
+    match flow.open(ready, inbound.history.not_before, shutdown).await {
         Ok(opened) => Outcome::Created(Box::new(created_event(ready, opened, flow))),
         Err(FlowError::Cancelled) => Outcome::Abandoned,
         Err(FlowError::Failed(f)) => after_failure(
@@ -109,6 +109,7 @@ pub fn redelivery_limit(inbound: &Inbound, limit: u32) -> Outcome {
                 attempts: inbound.history.calls_before,
                 first_attempt_at: inbound.history.first_attempt_at.unwrap_or(now),
                 last_attempt_at: now,
+                not_before: None,
             },
         )),
         _ => None,
@@ -192,6 +193,7 @@ fn after_failure(
                     calls: f.attempts,
                     detail: f.detail,
                     first_attempt_at: f.first_attempt_at,
+                    not_before: f.not_before,
                 }));
             }
         }

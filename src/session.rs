@@ -82,6 +82,9 @@ pub struct FlowFailure {
     pub first_attempt_at: OffsetDateTime,
     /// When the last call ended.
     pub last_attempt_at: OffsetDateTime,
+    /// When a pause bunq asked for (a 429) ends, if one is under way: a delayed retry makes no
+    /// call before it.
+    pub not_before: Option<OffsetDateTime>,
 }
 
 /// One delivery's calls: the retry state, the deadlines and what `session.failed` reports.
@@ -145,6 +148,10 @@ impl<'a> Calls<'a> {
             attempts: self.calls,
             first_attempt_at: self.first_attempt_at.unwrap_or(now),
             last_attempt_at: self.last_attempt_at.unwrap_or(now),
+            not_before: self
+                .pacer
+                .paused_until()
+                .map(|until| now + until.saturating_duration_since(Instant::now())),
         })
     }
 
@@ -232,6 +239,9 @@ impl<'a> Calls<'a> {
             let t0 = Instant::now();
             let result = call().await;
             self.last_attempt_at = Some(OffsetDateTime::now_utc());
+            if endpoint == SESSION_SERVER {
+                self.pacer.answered();
+            }
             let latency_ms = t0.elapsed().as_millis() as u64;
             let err = match result {
                 Ok(answer) => {
@@ -275,17 +285,21 @@ impl<'a> Calls<'a> {
                     });
                 }
                 RetryClass::Permanent(reason) => return Err(self.failure(reason, summary)),
+                RetryClass::RateLimited { window, rate } if endpoint == SESSION_SERVER => {
+                    // A 429 is about this worker, not this delivery: every session-server call
+                    // waits out bunq's window and then goes at bunq's pace. Waiting is not
+                    // failing: the attempt is not counted and the wait is pacing, left out of
+                    // RETRY_MAX_ELAPSED_S (see `pace`).
+                    self.pacer.rate_limited(window, rate);
+                    self.retry.forgive();
+                    continue;
+                }
                 RetryClass::Transient => Duration::ZERO,
-                RetryClass::RateLimited { window } => window.unwrap_or_default(),
+                RetryClass::RateLimited { window, .. } => {
+                    window.unwrap_or(crate::pacing::DEFAULT_429_WINDOW)
+                }
             };
-            let rate_limited = matches!(class, RetryClass::RateLimited { .. });
-            let next = self.retry.next_delay(floor);
-            if endpoint == SESSION_SERVER && rate_limited {
-                // A 429 is about this worker, not this delivery: hold every session-server call,
-                // also when this delivery retries no more.
-                self.pacer.pause(next.unwrap_or(floor).max(floor));
-            }
-            let delay = match next {
+            let delay = match self.retry.next_delay(floor) {
                 Ok(d) => d,
                 Err(Spent::Attempts) => {
                     return Err(self.failure(
@@ -343,11 +357,19 @@ impl SessionFlow {
     /// retry; `retries_exhausted` when transient failures outlast `max_attempts` for one call or
     /// `max_elapsed` for the delivery; the status table's reason for a permanent answer.
     /// [`FlowError::Cancelled`] when `cancel` fires during a wait.
+    /// `not_before` is the end of a pause bunq asked for in an earlier round (carried by a
+    /// delayed-retry copy): no session-server call starts before it.
     pub async fn open(
         &self,
         p: &ProvisionReady,
+        not_before: Option<OffsetDateTime>,
         cancel: &CancellationToken,
     ) -> Result<Opened, FlowError> {
+        if let Some(t) = not_before
+            && let Ok(left) = Duration::try_from(t - OffsetDateTime::now_utc())
+        {
+            self.pacer.pause_until(Instant::now() + left);
+        }
         let mut calls = Calls::new(
             self.policy.clone(),
             &self.pacer,

@@ -32,6 +32,8 @@ pub const FIRST_ATTEMPT_HEADER: &str = "x-bunq-first-attempt-at";
 pub const DELAYED_RETRIES_HEADER: &str = "x-bunq-delayed-retries";
 /// Header carrying the bunq calls made for an input before its latest delayed retry.
 pub const CALLS_HEADER: &str = "x-bunq-calls";
+/// Header with the end of a pause bunq asked for (RFC 3339): a delayed retry calls no earlier.
+pub const NOT_BEFORE_HEADER: &str = "x-bunq-not-before";
 /// Header counting the worker's own hand-backs of an input (fresh copies instead of a requeue).
 pub const RETURNS_HEADER: &str = "x-bunq-returns";
 /// Header a quorum queue sets on a redelivered message: how often it was returned
@@ -64,6 +66,8 @@ pub struct History {
     pub first_attempt_at: Option<OffsetDateTime>,
     /// Times the worker handed it back (`x-bunq-returns`).
     pub returns: u32,
+    /// The end of a pause bunq asked for in an earlier round (`x-bunq-not-before`).
+    pub not_before: Option<OffsetDateTime>,
 }
 
 /// A delivery as the worker reads it, once.
@@ -114,6 +118,9 @@ impl Inbound {
                     .as_deref()
                     .and_then(events::parse_time),
                 returns: int_header(p, RETURNS_HEADER).unwrap_or(0),
+                not_before: str_header(p, NOT_BEFORE_HEADER)
+                    .as_deref()
+                    .and_then(events::parse_time),
             },
             original_route,
             routing_key: delivery.routing_key.to_string(),
@@ -207,6 +214,9 @@ impl Inbound {
             FIRST_ATTEMPT_HEADER.into(),
             long(&events::rfc3339(d.first_attempt_at)),
         );
+        if let Some(t) = d.not_before {
+            headers.insert(NOT_BEFORE_HEADER.into(), long(&events::rfc3339(t)));
+        }
         self.copy_properties(headers)
     }
 

@@ -16,6 +16,7 @@ use serde_json::json;
 
 use super::{
     context::ApiContext,
+    error::retry_after,
     error::{CallError, RetryClass, classify_status},
     response::{
         SessionServer, error_description, merge_response, parse_session_server, shorten_description,
@@ -320,12 +321,17 @@ impl BunqClient {
             Some(d) => shorten_description(&scrub(d, ctx, secrets)),
             None => describe_non_json(status, &headers, bytes.len()),
         };
-        Err(fail(
-            classify_status(status.as_u16(), &description),
-            Some(status.as_u16()),
-            description,
-            rid,
-        ))
+        let mut class = classify_status(status.as_u16(), &description);
+        if let RetryClass::RateLimited { window, .. } = &mut class
+            && let Some(after) = headers
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry_after(v, time::OffsetDateTime::now_utc()))
+        {
+            // bunq's own header, when it sends one, is more precise than its message.
+            *window = Some(after);
+        }
+        Err(fail(class, Some(status.as_u16()), description, rid))
     }
 }
 

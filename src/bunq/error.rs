@@ -6,17 +6,21 @@
 
 use std::time::Duration;
 
-use crate::failure::FailureReason;
+use crate::{failure::FailureReason, pacing::RateLimit};
 
 /// How the caller should react to a failed call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RetryClass {
     /// Try again after a backoff delay.
     Transient,
-    /// Try again, but not before `window` (from bunq's 429 message) has passed.
+    /// Try again, but not before `window` has passed: a 429.
     RateLimited {
-        /// The window bunq named, if its message named one.
+        /// How long to wait: `Retry-After` (seconds or an HTTP date) when bunq sent one, else
+        /// the window its message names ("… per 30 second …"); `None` when neither says.
         window: Option<Duration>,
+        /// The rate bunq's message states ("a maximum of 1 calls per 30 second"), to adopt as
+        /// the pace.
+        rate: Option<RateLimit>,
     },
     /// Do not retry; dead-letter with this reason.
     Permanent(FailureReason),
@@ -74,6 +78,7 @@ pub fn classify_status(status: u16, description: &str) -> RetryClass {
     match status {
         429 => RetryClass::RateLimited {
             window: rate_limit_window(description),
+            rate: stated_rate(description),
         },
         491 | 500..=599 => RetryClass::Transient,
         400 | 490 => RetryClass::Permanent(FailureReason::CredentialRejected),
@@ -103,6 +108,37 @@ pub fn refuses_the_installation(description: &str) -> bool {
     .iter()
     .any(|w| d.contains(w));
     about_us && refused
+}
+
+/// Reads the rate from bunq's 429 message: "You can do a maximum of X calls per Y second(s)".
+pub fn stated_rate(description: &str) -> Option<RateLimit> {
+    let lower = description.to_ascii_lowercase();
+    let before = &lower[..lower.find(" per ")?];
+    let calls: u32 = before
+        .split_whitespace()
+        .rev()
+        .find_map(|w| w.parse().ok())
+        .filter(|n| *n > 0)?;
+    Some(RateLimit {
+        calls,
+        per: rate_limit_window(description)?,
+    })
+}
+
+/// Reads a `Retry-After` value: delay-seconds or an HTTP date (RFC 9110 §10.2.3), relative to
+/// `now`; at most [`MAX_RATE_LIMIT_WINDOW_S`].
+pub fn retry_after(value: &str, now: time::OffsetDateTime) -> Option<Duration> {
+    let value = value.trim();
+    let secs = match value.parse::<u64>() {
+        Ok(s) => s,
+        Err(_) => {
+            let at =
+                time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822)
+                    .ok()?;
+            u64::try_from((at - now).whole_seconds().max(0)).ok()?
+        }
+    };
+    Some(Duration::from_secs(secs.min(MAX_RATE_LIMIT_WINDOW_S)))
 }
 
 /// Reads the window from bunq's 429 message: "You can do a maximum of X calls per Y second(s)".
@@ -149,7 +185,13 @@ mod tests {
         for s in [491, 500, 502, 503, 504] {
             assert_eq!(p(s), RetryClass::Transient, "{s}");
         }
-        assert_eq!(p(429), RetryClass::RateLimited { window: None });
+        assert_eq!(
+            p(429),
+            RetryClass::RateLimited {
+                window: None,
+                rate: None
+            }
+        );
     }
 
     #[test]
@@ -183,9 +225,32 @@ mod tests {
         assert_eq!(
             classify_status(429, m),
             RetryClass::RateLimited {
-                window: Some(Duration::from_secs(30))
+                window: Some(Duration::from_secs(30)),
+                rate: Some(RateLimit {
+                    calls: 1,
+                    per: Duration::from_secs(30)
+                })
             }
         );
+        assert_eq!(
+            stated_rate("You can do a maximum of 5 calls per 3 seconds"),
+            Some(RateLimit {
+                calls: 5,
+                per: Duration::from_secs(3)
+            })
+        );
+        assert_eq!(stated_rate("slow down"), None);
+        let now = time::macros::datetime!(2026-11-29 12:00 UTC);
+        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after("Sun, 29 Nov 2026 12:01:30 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            retry_after("Sun, 29 Nov 2026 11:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
         assert_eq!(
             rate_limit_window("maximum of 5 calls per 3 seconds"),
             Some(Duration::from_secs(3))

@@ -82,7 +82,8 @@ async fn session_server_is_rate_limited_with_bunqs_message() {
     assert_eq!(
         limited.class,
         RetryClass::RateLimited {
-            window: Some(Duration::from_secs(30))
+            window: Some(Duration::from_secs(30)),
+            rate: Some(rate),
         }
     );
     stop.cancel();

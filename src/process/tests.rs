@@ -27,6 +27,7 @@ fn failure(reason: FailureReason) -> FlowFailure {
         attempts: 3,
         first_attempt_at: NOW,
         last_attempt_at: NOW,
+        not_before: None,
     }
 }
 
@@ -39,6 +40,7 @@ fn spent_retries_take_the_next_tier_and_carry_the_history() {
         calls_before: 5,
         first_attempt_at: Some(NOW - time::Duration::minutes(2)),
         returns: 0,
+        not_before: None,
     };
     let Outcome::Delayed(d) = after_failure(
         &ready(3600),

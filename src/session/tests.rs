@@ -133,12 +133,24 @@ async fn the_budget_is_shared_by_both_calls_but_attempts_are_per_call() {
     );
 }
 
+fn too_many(window_s: u64) -> CallError {
+    error(
+        RetryClass::RateLimited {
+            window: Some(Duration::from_secs(window_s)),
+            rate: Some(RateLimit {
+                calls: 1,
+                per: Duration::from_secs(window_s),
+            }),
+        },
+        429,
+    )
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_429_pauses_every_session_server_call_for_its_window() {
+async fn a_429_pauses_every_session_server_call_then_they_go_at_bunqs_pace() {
     let pacer = Pacer::new(None);
     let cancel = CancellationToken::new();
-    let window = Some(Duration::from_secs(30));
-    let script = Script::new(vec![error(RetryClass::RateLimited { window }, 429)]);
+    let script = Script::new(vec![too_many(30)]);
     let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
     let t0 = Instant::now();
     let first = calls.run(SESSION_SERVER, || script.call());
@@ -149,12 +161,45 @@ async fn a_429_pauses_every_session_server_call_for_its_window() {
     };
     let (first, other_slot) = tokio::join!(first, other);
     first.unwrap();
+    let retried = script.at()[1];
+    // 30 s, plus up to one interval of jitter so processes do not resume together.
+    assert!((30..=60).contains(&retried), "{retried}");
+    // The calls resume one per 30 s, bunq's stated rate, not together.
+    assert_eq!(other_slot.duration_since(t0).as_secs(), retried + 30);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_out_429s_is_charged_to_neither_attempts_nor_elapsed_time() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let p = RetryPolicy {
+        max_attempts: 2,
+        ..policy(5)
+    };
+    let script = Script::new(vec![too_many(10), too_many(10), too_many(10)]);
+    let mut calls = Calls::new(p, &pacer, FAR, None, &cancel);
+    calls.run(SESSION_SERVER, || script.call()).await.unwrap();
     assert_eq!(
-        script.at(),
-        vec![0, 30],
-        "the retry waits for bunq's window"
+        script.at().len(),
+        4,
+        "three 429s waited out, then a session"
     );
-    assert_eq!(other_slot, t0 + Duration::from_secs(30));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_window_past_the_hold_time_ends_the_round_with_the_window_carried() {
+    let pacer = Pacer::new(None);
+    let cancel = CancellationToken::new();
+    let script = Script::new(vec![too_many(600)]);
+    let mut calls = Calls::new(policy(30), &pacer, Duration::from_secs(60), None, &cancel);
+    let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
+    assert_eq!(f.reason, FailureReason::RetriesExhausted);
+    assert_eq!(script.at(), vec![0], "no call inside bunq's window");
+    let not_before = f
+        .not_before
+        .expect("the window's end travels with the delayed retry");
+    let left = (not_before - OffsetDateTime::now_utc()).whole_seconds();
+    assert!((590..=1200).contains(&left), "{left}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -177,7 +222,7 @@ async fn pacing_waits_are_not_charged_to_the_elapsed_budget() {
 async fn a_slot_past_the_hold_time_or_the_expiry_fails_without_a_call() {
     let pacer = Pacer::new(None);
     let cancel = CancellationToken::new();
-    pacer.pause(Duration::from_secs(100));
+    pacer.pause_until(Instant::now() + Duration::from_secs(100));
     let script = Script::new(vec![]);
     let mut calls = Calls::new(policy(300), &pacer, Duration::from_secs(10), None, &cancel);
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
