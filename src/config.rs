@@ -150,6 +150,21 @@ pub struct Settings {
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 65536)]
     pub max_message_bytes: usize,
 
+    /// Redis for the fleet's shared state (claims on credentials, one session-server budget per
+    /// scope), `redis://` or `rediss://`. Unset: each process keeps its own, right for one
+    /// replica.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse_secret)]
+    pub redis_url: Option<SecretString>,
+
+    /// Prefix of every Redis key the worker uses.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "bunq-session-worker:")]
+    pub redis_key_prefix: String,
+
+    /// The session-server budget this replica shares (with `REDIS_URL`): replicas behind one
+    /// egress IP share bunq's per-IP limit, so give replicas behind another IP another scope.
+    #[arg(long, env = "BUNQ_RATE_LIMIT_SCOPE", default_value = "default")]
+    pub bunq_rate_limit_scope: String,
+
     /// Consecutive failures of one reason that may be the worker's own set-up
     /// (`credential_rejected` "Incorrect API key or IP address", `forbidden`,
     /// `unexpected_response`, `response_signature_invalid`), on different credentials, that stop

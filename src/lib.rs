@@ -8,7 +8,8 @@
 //! Map of the crate, lowest first (a module uses only those above it):
 //! - [`failure`]: the reason codes (`credential_rejected`, …).
 //! - [`retry`]: the one retry helper and its policies; every wait ends on shutdown.
-//! - [`pacing`]: process-wide spacing and 429 pauses of session-server.
+//! - [`fleet`]: state shared by replicas in Redis: claims on credentials, one rate budget.
+//! - [`pacing`]: spacing and 429 pauses of session-server, per process or per fleet scope.
 //! - [`events`]: input shapes → [`events::ProvisionReady`]; output event bodies.
 //! - [`outcome`]: what became of a delivery, before any broker action.
 //! - [`bunq`]: API context, signing, the calls and their error classes.
@@ -35,6 +36,7 @@ pub mod demo;
 pub mod emulator;
 pub mod events;
 pub mod failure;
+pub mod fleet;
 pub mod ledger;
 pub mod outcome;
 pub mod pacing;

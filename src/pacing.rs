@@ -68,7 +68,8 @@ struct State {
 /// tests can pause the clock.
 #[derive(Debug)]
 pub struct Pacer {
-    configured: Option<Duration>,
+    /// The configured spacing (`BUNQ_SESSION_RATE_LIMIT`).
+    pub configured: Option<Duration>,
     default_window: Duration,
     state: Mutex<State>,
 }
@@ -157,6 +158,104 @@ impl Pacer {
     pub fn paused_until(&self) -> Option<Instant> {
         let st = self.lock();
         (st.paused_until > Instant::now()).then_some(st.paused_until)
+    }
+}
+
+/// A session-server slot, as [`Budget::reserve_within`] found it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// Reserved: wait this long, then call.
+    Wait(Duration),
+    /// Not within the wait allowed; the earliest slot is this far off. Nothing reserved.
+    TooLate(Duration),
+    /// The fleet's shared budget (Redis) cannot be reached: no call may start.
+    Unavailable,
+}
+
+/// Where session-server slots come from: this process's [`Pacer`] or, with `REDIS_URL`, the
+/// budget shared by every replica of the `BUNQ_RATE_LIMIT_SCOPE` (see [`crate::fleet`]).
+#[derive(Debug)]
+pub struct Budget {
+    /// This process's pacer; without Redis the only one, with it a record of what was learned.
+    pub local: Pacer,
+    /// The fleet's shared budget, when `REDIS_URL` is set.
+    pub shared: Option<crate::fleet::Fleet>,
+}
+
+impl From<Pacer> for Budget {
+    fn from(local: Pacer) -> Self {
+        Self {
+            local,
+            shared: None,
+        }
+    }
+}
+
+impl Budget {
+    /// Reserves the next slot if it comes within `max_wait`.
+    pub async fn reserve_within(&self, max_wait: Duration) -> Slot {
+        let Some(fleet) = &self.shared else {
+            let now = Instant::now();
+            let deadline = now
+                .checked_add(max_wait)
+                .unwrap_or(now + Duration::from_secs(86_400 * 365));
+            return match self.local.reserve_before(deadline) {
+                Ok(at) => Slot::Wait(at.saturating_duration_since(now)),
+                Err(at) => Slot::TooLate(at.saturating_duration_since(now)),
+            };
+        };
+        match fleet.reserve(max_wait, self.local.configured).await {
+            Ok(Ok(wait)) => Slot::Wait(wait),
+            Ok(Err(earliest)) => Slot::TooLate(earliest),
+            Err(_) => Slot::Unavailable,
+        }
+    }
+
+    /// A call was answered now (see [`Pacer::answered`]).
+    pub async fn answered(&self) {
+        self.local.answered();
+        if let Some(fleet) = &self.shared {
+            let interval = self.local.configured.or(self.local.lock().learned);
+            let _ = fleet.answered(interval).await;
+        }
+    }
+
+    /// A 429 (see [`Pacer::rate_limited`]), for the whole scope when the budget is shared.
+    pub async fn rate_limited(&self, window: Option<Duration>, rate: Option<RateLimit>) {
+        let until = self.local.rate_limited(window, rate);
+        if let Some(fleet) = &self.shared {
+            let window = window.unwrap_or(self.local.default_window);
+            let learned = rate.map_or(window, |r| r.interval());
+            let interval = self.local.configured.unwrap_or(learned);
+            let jitter = crate::retry::RetryPolicy::full_jitter(interval.min(window));
+            let _ = fleet.rate_limited(window, jitter, learned).await;
+        }
+        let _ = until;
+    }
+
+    /// Pauses every later call for `d` at least.
+    pub async fn pause_for(&self, d: Duration) {
+        self.local.pause_until(Instant::now() + d);
+        if let Some(fleet) = &self.shared {
+            let _ = fleet.pause_for(d).await;
+        }
+    }
+
+    /// How long the current pause lasts, if one is under way.
+    pub async fn paused_for(&self) -> Option<Duration> {
+        let local = self
+            .local
+            .paused_until()
+            .map(|u| u.saturating_duration_since(Instant::now()));
+        let shared = match &self.shared {
+            Some(fleet) => fleet
+                .pause_for(Duration::ZERO)
+                .await
+                .ok()
+                .filter(|d| !d.is_zero()),
+            None => None,
+        };
+        local.max(shared)
     }
 }
 

@@ -78,6 +78,8 @@ async fn decide(
     match flow.open(ready, inbound.history.not_before, shutdown).await {
         Ok(opened) => Outcome::Created(Box::new(created_event(ready, opened, flow))),
         Err(FlowError::Cancelled) => Outcome::Abandoned,
+        // Nothing is dead-lettered or published because the fleet's Redis is down.
+        Err(FlowError::SharedStateUnavailable) => Outcome::Returned { counted: false },
         Err(FlowError::Failed(f)) => after_failure(
             ready,
             &inbound.history,

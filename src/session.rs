@@ -22,7 +22,7 @@ use crate::{
     },
     events::{ProvisionReady, rfc3339},
     failure::FailureReason,
-    pacing::Pacer,
+    pacing::{Budget, Slot},
     retry::{Retry, RetryPolicy, Spent, sleep_until_or_cancel},
 };
 
@@ -42,7 +42,7 @@ pub struct SessionFlow {
     /// device-server `permitted_ips`.
     pub permitted_ips: Vec<String>,
     /// Process-wide pacing of session-server calls.
-    pub pacer: Arc<Pacer>,
+    pub pacer: Arc<Budget>,
     /// Longest a delivery may wait for pacing slots: half the broker's consumer timeout.
     pub max_hold: Duration,
 }
@@ -63,7 +63,20 @@ pub enum FlowError {
     Failed(FlowFailure),
     /// Shutdown began while waiting to retry; nothing permanent happened.
     Cancelled,
+    /// The fleet's shared state (Redis) stayed unreachable for as long as the delivery may be
+    /// held: no call was made for it; hand it back.
+    SharedStateUnavailable,
 }
+
+/// Waiting for the fleet's shared state: 0.5 s, doubling, at most 5 s.
+const SHARED_STATE_RETRY: RetryPolicy = RetryPolicy {
+    initial_delay: Duration::from_millis(500),
+    max_delay: Duration::from_secs(5),
+    max_attempts: u32::MAX,
+    max_elapsed: None,
+    jitter: true,
+    min_delay: Duration::from_millis(100),
+};
 
 /// A permanent failure with what `session.failed` reports.
 #[derive(Debug)]
@@ -90,7 +103,7 @@ pub struct FlowFailure {
 /// One delivery's calls: the retry state, the deadlines and what `session.failed` reports.
 pub(crate) struct Calls<'a> {
     retry: Retry,
-    pacer: &'a Pacer,
+    pacer: &'a Budget,
     cancel: &'a CancellationToken,
     /// The credential's `expiry_time` as a tokio instant, with its wall-clock form for messages.
     expires: Option<(Instant, OffsetDateTime)>,
@@ -102,13 +115,15 @@ pub(crate) struct Calls<'a> {
     last_error: Option<CallError>,
     /// What an earlier session-server attempt whose answer was lost said, if one was.
     lost_answer: Option<String>,
+    /// The end of a pause that ended this round, for the delayed-retry copy.
+    not_before: Option<OffsetDateTime>,
 }
 
 impl<'a> Calls<'a> {
     /// Starts a delivery's budget now. `expiry` is the credential's `expiry_time`.
     pub(crate) fn new(
         policy: RetryPolicy,
-        pacer: &'a Pacer,
+        pacer: &'a Budget,
         max_hold: Duration,
         expiry: Option<OffsetDateTime>,
         cancel: &'a CancellationToken,
@@ -130,6 +145,7 @@ impl<'a> Calls<'a> {
             last_attempt_at: None,
             last_error: None,
             lost_answer: None,
+            not_before: None,
         }
     }
 
@@ -148,10 +164,12 @@ impl<'a> Calls<'a> {
             attempts: self.calls,
             first_attempt_at: self.first_attempt_at.unwrap_or(now),
             last_attempt_at: self.last_attempt_at.unwrap_or(now),
-            not_before: self
-                .pacer
-                .paused_until()
-                .map(|until| now + until.saturating_duration_since(Instant::now())),
+            not_before: self.not_before.or_else(|| {
+                self.pacer
+                    .local
+                    .paused_until()
+                    .map(|until| now + until.saturating_duration_since(Instant::now()))
+            }),
         })
     }
 
@@ -172,36 +190,65 @@ impl<'a> Calls<'a> {
             Some((e, _)) => self.hold_until.min(e),
             None => self.hold_until,
         };
-        match self.pacer.reserve_before(deadline) {
-            Ok(at) => {
-                self.retry
-                    .exclude(at.saturating_duration_since(Instant::now()));
-                sleep_until_or_cancel(at, self.cancel)
-                    .await
-                    .map_err(|_| FlowError::Cancelled)
-            }
-            Err(_) if Instant::now() >= self.hold_until => {
-                // Not pacing: this delivery's own retries used up the time it may be held.
-                let last = self
-                    .last_error
-                    .as_ref()
-                    .map_or_else(String::new, |e| format!("; last: {e}"));
-                Err(self.failure(
-                    FailureReason::RetriesExhausted,
-                    format!("{endpoint}: retries took longer than half the consumer timeout (CONSUMER_TIMEOUT_S){last}"),
-                ))
-            }
-            Err(earliest) => {
-                let wait_s = earliest.saturating_duration_since(Instant::now()).as_secs();
-                let reason = if self.expired_at(earliest) {
-                    FailureReason::CredentialExpired
-                } else {
-                    FailureReason::RetriesExhausted
-                };
-                Err(self.failure(
-                    reason,
-                    format!("{endpoint} is paced or paused for another {wait_s} s (BUNQ_SESSION_RATE_LIMIT or a 429), past half the consumer timeout (CONSUMER_TIMEOUT_S) or the credential's expiry"),
-                ))
+        let mut unavailable = Retry::new(SHARED_STATE_RETRY, self.cancel);
+        loop {
+            let now = Instant::now();
+            let slot = if now >= deadline {
+                // The time this delivery may be held, or its credential, is already over.
+                Slot::TooLate(Duration::ZERO)
+            } else {
+                self.pacer.reserve_within(deadline - now).await
+            };
+            match slot {
+                Slot::Wait(wait) => {
+                    self.retry.exclude(wait);
+                    return sleep_until_or_cancel(Instant::now() + wait, self.cancel)
+                        .await
+                        .map_err(|_| FlowError::Cancelled);
+                }
+                Slot::TooLate(_) if Instant::now() >= self.hold_until => {
+                    // Not pacing: this delivery's own retries used up the time it may be held.
+                    let last = self
+                        .last_error
+                        .as_ref()
+                        .map_or_else(String::new, |e| format!("; last: {e}"));
+                    return Err(self.failure(
+                        FailureReason::RetriesExhausted,
+                        format!("{endpoint}: retries took longer than half the consumer timeout (CONSUMER_TIMEOUT_S){last}"),
+                    ));
+                }
+                Slot::TooLate(earliest) => {
+                    let reason = if self.expired_at(Instant::now() + earliest) {
+                        FailureReason::CredentialExpired
+                    } else {
+                        FailureReason::RetriesExhausted
+                    };
+                    self.not_before = self
+                        .pacer
+                        .paused_for()
+                        .await
+                        .map(|d| OffsetDateTime::now_utc() + d);
+                    return Err(self.failure(
+                        reason,
+                        format!("{endpoint} is paced or paused for another {} s (BUNQ_SESSION_RATE_LIMIT or a 429), past half the consumer timeout (CONSUMER_TIMEOUT_S) or the credential's expiry", earliest.as_secs()),
+                    ));
+                }
+                Slot::Unavailable => {
+                    // Neither a slot nor a claim can be had: wait for Redis, not charged to
+                    // the retry budget, for as long as the delivery may be held.
+                    unavailable.attempt();
+                    let wait = unavailable
+                        .next_delay(Duration::ZERO)
+                        .unwrap_or(Duration::from_secs(5));
+                    if Instant::now() + wait >= self.hold_until {
+                        return Err(FlowError::SharedStateUnavailable);
+                    }
+                    self.retry.exclude(wait);
+                    unavailable
+                        .wait(wait)
+                        .await
+                        .map_err(|_| FlowError::Cancelled)?;
+                }
             }
         }
     }
@@ -240,7 +287,7 @@ impl<'a> Calls<'a> {
             let result = call().await;
             self.last_attempt_at = Some(OffsetDateTime::now_utc());
             if endpoint == SESSION_SERVER {
-                self.pacer.answered();
+                self.pacer.answered().await;
             }
             let latency_ms = t0.elapsed().as_millis() as u64;
             let err = match result {
@@ -290,7 +337,7 @@ impl<'a> Calls<'a> {
                     // waits out bunq's window and then goes at bunq's pace. Waiting is not
                     // failing: the attempt is not counted and the wait is pacing, left out of
                     // RETRY_MAX_ELAPSED_S (see `pace`).
-                    self.pacer.rate_limited(window, rate);
+                    self.pacer.rate_limited(window, rate).await;
                     self.retry.forgive();
                     continue;
                 }
@@ -368,7 +415,7 @@ impl SessionFlow {
         if let Some(t) = not_before
             && let Ok(left) = Duration::try_from(t - OffsetDateTime::now_utc())
         {
-            self.pacer.pause_until(Instant::now() + left);
+            self.pacer.pause_for(left).await;
         }
         let mut calls = Calls::new(
             self.policy.clone(),

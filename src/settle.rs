@@ -45,6 +45,8 @@ pub struct Settler {
     pub publish_budget: Duration,
     /// Fires at the end of the drain: publish retries stop and the task is aborted.
     pub hard_stop: CancellationToken,
+    /// The fleet's shared state, with `REDIS_URL`: a confirmed session is recorded there.
+    pub fleet: Option<crate::fleet::Fleet>,
 }
 
 impl Settler {
@@ -98,8 +100,9 @@ impl Settler {
                     "session.created confirmed"
                 );
                 // Remembered before the ack: AMQP does not confirm acks, so even a sent ack may
-                // be lost with the connection and the input come back.
+                // be lost with the connection and the input come back, to any replica.
                 self.known.remember(key, Known::Settled);
+                self.record_settled(inbound).await;
                 "created"
             }
             Outcome::Skipped(_) => "skipped",
@@ -202,6 +205,30 @@ impl Settler {
         };
         ack(acker).await;
         label
+    }
+
+    /// Records a confirmed session in the fleet's Redis, retrying within the publish budget: a
+    /// replica that gets this credential later then acks it without calling bunq.
+    async fn record_settled(&self, inbound: &Inbound) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        if !matches!(inbound.decoded, Ok(crate::events::Decoded::Ready(_))) {
+            return;
+        }
+        let recorded = crate::retry::retry(
+            RetryPolicy::publish_within(self.publish_budget),
+            &self.hard_stop,
+            |_| fleet.settle(&inbound.identity),
+            |_| false,
+            |_, _, _| {},
+        )
+        .await;
+        if recorded.is_err() {
+            error!(
+                "the session is confirmed but could not be recorded in Redis (REDIS_URL); another replica that gets this credential within the lease would call bunq again"
+            );
+        }
     }
 
     /// Acks a repeat of an input whose session is already safe at the broker: no second bunq

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use super::*;
-use crate::pacing::RateLimit;
+use crate::pacing::{Pacer, RateLimit};
 
 fn policy(max_elapsed_s: u64) -> RetryPolicy {
     RetryPolicy {
@@ -79,7 +79,7 @@ fn in_s(s: i64) -> Option<OffsetDateTime> {
 
 #[tokio::test(start_paused = true)]
 async fn the_expiry_cuts_retries_before_the_wait_that_would_pass_it() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 503);
     // Delays 1, 2, 4, 8 s: attempts at 0, 1, 3, 7; the next would be at 15, past the expiry.
@@ -93,7 +93,7 @@ async fn the_expiry_cuts_retries_before_the_wait_that_would_pass_it() {
 
 #[tokio::test(start_paused = true)]
 async fn the_elapsed_budget_ends_retries_with_retries_exhausted() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 502);
     // Attempts at 0, 1, 3; waiting 4 more would end at 7, past the 5 s budget.
@@ -110,7 +110,7 @@ async fn the_elapsed_budget_ends_retries_with_retries_exhausted() {
 
 #[tokio::test(start_paused = true)]
 async fn the_budget_is_shared_by_both_calls_but_attempts_are_per_call() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let p = RetryPolicy {
         max_attempts: 3,
@@ -148,7 +148,7 @@ fn too_many(window_s: u64) -> CallError {
 
 #[tokio::test(start_paused = true)]
 async fn a_429_pauses_every_session_server_call_then_they_go_at_bunqs_pace() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::new(vec![too_many(30)]);
     let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
@@ -157,7 +157,7 @@ async fn a_429_pauses_every_session_server_call_then_they_go_at_bunqs_pace() {
     // Another delivery that wants a slot once the 429 has arrived waits out the same window.
     let other = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        pacer.reserve_before(t0 + FAR).unwrap()
+        pacer.local.reserve_before(t0 + FAR).unwrap()
     };
     let (first, other_slot) = tokio::join!(first, other);
     first.unwrap();
@@ -170,7 +170,7 @@ async fn a_429_pauses_every_session_server_call_then_they_go_at_bunqs_pace() {
 
 #[tokio::test(start_paused = true)]
 async fn waiting_out_429s_is_charged_to_neither_attempts_nor_elapsed_time() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let p = RetryPolicy {
         max_attempts: 2,
@@ -188,7 +188,7 @@ async fn waiting_out_429s_is_charged_to_neither_attempts_nor_elapsed_time() {
 
 #[tokio::test(start_paused = true)]
 async fn a_window_past_the_hold_time_ends_the_round_with_the_window_carried() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::new(vec![too_many(600)]);
     let mut calls = Calls::new(policy(30), &pacer, Duration::from_secs(60), None, &cancel);
@@ -204,14 +204,14 @@ async fn a_window_past_the_hold_time_ends_the_round_with_the_window_carried() {
 
 #[tokio::test(start_paused = true)]
 async fn pacing_waits_are_not_charged_to_the_elapsed_budget() {
-    let pacer = Pacer::new(Some(RateLimit {
+    let pacer = Budget::from(Pacer::new(Some(RateLimit {
         calls: 1,
         per: Duration::from_secs(20),
-    }));
+    })));
     let cancel = CancellationToken::new();
     let t0 = Instant::now();
     // Someone else took the first slot: this delivery waits 20 s, more than its 5 s budget.
-    pacer.reserve_before(t0 + FAR).unwrap();
+    pacer.local.reserve_before(t0 + FAR).unwrap();
     let script = Script::new(vec![error(RetryClass::Transient, 503)]);
     let mut calls = Calls::new(policy(5), &pacer, FAR, None, &cancel);
     calls.run(SESSION_SERVER, || script.call()).await.unwrap();
@@ -220,9 +220,11 @@ async fn pacing_waits_are_not_charged_to_the_elapsed_budget() {
 
 #[tokio::test(start_paused = true)]
 async fn a_slot_past_the_hold_time_or_the_expiry_fails_without_a_call() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
-    pacer.pause_until(Instant::now() + Duration::from_secs(100));
+    pacer
+        .local
+        .pause_until(Instant::now() + Duration::from_secs(100));
     let script = Script::new(vec![]);
     let mut calls = Calls::new(policy(300), &pacer, Duration::from_secs(10), None, &cancel);
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
@@ -240,7 +242,7 @@ async fn a_slot_past_the_hold_time_or_the_expiry_fails_without_a_call() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_ends_a_retry_wait_at_once() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 503);
     let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
@@ -258,7 +260,7 @@ async fn shutdown_ends_a_retry_wait_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_permanent_answer_is_not_retried() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::always(
         RetryClass::Permanent(FailureReason::CredentialRejected),
@@ -273,7 +275,7 @@ async fn a_permanent_answer_is_not_retried() {
 
 #[tokio::test(start_paused = true)]
 async fn a_refusal_after_a_lost_answer_is_outcome_unknown() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let lost = CallError {
         answer_lost: true,
@@ -300,7 +302,7 @@ async fn a_refusal_after_a_lost_answer_is_outcome_unknown() {
 
 #[tokio::test(start_paused = true)]
 async fn retries_past_the_hold_time_say_so_rather_than_blame_pacing() {
-    let pacer = Pacer::new(None);
+    let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 503);
     // Held at most 5 s: attempts at 0, 1, 3; the next at 7 is past the hold time.

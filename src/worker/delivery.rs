@@ -8,7 +8,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
-use super::Shared;
+use super::{
+    Shared,
+    claim::{self, Claimed},
+};
 use crate::{
     breaker::{Admission, Fault, fault_of},
     broker::Inbound,
@@ -57,10 +60,26 @@ pub(super) async fn handle(
                     .settle(acker, &inbound, key, Outcome::Failed(failure))
                     .await
             }
-            _ => {
-                let outcome = decide(&shared, &inbound, &channel_live).await;
-                settler.settle(acker, &inbound, key, outcome).await
-            }
+            _ => match claim::claim(&shared, &inbound, &channel_live).await {
+                Claimed::AlreadySettled => settler.settle_repeat(acker).await,
+                Claimed::Instead(outcome) => {
+                    let outcome = match outcome {
+                        Outcome::Abandoned => abandoned(&shared, &inbound),
+                        other => other,
+                    };
+                    settler.settle(acker, &inbound, key, outcome).await
+                }
+                Claimed::Go(lease) => {
+                    let outcome = decide(&shared, &inbound, &channel_live).await;
+                    let label = settler.settle(acker, &inbound, key, outcome).await;
+                    if let Some(lease) = lease
+                        && label != "created"
+                    {
+                        lease.release(&inbound).await;
+                    }
+                    label
+                }
+            },
         };
         let latency_ms = started.elapsed().as_millis() as u64;
         metrics::counter!("bunq_session_worker_deliveries_total", "outcome" => label).increment(1);

@@ -6,6 +6,7 @@
 //! [`crate::ledger`], decided ([`crate::process`]), settled ([`crate::settle`]).
 
 mod bootstrap;
+mod claim;
 mod delivery;
 
 use std::{sync::Arc, time::Duration};
@@ -21,8 +22,9 @@ use crate::{
     },
     bunq::{BunqClient, CallError, context::ContextError},
     config::Settings,
+    fleet::Fleet,
     ledger::{InFlight, KnownOutcomes},
-    pacing::Pacer,
+    pacing::{Budget, Pacer},
     session::SessionFlow,
     settle::Settler,
 };
@@ -59,6 +61,9 @@ pub enum StartError {
     /// Shutdown was asked for during start-up.
     #[error("start-up interrupted by a shutdown signal")]
     Interrupted,
+    /// `REDIS_URL` is not a Redis URL.
+    #[error(transparent)]
+    Redis(crate::fleet::BadUrl),
     /// The context file's installation was made with another `BUNQ_API_URL`.
     #[error(
         "BUNQ_CONTEXT_FILE {file} holds an installation made for {stored}, but BUNQ_API_URL is {configured}: bunq would refuse every call. Point BUNQ_CONTEXT_FILE at that environment's context (or a new path, to create an installation), or set BUNQ_API_URL back"
@@ -78,7 +83,7 @@ impl StartError {
     /// ([`StartError::ContextForOtherApi`]), else 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::ContextForOtherApi { .. } => 2,
+            StartError::ContextForOtherApi { .. } | StartError::Redis(_) => 2,
             _ => 1,
         }
     }
@@ -113,6 +118,8 @@ struct Shared {
     flow: SessionFlow,
     settler: Settler,
     breaker: Arc<Breaker>,
+    /// The fleet's shared state, with `REDIS_URL`.
+    fleet: Option<Fleet>,
     in_flight: InFlight,
     max_message_bytes: usize,
     /// Fires once consuming stopped: work waiting to retry bunq gives up.
@@ -139,6 +146,7 @@ impl std::fmt::Debug for Worker {
 pub struct WorkerStatus {
     link: Arc<Link>,
     breaker: Arc<Breaker>,
+    fleet: Option<Fleet>,
 }
 
 impl WorkerStatus {
@@ -151,6 +159,14 @@ impl WorkerStatus {
     /// Why the breaker stopped the worker taking work, while it does (see [`crate::breaker`]).
     pub fn breaker_open(&self) -> Option<crate::breaker::Open> {
         self.breaker.open()
+    }
+
+    /// Whether the fleet's Redis answers (`true` without `REDIS_URL`).
+    pub async fn shared_state_reachable(&self) -> bool {
+        match &self.fleet {
+            Some(f) => f.reachable().await,
+            None => true,
+        }
     }
 
     /// Whether the worker has an open connection.
@@ -197,6 +213,18 @@ impl Worker {
             bunq.verify_response_signature,
         )
         .map_err(StartError::Http)?;
+        let fleet = match &settings.redis_url {
+            Some(url) => Some(
+                Fleet::new(
+                    url,
+                    &settings.redis_key_prefix,
+                    &settings.bunq_rate_limit_scope,
+                    &consumer_tag,
+                )
+                .map_err(StartError::Redis)?,
+            ),
+            None => None,
+        };
         let policy = settings.retry.policy();
         let never = CancellationToken::new();
         let ctx = bootstrap::load_context(bunq, &client, policy.clone(), &never).await?;
@@ -215,7 +243,10 @@ impl Worker {
                 .iter()
                 .map(|s| s.trim().to_owned())
                 .collect(),
-            pacer: Arc::new(Pacer::new(bunq.session_rate_limit)),
+            pacer: Arc::new(Budget {
+                local: Pacer::new(bunq.session_rate_limit),
+                shared: fleet.clone(),
+            }),
             // Without a broker consumer timeout a paced delivery may wait for the credential's
             // expiry; a year stands for "no limit" without overflowing clocks.
             max_hold: if settings.broker.consumer_timeout.is_zero() {
@@ -235,6 +266,7 @@ impl Worker {
             known: Arc::new(KnownOutcomes::default()),
             publish_budget: settings.retry.max_elapsed,
             hard_stop,
+            fleet: fleet.clone(),
         };
         Ok(Self {
             consumer: Consumer {
@@ -246,6 +278,7 @@ impl Worker {
                 pause: Some(breaker.paused()),
             },
             shared: Arc::new(Shared {
+                fleet: fleet.clone(),
                 breaker: breaker.clone(),
                 handled: tokio::sync::broadcast::channel(1024).0,
                 flow,
@@ -263,6 +296,7 @@ impl Worker {
         WorkerStatus {
             link: self.consumer.link.clone(),
             breaker: self.shared.breaker.clone(),
+            fleet: self.shared.fleet.clone(),
         }
     }
 
