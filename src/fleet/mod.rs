@@ -164,9 +164,13 @@ impl Fleet {
     /// # Errors
     /// [`Unavailable`] when Redis cannot be reached (the lease then expires by itself).
     pub async fn release(&self, id: &Key) -> Result<(), Unavailable> {
-        self.run::<i64>(&scripts::RELEASE, self.claim_key(id), &[self.owner.clone()])
-            .await
-            .map(|_| ())
+        self.run::<i64>(
+            &scripts::RELEASE,
+            self.claim_key(id),
+            std::slice::from_ref(&self.owner),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Reserves the scope's next session-server slot if it comes within `max_wait`:
