@@ -97,8 +97,10 @@ impl Pacer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The spacing of slots: the configured or learned interval plus a margin (a tenth, at
+    /// least 50 ms), since bunq counts calls when they arrive and arrivals wobble.
     fn interval(&self, st: &State) -> Option<Duration> {
-        self.configured.or(st.learned)
+        self.configured.or(st.learned).map(with_margin)
     }
 
     /// Reserves the next call time if it is no later than `deadline`.
@@ -161,6 +163,11 @@ impl Pacer {
     }
 }
 
+/// `interval` plus a tenth, at least 50 ms: the margin slots keep.
+pub fn with_margin(interval: Duration) -> Duration {
+    interval + (interval / 10).max(Duration::from_millis(50))
+}
+
 /// A session-server slot, as [`Budget::reserve_within`] found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
@@ -204,7 +211,10 @@ impl Budget {
                 Err(at) => Slot::TooLate(at.saturating_duration_since(now)),
             };
         };
-        match fleet.reserve(max_wait, self.local.configured).await {
+        match fleet
+            .reserve(max_wait, self.local.configured.map(with_margin))
+            .await
+        {
             Ok(Ok(wait)) => Slot::Wait(wait),
             Ok(Err(earliest)) => Slot::TooLate(earliest),
             Err(_) => Slot::Unavailable,
@@ -215,7 +225,7 @@ impl Budget {
     pub async fn answered(&self) {
         self.local.answered();
         if let Some(fleet) = &self.shared {
-            let interval = self.local.configured.or(self.local.lock().learned);
+            let interval = self.local.configured.map(with_margin);
             let _ = fleet.answered(interval).await;
         }
     }
@@ -225,8 +235,8 @@ impl Budget {
         let until = self.local.rate_limited(window, rate);
         if let Some(fleet) = &self.shared {
             let window = window.unwrap_or(self.local.default_window);
-            let learned = rate.map_or(window, |r| r.interval());
-            let interval = self.local.configured.unwrap_or(learned);
+            let learned = with_margin(rate.map_or(window, |r| r.interval()));
+            let interval = self.local.configured.map_or(learned, with_margin);
             let jitter = crate::retry::RetryPolicy::full_jitter(interval.min(window));
             let _ = fleet.rate_limited(window, jitter, learned).await;
         }
@@ -285,7 +295,8 @@ mod tests {
         let t0 = Instant::now();
         let far = t0 + Duration::from_secs(3600);
         assert_eq!(p.reserve_before(far), Ok(t0));
-        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_millis(500)));
+        // 500 ms apart, plus the margin (50 ms at least).
+        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_millis(550)));
         p.pause_until(t0 + Duration::from_secs(10));
         let c = p.reserve_before(far).unwrap();
         assert_eq!(
@@ -295,8 +306,8 @@ mod tests {
         );
         // A deadline before the next slot reserves nothing and says when it could be.
         let soon = t0 + Duration::from_secs(1);
-        assert_eq!(p.reserve_before(soon), Err(c + Duration::from_millis(500)));
-        assert_eq!(p.reserve_before(far), Ok(c + Duration::from_millis(500)));
+        assert_eq!(p.reserve_before(soon), Err(c + Duration::from_millis(550)));
+        assert_eq!(p.reserve_before(far), Ok(c + Duration::from_millis(550)));
         // Time passing frees the slots: after an idle minute the next call goes at once.
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(p.reserve_before(far), Ok(Instant::now()));
@@ -322,7 +333,7 @@ mod tests {
         let a = p.reserve_before(far).unwrap();
         let b = p.reserve_before(far).unwrap();
         assert_eq!(a, until);
-        assert_eq!(b - a, Duration::from_secs(30));
+        assert_eq!(b - a, Duration::from_secs(33), "30 s and a tenth of margin");
         // A shorter pause later does not shorten the longer one.
         p.pause_until(t0 + Duration::from_secs(1));
         assert_eq!(p.paused_until(), Some(until));
@@ -345,9 +356,10 @@ mod tests {
         let t0 = Instant::now();
         let far = t0 + Duration::from_secs(3600);
         assert_eq!(p.reserve_before(far), Ok(t0));
-        // The call took 300 ms: the next may arrive no earlier than 2 s after its answer.
+        // The call took 300 ms: the next may arrive no earlier than 2 s (and the margin) after
+        // its answer.
         tokio::time::advance(Duration::from_millis(300)).await;
         p.answered();
-        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_millis(2300)));
+        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_millis(2500)));
     }
 }

@@ -51,6 +51,11 @@ pub struct Emulator {
     recent: Mutex<VecDeque<Instant>>,
     /// session-server calls answered with a session.
     sessions: AtomicU64,
+    /// session-server calls refused with 429 for the rate.
+    rate_limited: AtomicU64,
+    /// When the first session-server call came, and when each 429 was given, for tests.
+    first_call: Mutex<Option<Instant>>,
+    refused_at: Mutex<Vec<Instant>>,
 }
 
 impl std::fmt::Debug for Emulator {
@@ -92,12 +97,31 @@ impl Emulator {
             rate,
             recent: Mutex::default(),
             sessions: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            first_call: Mutex::default(),
+            refused_at: Mutex::default(),
         })
     }
 
     /// Sessions opened so far.
     pub fn sessions_opened(&self) -> u64 {
         self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// session-server calls refused with 429 for the configured rate so far.
+    pub fn rate_limited_calls(&self) -> u64 {
+        self.rate_limited.load(Ordering::Relaxed)
+    }
+
+    /// When each 429 for the rate was given, counted from the first session-server call.
+    pub fn rate_limited_after_first_call(&self) -> Vec<Duration> {
+        let Some(first) = *lock(&self.first_call) else {
+            return Vec::new();
+        };
+        lock(&self.refused_at)
+            .iter()
+            .map(|t| t.saturating_duration_since(first))
+            .collect()
     }
 
     fn id(&self) -> u64 {
@@ -220,6 +244,7 @@ impl Emulator {
             return Ok(());
         };
         let now = Instant::now();
+        lock(&self.first_call).get_or_insert(now);
         let mut recent = lock(&self.recent);
         while recent
             .front()
@@ -228,6 +253,8 @@ impl Emulator {
             recent.pop_front();
         }
         if recent.len() >= rate.calls as usize {
+            self.rate_limited.fetch_add(1, Ordering::Relaxed);
+            lock(&self.refused_at).push(now);
             return Err(rate_limited(rate.calls, rate.per.as_secs()));
         }
         recent.push_back(now);
