@@ -150,6 +150,11 @@ pub struct Settings {
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 65536)]
     pub max_message_bytes: usize,
 
+    /// Where `/metrics` (Prometheus), `/healthz` and `/readyz` are served: `HOST:PORT`, port 0
+    /// for a free one (logged), or `off`.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9464", value_parser = parse_listen)]
+    pub metrics_addr: ListenAddr,
+
     /// Redis for the fleet's shared state (claims on credentials, one session-server budget per
     /// scope), `redis://` or `rediss://`. Unset: each process keeps its own, right for one
     /// replica.
@@ -429,6 +434,20 @@ impl RetrySettings {
             min_delay: Duration::ZERO,
         }
     }
+}
+
+/// A listen address, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(ListenAddr(None));
+    }
+    s.parse().map(|a| ListenAddr(Some(a))).map_err(|_| {
+        "expected HOST:PORT such as 0.0.0.0:9464 (port 0: a free one), or off".to_owned()
+    })
 }
 
 fn parse_secret(s: &str) -> Result<SecretString, String> {

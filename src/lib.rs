@@ -23,6 +23,7 @@
 //! - [`config`]: the only module that reads the environment.
 //! - [`telemetry`]: tracing set-up, text or JSON; error cause chains.
 //! - [`worker`]: start-up wiring and the delivery path.
+//! - [`observe`]: Prometheus metrics, `/healthz` and `/readyz` on `METRICS_ADDR`.
 //! - [`emulator`]: a bunq emulator (installation, device-server, session-server) for trying
 //!   the worker without bunq credentials.
 //! - [`demo`]: `demo` (emulator + worker + one sample of each kind) and `samples`.
@@ -38,6 +39,7 @@ pub mod events;
 pub mod failure;
 pub mod fleet;
 pub mod ledger;
+pub mod observe;
 pub mod outcome;
 pub mod pacing;
 pub mod process;

@@ -202,6 +202,9 @@ impl<'a> Calls<'a> {
             match slot {
                 Slot::Wait(wait) => {
                     self.retry.exclude(wait);
+                    // A monotonically growing total, s (metrics' counters hold whole numbers).
+                    metrics::gauge!("bunq_session_worker_rate_limit_wait_seconds_total")
+                        .increment(wait.as_secs_f64());
                     return sleep_until_or_cancel(Instant::now() + wait, self.cancel)
                         .await
                         .map_err(|_| FlowError::Cancelled);
@@ -286,6 +289,17 @@ impl<'a> Calls<'a> {
             let t0 = Instant::now();
             let result = call().await;
             self.last_attempt_at = Some(OffsetDateTime::now_utc());
+            let status = match &result {
+                Ok(_) => "200".to_owned(),
+                Err(e) => e
+                    .http_status
+                    .map_or_else(|| "error".to_owned(), |s| s.to_string()),
+            };
+            let label = endpoint.trim_start_matches("POST /");
+            metrics::counter!("bunq_session_worker_bunq_requests_total", "endpoint" => label, "status" => status)
+                .increment(1);
+            metrics::histogram!("bunq_session_worker_bunq_request_duration_seconds", "endpoint" => label)
+                .record(t0.elapsed().as_secs_f64());
             if endpoint == SESSION_SERVER {
                 self.pacer.answered().await;
             }

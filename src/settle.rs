@@ -274,7 +274,12 @@ impl Settler {
                 _ => "",
             };
             error!(exchange, routing_key, attempt, error = %crate::telemetry::Chain(&err), "publish not confirmed{hint}; the delivery stays unacked");
-            metrics::counter!("bunq_session_worker_publish_failures_total", "exchange" => exchange.to_owned())
+            let label = if exchange.is_empty() {
+                "(default)".to_owned()
+            } else {
+                exchange.to_owned()
+            };
+            metrics::counter!("bunq_session_worker_publish_failures_total", "exchange" => label)
                 .increment(1);
             // A missing exchange (404) or a copy routed nowhere (the worker's own dead-letter or
             // delay queue deleted): declaring the topology again repairs what is the worker's.

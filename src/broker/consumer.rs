@@ -83,6 +83,8 @@ pub struct Consumer {
     /// `Some(until)` while consuming should pause (the breaker is open): the consumer is
     /// cancelled and subscribed again at `until`.
     pub pause: Option<watch::Receiver<Option<Instant>>>,
+    /// Set while subscribed and not paused (for readiness).
+    pub consuming: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The stop signals of a running consumer.
@@ -194,6 +196,7 @@ impl Consumer {
                 }
             };
             subscribing = Retry::new(RetryPolicy::SUBSCRIBE, shutdown);
+            self.set_consuming(true);
             info!(
                 queue = %self.topology.input_queue,
                 prefetch = self.prefetch,
@@ -226,6 +229,7 @@ impl Consumer {
                     },
                 }
             };
+            self.set_consuming(false);
             if !matches!(end, ConsumerEnd::Shutdown) {
                 // Work of this channel's deliveries starts no new bunq call: the broker
                 // redelivers them on the next channel, where they wait for or take over the work.
@@ -252,6 +256,11 @@ impl Consumer {
         };
         self.drain(tasks, consumer_channel, stops).await;
         result
+    }
+
+    fn set_consuming(&self, on: bool) {
+        self.consuming
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Pauses consuming (`basic.cancel`) until `until`, or later while the pause is extended;
@@ -293,6 +302,7 @@ impl Consumer {
                 FieldTable::default(),
             )
             .await?;
+        self.set_consuming(true);
         info!(queue = %self.topology.input_queue, "consuming again (the breaker lets one delivery try)");
         Ok(Some(consumer))
     }

@@ -100,6 +100,8 @@ fn configure(s: &mut Settings, run: &str, bunq_url: &str, dir: &std::path::Path)
     b.server_public_key = None;
     b.session_rate_limit = None;
     s.retry.max_elapsed = Duration::from_secs(20);
+    // The demo's worker serves no probes: a real worker on this machine may hold the port.
+    s.metrics_addr = crate::config::ListenAddr(None);
     s.shutdown_timeout = Duration::from_secs(5);
 }
 

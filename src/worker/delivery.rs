@@ -43,12 +43,21 @@ pub(super) async fn handle(
     }
     async move {
         let started = Instant::now();
+        let _counted = InFlightCount::new(&shared.gauges.in_flight);
         let key = ledger::round_key(&inbound.identity, inbound.history.round);
         // One copy of an input at a time in this process: a copy redelivered while the first is
         // still at bunq (its channel died) waits for it, then finds its outcome below.
         let _guard = shared.in_flight.lock(key).await;
         let acker = &delivery.acker;
         let settler = &shared.settler;
+        // The dead-letter reason, for the metric's `reason` label.
+        let mut reason = "";
+        let mut settle = async |outcome: Outcome| {
+            if let Outcome::Failed(f) = &outcome {
+                reason = f.reason.as_str();
+            }
+            settler.settle(acker, &inbound, key, outcome).await
+        };
         let label = match settler.known.recall(&key) {
             Some(Known::Settled) => settler.settle_repeat(acker).await,
             Some(Known::Finished) if inbound.redelivered => settler.settle_repeat(acker).await,
@@ -56,9 +65,7 @@ pub(super) async fn handle(
                 info!(
                     "this input already failed; settling that failure again without calling bunq"
                 );
-                settler
-                    .settle(acker, &inbound, key, Outcome::Failed(failure))
-                    .await
+                settle(Outcome::Failed(failure)).await
             }
             _ => match claim::claim(&shared, &inbound, &channel_live).await {
                 Claimed::AlreadySettled => settler.settle_repeat(acker).await,
@@ -67,11 +74,11 @@ pub(super) async fn handle(
                         Outcome::Abandoned => abandoned(&shared, &inbound),
                         other => other,
                     };
-                    settler.settle(acker, &inbound, key, outcome).await
+                    settle(outcome).await
                 }
                 Claimed::Go(lease) => {
                     let outcome = decide(&shared, &inbound, &channel_live).await;
-                    let label = settler.settle(acker, &inbound, key, outcome).await;
+                    let label = settle(outcome).await;
                     if let Some(lease) = lease
                         && label != "created"
                     {
@@ -81,9 +88,13 @@ pub(super) async fn handle(
                 }
             },
         };
+        if label != "dead_lettered" {
+            reason = "";
+        }
         let latency_ms = started.elapsed().as_millis() as u64;
-        metrics::counter!("bunq_session_worker_deliveries_total", "outcome" => label).increment(1);
-        metrics::histogram!("bunq_session_worker_delivery_seconds")
+        metrics::counter!("bunq_session_worker_deliveries_total", "outcome" => label, "reason" => reason)
+            .increment(1);
+        metrics::histogram!("bunq_session_worker_delivery_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         info!(outcome = label, latency_ms, "delivery handled");
         let _ = shared.handled.send(super::Handled {
@@ -169,4 +180,20 @@ fn abandoned(shared: &Shared, inbound: &Inbound) -> Outcome {
         return process::redelivery_limit(inbound, limit);
     }
     Outcome::Returned { counted: true }
+}
+
+/// Counts a delivery in `bunq_session_worker_in_flight` while it is handled.
+struct InFlightCount<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlightCount<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for InFlightCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -9,7 +9,14 @@ mod bootstrap;
 mod claim;
 mod delivery;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +71,9 @@ pub enum StartError {
     /// `REDIS_URL` is not a Redis URL.
     #[error(transparent)]
     Redis(crate::fleet::BadUrl),
+    /// `METRICS_ADDR` could not be served (the port is taken?).
+    #[error(transparent)]
+    Metrics(#[from] crate::observe::ServeError),
     /// The context file's installation was made with another `BUNQ_API_URL`.
     #[error(
         "BUNQ_CONTEXT_FILE {file} holds an installation made for {stored}, but BUNQ_API_URL is {configured}: bunq would refuse every call. Point BUNQ_CONTEXT_FILE at that environment's context (or a new path, to create an installation), or set BUNQ_API_URL back"
@@ -120,6 +130,8 @@ struct Shared {
     breaker: Arc<Breaker>,
     /// The fleet's shared state, with `REDIS_URL`.
     fleet: Option<Fleet>,
+    /// What the probes read.
+    gauges: Arc<Gauges>,
     in_flight: InFlight,
     max_message_bytes: usize,
     /// Fires once consuming stopped: work waiting to retry bunq gives up.
@@ -131,6 +143,8 @@ pub struct Worker {
     shared: Arc<Shared>,
     consumer: Consumer,
     first_connection: Option<Arc<Connection>>,
+    /// Stops the probe server when the worker stops (or is dropped).
+    probes: Option<tokio_util::sync::DropGuard>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -147,6 +161,19 @@ pub struct WorkerStatus {
     link: Arc<Link>,
     breaker: Arc<Breaker>,
     fleet: Option<Fleet>,
+    gauges: Arc<Gauges>,
+    consuming: Arc<AtomicBool>,
+}
+
+/// Counters the probes read.
+#[derive(Debug, Default)]
+struct Gauges {
+    /// Deliveries being handled now.
+    in_flight: AtomicUsize,
+    /// Whether `run_until_stopped` runs.
+    running: AtomicBool,
+    /// Where `/metrics` is served, once bound.
+    metrics_addr: std::sync::Mutex<Option<SocketAddr>>,
 }
 
 impl WorkerStatus {
@@ -159,6 +186,32 @@ impl WorkerStatus {
     /// Why the breaker stopped the worker taking work, while it does (see [`crate::breaker`]).
     pub fn breaker_open(&self) -> Option<crate::breaker::Open> {
         self.breaker.open()
+    }
+
+    /// Deliveries being handled now.
+    pub fn in_flight(&self) -> usize {
+        self.gauges.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker's loops run (`run_until_stopped` has started and not ended).
+    pub fn running(&self) -> bool {
+        self.gauges.running.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker is subscribed to the input queue (not between connections, not paused
+    /// by the breaker).
+    pub fn consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`METRICS_ADDR`, with the port
+    /// bound when it was 0), once serving.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        *self
+            .gauges
+            .metrics_addr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the fleet's Redis answers (`true` without `REDIS_URL`).
@@ -268,7 +321,7 @@ impl Worker {
             hard_stop,
             fleet: fleet.clone(),
         };
-        Ok(Self {
+        let mut worker = Self {
             consumer: Consumer {
                 link,
                 topology,
@@ -276,8 +329,11 @@ impl Worker {
                 consumer_tag,
                 drain_timeout: settings.shutdown_timeout,
                 pause: Some(breaker.paused()),
+                consuming: Arc::default(),
             },
+            probes: None,
             shared: Arc::new(Shared {
+                gauges: Arc::default(),
                 fleet: fleet.clone(),
                 breaker: breaker.clone(),
                 handled: tokio::sync::broadcast::channel(1024).0,
@@ -288,7 +344,19 @@ impl Worker {
                 stop_work: CancellationToken::new(),
             }),
             first_connection: Some(connection),
-        })
+        };
+        if let Some(addr) = settings.metrics_addr.0 {
+            let stop = CancellationToken::new();
+            let bound = crate::observe::serve(addr, worker.status(), stop.clone()).await?;
+            *worker
+                .shared
+                .gauges
+                .metrics_addr
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(bound);
+            worker.probes = Some(stop.drop_guard());
+        }
+        Ok(worker)
     }
 
     /// A handle on the worker's broker state, usable while it runs.
@@ -297,6 +365,8 @@ impl Worker {
             link: self.consumer.link.clone(),
             breaker: self.shared.breaker.clone(),
             fleet: self.shared.fleet.clone(),
+            gauges: self.shared.gauges.clone(),
+            consuming: self.consumer.consuming.clone(),
         }
     }
 
@@ -321,6 +391,7 @@ impl Worker {
     /// [`MAX_SUBSCRIBE_FAILURES`] times in a row on a live connection: the process should exit
     /// non-zero and be restarted rather than stay alive but deaf.
     pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> Result<(), RunError> {
+        self.shared.gauges.running.store(true, Ordering::Relaxed);
         let stops = Stops {
             shutdown,
             stop_work: self.shared.stop_work.clone(),
@@ -335,6 +406,8 @@ impl Worker {
             .await;
         self.shared.settler.publisher.close().await;
         self.consumer.link.close().await;
+        self.shared.gauges.running.store(false, Ordering::Relaxed);
+        drop(self.probes.take());
         info!("stopped");
         Ok(result?)
     }

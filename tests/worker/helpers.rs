@@ -10,7 +10,7 @@ use std::{
 
 use bunq_session_worker::{
     Settings, Worker,
-    config::DelayTiers,
+    config::{DelayTiers, ListenAddr},
     worker::{RunError, StartError},
 };
 use clap::Parser;
@@ -172,6 +172,8 @@ fn test_settings(names: &Names, bunq_url: &str, context_file: &Path, amqp_url: &
     s.retry.initial_delay = Duration::from_millis(10);
     s.retry.max_delay = Duration::from_millis(50);
     s.bunq.http_timeout = Duration::from_millis(2000);
+    // Every worker serves its probes and metrics on a free port of its own.
+    s.metrics_addr = ListenAddr(Some("127.0.0.1:0".parse().expect("a literal address")));
     s
 }
 
@@ -333,6 +335,12 @@ impl TestApp {
             ("--retry-max-delay-ms", ms(s.retry.max_delay)),
             ("--http-timeout-ms", ms(s.bunq.http_timeout)),
             ("--delayed-retry-delays-s", delays),
+            (
+                "--metrics-addr",
+                s.metrics_addr
+                    .0
+                    .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            ),
         ]
         .into_iter()
         .flat_map(|(flag, value)| [flag.to_owned(), value])
@@ -486,6 +494,20 @@ impl TestApp {
             self.outputs = Some(self.consumer(&self.names.output_queue.clone()).await);
         }
         Self::next_from(self.outputs.as_mut().unwrap(), "an output event").await
+    }
+
+    /// The next message on the output exchange if one comes within `within` (for a bounded look
+    /// that nothing more is published).
+    pub async fn next_output_within(&mut self, within: Duration) -> Option<Delivery> {
+        if self.outputs.is_none() {
+            self.outputs = Some(self.consumer(&self.names.output_queue.clone()).await);
+        }
+        let d = tokio::time::timeout(within, self.outputs.as_mut().unwrap().next())
+            .await
+            .ok()??
+            .ok()?;
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        Some(d)
     }
 
     /// The next message in the dead-letter queue.

@@ -1,0 +1,171 @@
+//! What operators scrape and probe: Prometheus metrics, `/healthz` and `/readyz`, served on
+//! `METRICS_ADDR` with axum.
+//!
+//! Metrics (none carries a secret or an unbounded label: no ids, no tokens):
+//! - `bunq_session_worker_deliveries_total{outcome, reason}`: `outcome` from the README's
+//!   vocabulary, `reason` the failure code of a dead letter, else empty;
+//! - `bunq_session_worker_bunq_requests_total{endpoint, status}`: `status` the HTTP status, or
+//!   `error` when no answer came;
+//! - `bunq_session_worker_bunq_request_duration_seconds{endpoint}` and
+//!   `bunq_session_worker_delivery_duration_seconds` (histograms, s);
+//! - `bunq_session_worker_in_flight`, `bunq_session_worker_broker_connected`,
+//!   `bunq_session_worker_publishing_blocked` (gauges, read at scrape time);
+//! - `bunq_session_worker_rate_limit_wait_seconds_total` (time spent waiting for
+//!   session-server slots and 429 windows, s) and
+//!   `bunq_session_worker_publish_failures_total{exchange}`;
+//! - `bunq_session_worker_build_info{version}` (always 1).
+//!
+//! Probes: `/healthz` answers 200 while the worker's loops run. `/readyz` answers 200 only when
+//! connected, consuming, not blocked by flow control, not paused by the breaker, and with Redis
+//! reachable when `REDIS_URL` is set; otherwise 503 with `{"ready": false, "reason": "…"}`.
+//! Kubernetes probe semantics: <https://kubernetes.io/docs/concepts/configuration/liveness-readiness-startup-probes/>.
+
+use std::{net::SocketAddr, sync::OnceLock};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::worker::WorkerStatus;
+
+/// Histogram buckets, s: from 5 ms (a fast bunq answer) to 5 min (a delivery paced for long).
+const BUCKETS_S: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// The process's Prometheus recorder, installed on first use (once per process: several
+/// workers in one process, as in tests, share it).
+///
+/// # Panics
+/// Never in practice: installing fails only when another recorder was installed first, and this
+/// is the only place that installs one; the buckets are a fixed, valid list.
+pub fn recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(BUCKETS_S)
+                .expect("a fixed, non-empty bucket list")
+                .install_recorder()
+                .expect("the only metrics recorder of the process");
+            metrics::gauge!("bunq_session_worker_build_info", "version" => env!("CARGO_PKG_VERSION"))
+                .set(1.0);
+            handle
+        })
+        .clone()
+}
+
+/// Why `METRICS_ADDR` could not be served.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on METRICS_ADDR {addr}")]
+pub struct ServeError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// The I/O error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+#[derive(Clone)]
+struct Probe {
+    status: WorkerStatus,
+    metrics: PrometheusHandle,
+}
+
+/// Binds `addr` and serves `/metrics`, `/healthz` and `/readyz` until `shutdown` fires; returns
+/// the address bound (port 0 picks a free one, which is logged).
+///
+/// # Errors
+/// [`ServeError`] when the address cannot be bound.
+pub async fn serve(
+    addr: SocketAddr,
+    status: WorkerStatus,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError { addr, source })?;
+    let probe = Probe {
+        status,
+        metrics: recorder(),
+    };
+    let router = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(probe);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %crate::telemetry::Chain(&e), "the metrics and probe server failed");
+        }
+    });
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    Ok(bound)
+}
+
+async fn metrics(State(p): State<Probe>) -> impl IntoResponse {
+    metrics::gauge!("bunq_session_worker_in_flight").set(p.status.in_flight() as f64);
+    metrics::gauge!("bunq_session_worker_broker_connected")
+        .set(f64::from(u8::from(p.status.connected().await)));
+    metrics::gauge!("bunq_session_worker_publishing_blocked")
+        .set(f64::from(u8::from(p.status.publishing_blocked())));
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        p.metrics.render(),
+    )
+}
+
+async fn healthz(State(p): State<Probe>) -> impl IntoResponse {
+    if p.status.running() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopped\n")
+    }
+}
+
+async fn readyz(State(p): State<Probe>) -> impl IntoResponse {
+    let reason = not_ready(&p.status).await;
+    let body = serde_json::json!({"ready": reason.is_none(), "reason": reason});
+    let status = if reason.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+}
+
+/// Why the worker is not ready to take work, if it is not.
+pub async fn not_ready(s: &WorkerStatus) -> Option<String> {
+    if !s.running() {
+        return Some("the worker is not running".into());
+    }
+    if !s.connected().await {
+        return Some("not connected to the broker".into());
+    }
+    if let Some(open) = s.breaker_open() {
+        return Some(format!(
+            "paused by the breaker: bunq refuses the worker's set-up ({})",
+            open.reason
+        ));
+    }
+    if !s.consuming() {
+        return Some("not consuming the input queue".into());
+    }
+    if s.publishing_blocked() {
+        return Some("the broker blocks publishing (memory or disk alarm)".into());
+    }
+    if !s.shared_state_reachable().await {
+        return Some("Redis (REDIS_URL) is unreachable".into());
+    }
+    None
+}
