@@ -159,16 +159,22 @@ impl Breaker {
     }
 
     /// Reports a failure that may be the worker's own (see [`fault_of`]) on the credential
-    /// `identity`. Returns whether the breaker is open now: then the delivery is handed back
-    /// instead of dead-lettered.
+    /// `identity`; `trial` says whether the delivery was the breaker's trial. Returns whether the
+    /// breaker is open now: then the delivery is handed back instead of dead-lettered.
     pub fn record_fault(
         &self,
         fault: Fault,
         reason: FailureReason,
         detail: &str,
         identity: Key,
+        trial: bool,
     ) -> bool {
         let mut st = self.lock();
+        // Only a failed trial lengthens the wait: refusals of calls already under way when the
+        // breaker opened say nothing new.
+        if fault != Fault::Credential && st.open.is_some() && !trial {
+            return true;
+        }
         let opens = match fault {
             Fault::Credential => return false,
             Fault::Setup => true,
@@ -232,11 +238,11 @@ mod tests {
     async fn a_streak_on_different_credentials_opens_it_and_a_trial_closes_it() {
         let b = Breaker::new(3);
         let r = FailureReason::CredentialRejected;
-        assert!(!b.record_fault(Fault::MaybeSetup, r, REJECTED, [1; 32]));
+        assert!(!b.record_fault(Fault::MaybeSetup, r, REJECTED, [1; 32], false));
         // The same credential again does not lengthen the streak.
-        assert!(!b.record_fault(Fault::MaybeSetup, r, REJECTED, [1; 32]));
-        assert!(!b.record_fault(Fault::MaybeSetup, r, REJECTED, [2; 32]));
-        assert!(b.record_fault(Fault::MaybeSetup, r, REJECTED, [3; 32]));
+        assert!(!b.record_fault(Fault::MaybeSetup, r, REJECTED, [1; 32], false));
+        assert!(!b.record_fault(Fault::MaybeSetup, r, REJECTED, [2; 32], false));
+        assert!(b.record_fault(Fault::MaybeSetup, r, REJECTED, [3; 32], false));
         assert_eq!(b.admit().await, Admission::Refused(r));
         assert_eq!(*b.paused().borrow(), Some(Instant::now() + FIRST_BACKOFF));
         tokio::time::advance(FIRST_BACKOFF).await;
@@ -250,14 +256,18 @@ mod tests {
     async fn a_setup_fault_opens_it_at_once_and_failed_trials_back_off_to_a_minute() {
         let b = Breaker::new(5);
         let r = FailureReason::SignatureRejected;
-        assert!(b.record_fault(Fault::Setup, r, "HTTP 401", [1; 32]));
+        assert!(b.record_fault(Fault::Setup, r, "HTTP 401", [1; 32], false));
+        // Refusals of calls that were already under way do not push the trial back.
+        for i in 2..10u8 {
+            assert!(b.record_fault(Fault::Setup, r, "HTTP 401", [i; 32], false));
+        }
         let mut waits = Vec::new();
         for _ in 0..8 {
             let until = b.paused().borrow().unwrap();
             waits.push(until.duration_since(Instant::now()).as_secs());
             tokio::time::advance(until.duration_since(Instant::now())).await;
             assert_eq!(b.admit().await, Admission::Trial);
-            assert!(b.record_fault(Fault::Setup, r, "HTTP 401", [1; 32]));
+            assert!(b.record_fault(Fault::Setup, r, "HTTP 401", [1; 32], true));
         }
         assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 60, 60]);
     }
@@ -265,7 +275,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn others_wait_for_the_trial() {
         let b = std::sync::Arc::new(Breaker::new(1));
-        b.record_fault(Fault::Setup, FailureReason::SignatureRejected, "", [1; 32]);
+        b.record_fault(
+            Fault::Setup,
+            FailureReason::SignatureRejected,
+            "",
+            [1; 32],
+            false,
+        );
         tokio::time::advance(FIRST_BACKOFF).await;
         assert_eq!(b.admit().await, Admission::Trial);
         let waiting = tokio::spawn({

@@ -164,7 +164,7 @@ impl Consumer {
         let mut tasks = JoinSet::new();
         let mut reuse = first;
         let mut subscribing = Retry::new(RetryPolicy::SUBSCRIBE, shutdown);
-        let mut consumer_channel: Option<Channel> = None;
+        let mut consumer_channel: Option<(Channel, String)> = None;
         let result = 'outer: loop {
             let connection = match reuse.take().filter(|c| c.status().connected()) {
                 Some(c) => c,
@@ -205,26 +205,64 @@ impl Consumer {
                 "consuming"
             );
             let channel_live = stops.stop_work.child_token();
+            // The pause signal as it is now counts: a worker (re)subscribing while the breaker
+            // is open pauses at once; later changes wake the loop.
             let mut pause = self.pause.clone();
+            let mut paused_until = pause
+                .as_mut()
+                .and_then(|p| *p.borrow_and_update())
+                .filter(|until| *until > Instant::now());
+            let mut tag = self.consumer_tag.clone();
+            let mut resumes = 0u32;
+            let mut draining = false;
+            if paused_until.is_some() {
+                // Cancel at once; the stream then ends once the broker has said cancel-ok.
+                if let Err(e) = self.cancel(&channel, &tag).await {
+                    warn!(error = %crate::telemetry::Chain(&e), "cannot pause consuming");
+                }
+                draining = true;
+            }
             let end = loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break ConsumerEnd::Shutdown,
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     Ok(()) = changed(&mut pause) => {
-                        let until = pause.as_mut().and_then(|p| *p.borrow_and_update());
-                        if let Some(until) = until {
-                            match self.pause_until(&channel, until, &mut pause, shutdown).await {
-                                Ok(Some(resumed)) => consumer = resumed,
-                                Ok(None) => break ConsumerEnd::Shutdown,
-                                Err(e) => break ConsumerEnd::Failed(e),
+                        let until = pause
+                            .as_mut()
+                            .and_then(|p| *p.borrow_and_update())
+                            .filter(|until| *until > Instant::now());
+                        match (until, paused_until) {
+                            (Some(until), None) => {
+                                if let Err(e) = self.cancel(&channel, &tag).await {
+                                    break ConsumerEnd::Failed(e);
+                                }
+                                draining = true;
+                                paused_until = Some(until);
                             }
+                            // Extended, or ended early (the breaker closed).
+                            (until, Some(_)) => paused_until = until.or(Some(Instant::now())),
+                            (None, None) => {}
                         }
                     }
-                    next = consumer.next() => match next {
+                    _ = sleep_until_opt(paused_until), if paused_until.is_some() && !draining => {
+                        // A fresh consumer tag: RabbitMQ 3.x can fail the channel when a tag is
+                        // reused while the cancelled consumer still has deliveries out.
+                        resumes += 1;
+                        tag = format!("{}-r{resumes}", self.consumer_tag);
+                        match self.resume(&channel, &tag).await {
+                            Ok(c) => consumer = c,
+                            Err(e) => break ConsumerEnd::Failed(e),
+                        }
+                        paused_until = None;
+                    }
+                    next = consumer.next(), if paused_until.is_none() || draining => match next {
+                        // Deliveries already on their way to a cancelled consumer are handled
+                        // as any other (the breaker hands them back): never left unacked.
                         Some(Ok(delivery)) => {
                             tasks.spawn(handle(delivery, channel_live.clone()));
                         }
                         Some(Err(e)) => break ConsumerEnd::Failed(e),
+                        None if draining => draining = false,
                         None => break ConsumerEnd::CancelledByBroker,
                     },
                 }
@@ -237,7 +275,7 @@ impl Consumer {
             }
             match end {
                 ConsumerEnd::Shutdown => {
-                    consumer_channel = Some(channel);
+                    consumer_channel = Some((channel, tag));
                     break 'outer Ok(());
                 }
                 ConsumerEnd::Failed(e) => {
@@ -263,61 +301,45 @@ impl Consumer {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Pauses consuming (`basic.cancel`) until `until`, or later while the pause is extended;
-    /// then subscribes again on the same channel, so deliveries in flight can still be settled
-    /// on it. `Ok(None)` when shutdown came first.
-    async fn pause_until(
-        &self,
-        channel: &Channel,
-        mut until: Instant,
-        pause: &mut Option<watch::Receiver<Option<Instant>>>,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<lapin::Consumer>, lapin::Error> {
+    /// Pauses consuming: `basic.cancel` of `tag` (the breaker is open).
+    async fn cancel(&self, channel: &Channel, tag: &str) -> Result<(), lapin::Error> {
         channel
-            .basic_cancel(
-                self.consumer_tag.as_str().into(),
-                BasicCancelOptions::default(),
-            )
+            .basic_cancel(tag.into(), BasicCancelOptions::default())
             .await?;
-        warn!(
-            queue = %self.topology.input_queue,
-            resume_in_s = until.saturating_duration_since(Instant::now()).as_secs(),
-            "consuming paused by the breaker"
-        );
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
-                _ = tokio::time::sleep_until(until) => break,
-                Ok(()) = changed(pause) => match pause.as_mut().and_then(|p| *p.borrow_and_update()) {
-                    Some(later) => until = later,
-                    None => break,
-                },
-            }
-        }
+        self.set_consuming(false);
+        warn!(queue = %self.topology.input_queue, "consuming paused by the breaker");
+        Ok(())
+    }
+
+    /// Consumes again under `tag` on the same channel, so deliveries in flight can still be
+    /// settled on it.
+    async fn resume(&self, channel: &Channel, tag: &str) -> Result<lapin::Consumer, lapin::Error> {
         let consumer = channel
             .basic_consume(
                 self.topology.input_queue.as_str().into(),
-                self.consumer_tag.as_str().into(),
+                tag.into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         self.set_consuming(true);
         info!(queue = %self.topology.input_queue, "consuming again (the breaker lets one delivery try)");
-        Ok(Some(consumer))
+        Ok(consumer)
     }
 
     /// Stops consuming and lets in-flight deliveries finish within the drain time; every step
     /// is bounded, so a stalled connection cannot hold the process past `SHUTDOWN_TIMEOUT_S`
     /// plus 2 × [`CHANNEL_OP_TIMEOUT`].
-    async fn drain(&self, mut tasks: JoinSet<()>, channel: Option<Channel>, stops: &Stops) {
+    async fn drain(
+        &self,
+        mut tasks: JoinSet<()>,
+        channel: Option<(Channel, String)>,
+        stops: &Stops,
+    ) {
         info!("stopping: cancelling the consumer and draining in-flight deliveries");
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
-        if let Some(channel) = &channel {
-            let cancel = channel.basic_cancel(
-                self.consumer_tag.as_str().into(),
-                BasicCancelOptions::default(),
-            );
+        if let Some((channel, tag)) = &channel {
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
             let _ = tokio::time::timeout_at(deadline, cancel).await;
         }
         // Work waiting to retry bunq gives up now; calls under way and publishes finish.
@@ -335,10 +357,18 @@ impl Consumer {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
-        if let Some(channel) = channel {
+        if let Some((channel, _)) = channel {
             let _ = tokio::time::timeout(CHANNEL_OP_TIMEOUT, channel.close(200, "shutdown".into()))
                 .await;
         }
+    }
+}
+
+/// Sleeps until `until`; never, without one.
+async fn sleep_until_opt(until: Option<Instant>) {
+    match until {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -152,7 +152,13 @@ async fn decide(shared: &Shared, inbound: &Inbound, channel_live: &CancellationT
                     breaker.record_ok();
                     told = true;
                 }
-            } else if breaker.record_fault(fault, f.reason, &f.detail, inbound.identity) {
+            } else if breaker.record_fault(
+                fault,
+                f.reason,
+                &f.detail,
+                inbound.identity,
+                admission == Admission::Trial,
+            ) {
                 return Outcome::Returned { counted: false };
             } else {
                 told = true;

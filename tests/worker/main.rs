@@ -1,13 +1,22 @@
 //! Integration tests: the worker against a real RabbitMQ (`AMQP_URL`) and a wiremock bunq.
 
 mod bad_input;
+mod breaker;
 mod bunq_errors;
+mod contract;
+mod dead_channel;
 mod delivery;
+mod demo;
+mod field_faults;
+mod fleet;
+mod handbacks;
 mod happy;
 mod harness;
 mod helpers;
 mod hostile;
+mod observe;
 mod pacing;
 mod process;
 mod proxy;
 mod resilience;
+mod taps;

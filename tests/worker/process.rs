@@ -8,8 +8,9 @@ use std::{
 };
 
 use lapin::types::FieldTable;
+use secrecy::SecretString;
 
-use crate::helpers::*;
+use crate::{helpers::*, proxy::*};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bunq-session-worker");
 
@@ -349,5 +350,104 @@ async fn stop_mid_stream(signal: &str) {
         N as usize,
         "every input has its session.created"
     );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigterm_while_start_up_waits_for_the_broker_exits_zero_at_once() {
+    let mut app = TestApp::new().await;
+    // The broker accepts TCP and never answers: start-up hangs in the AMQP handshake (10 s).
+    let proxy = TcpProxy::start(amqp_host_port(&app.amqp_url)).await;
+    proxy.black_hole();
+    app.settings.broker.amqp_url = SecretString::from(amqp_url_via(&app.amqp_url, proxy.addr()));
+    let mut w = Running::start(&app.args(), &[]);
+    eventually("the worker connects into the black hole", || async {
+        proxy.accepted() >= 1
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    w.signal("-TERM");
+    let status = w.wait().await;
+    let took = t0.elapsed();
+    let logs = w.text();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}\n{logs}");
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after SIGTERM\n{logs}"
+    );
+    assert!(logs.contains("stopped during start-up"), "{logs}");
+    proxy.cut();
+    proxy.restore();
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn duplicate_keys_and_an_unknown_outcome_keep_every_token_out_of_logs_and_headers() {
+    let mut app = TestApp::new().await;
+    app.settings.bunq.http_timeout = Duration::from_millis(300);
+    app.mount_device_server_ok().await;
+    // The first session-server answer for this credential comes too late; the retry is refused.
+    let mut lost = app.answer(200, &fixture("session-server.user-person.json"));
+    lost.delay = Some(Duration::from_secs(2));
+    app.mount("session-server", Some("SECRET-LOST-5555"), lost, Some(1))
+        .await;
+    app.mount(
+        "session-server",
+        None,
+        app.answer(400, &fixture("error.credentials-incorrect.json")),
+        None,
+    )
+    .await;
+    let mut w = Running::start(&app.args(), &[("RUST_LOG", "trace")]);
+    eventually("the worker consumes", || async {
+        consumers(&app).await == 1
+    })
+    .await;
+    app.publish(
+        br#"{"provision_id": 1, "token_value": "SECRET-DUP-A-6666", "token_value": "SECRET-DUP-B-7777"}"#,
+        Default::default(),
+    )
+    .await;
+    app.publish(
+        br#"{"NotificationUrl": {"object": {"PartnerUserProvision": {"id": 2, "credential": {"status": "PENDING_FIRST_USE", "token_value": "SECRET-DUP-C-8888", "token_value": "SECRET-DUP-D-9999"}}}}}"#,
+        Default::default(),
+    )
+    .await;
+    app.publish_json(&slim(3, "SECRET-LOST-5555")).await;
+    let mut dead_letters = Vec::new();
+    for _ in 0..3 {
+        dead_letters.push(app.next_dead_letter().await);
+    }
+    let mut reasons: Vec<String> = dead_letters
+        .iter()
+        .map(|d| header(d, "x-error-reason").unwrap())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        ["duplicate_key", "duplicate_key", "outcome_unknown"]
+    );
+    let failed = app.next_output().await;
+    assert_eq!(body_json(&failed)["reason"], "outcome_unknown");
+
+    w.signal("-TERM");
+    assert!(w.wait().await.success());
+    let logs = w.text();
+    assert!(logs.contains("duplicate_key"), "{logs}");
+    assert!(logs.contains("outcome_unknown"), "{logs}");
+    let failed_text = String::from_utf8_lossy(&failed.data).into_owned();
+    let headers: String = dead_letters.iter().map(crate::taps::headers_text).collect();
+    for s in [
+        "SECRET-DUP-A-6666",
+        "SECRET-DUP-B-7777",
+        "SECRET-DUP-C-8888",
+        "SECRET-DUP-D-9999",
+        "SECRET-LOST-5555",
+        app.state.installation_token.as_str(),
+    ] {
+        assert!(!logs.contains(s), "secret {s} in logs:\n{logs}");
+        assert!(!failed_text.contains(s), "{s} in session.failed");
+        assert!(!headers.contains(s), "{s} in dead-letter headers");
+    }
     app.cleanup().await;
 }

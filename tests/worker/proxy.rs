@@ -30,6 +30,8 @@ struct Shared {
     /// The connection that carries the client's next bytes is reset (`reset_next_request`).
     reset_next: AtomicBool,
     resets: AtomicUsize,
+    /// TCP connections accepted so far, whatever became of them.
+    accepted: AtomicUsize,
     /// Cancelled by `cut`: ends every connection accepted before it.
     generation: Mutex<CancellationToken>,
     /// Cancelled by `stall`: freezes every connection accepted before it.
@@ -50,6 +52,7 @@ impl TcpProxy {
             black_hole: AtomicBool::new(false),
             reset_next: AtomicBool::new(false),
             resets: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
             generation: Mutex::new(stop.child_token()),
             stall: Mutex::new(CancellationToken::new()),
             stop,
@@ -64,6 +67,7 @@ impl TcpProxy {
                     },
                     _ = sh.stop.cancelled() => return,
                 };
+                sh.accepted.fetch_add(1, Ordering::SeqCst);
                 if sh.refusing.load(Ordering::SeqCst) {
                     continue; // refused: dropped at once
                 }
@@ -119,6 +123,12 @@ impl TcpProxy {
     /// forwarding it: the client sees "connection reset" after sending its request.
     pub fn reset_next_request(&self) {
         self.shared.reset_next.store(true, Ordering::SeqCst);
+    }
+
+    /// TCP connections accepted so far (also those refused, black-holed or reset afterwards):
+    /// a client has reached the proxy.
+    pub fn accepted(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
     }
 
     /// Connections reset so far by `reset_next_request`.
