@@ -631,6 +631,7 @@ impl Settings {
             ("DEAD_LETTER_EXCHANGE", &self.topology.dead_letter_exchange),
             ("DEAD_LETTER_QUEUE", &self.topology.dead_letter_queue),
             ("BUNQ_USER_AGENT", &self.bunq.user_agent),
+            ("BUNQ_RATE_LIMIT_SCOPE", &self.bunq_rate_limit_scope),
         ] {
             if value.trim().is_empty() {
                 return err(format!("{name} must not be empty"));

@@ -47,6 +47,8 @@ pub struct Settler {
     pub hard_stop: CancellationToken,
     /// The fleet's shared state, with `REDIS_URL`: a confirmed session is recorded there.
     pub fleet: Option<crate::fleet::Fleet>,
+    /// Seals the bookkeeping headers of delayed and hand-back copies.
+    pub seal: std::sync::Arc<crate::broker::envelope::Seal>,
 }
 
 impl Settler {
@@ -155,7 +157,7 @@ impl Settler {
                         "",
                         &queue,
                         &inbound.body,
-                        inbound.delayed_properties(&d),
+                        inbound.delayed_properties(&d, &self.seal),
                         Patience::Budget,
                     )
                     .await;
@@ -189,7 +191,7 @@ impl Settler {
                         "",
                         &t.input_queue,
                         &inbound.body,
-                        inbound.returned_properties(returns),
+                        inbound.returned_properties(returns, &self.seal),
                         Patience::Budget,
                     )
                     .await;

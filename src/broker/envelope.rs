@@ -40,6 +40,91 @@ pub const RETURNS_HEADER: &str = "x-bunq-returns";
 /// (<https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling>).
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
+/// Header sealing the worker's bookkeeping headers: hex HMAC-SHA-256 (RFC 2104) of their values
+/// and the input's identity, keyed by a secret only the worker's installation holds.
+pub const SEAL_HEADER: &str = "x-bunq-seal";
+
+/// The key that seals the worker's own bookkeeping headers (`x-bunq-*`), so a producer cannot
+/// forge them: headers it sets are ignored, and a message whose seal does not verify counts as
+/// a fresh input. Replicas with the same API context share the key.
+pub struct Seal(aws_lc_rs::hmac::Key);
+
+impl std::fmt::Debug for Seal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Seal")
+    }
+}
+
+impl Seal {
+    /// A seal keyed by `secret` (at least 32 bytes of a secret the installation holds).
+    pub fn new(secret: &[u8]) -> Self {
+        Self(aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            secret,
+        ))
+    }
+
+    fn tag(&self, identity: &Key, h: &History, route: &Route) -> String {
+        hex::encode(aws_lc_rs::hmac::sign(
+            &self.0,
+            canonical(identity, h, route).as_bytes(),
+        ))
+    }
+
+    fn verifies(&self, identity: &Key, h: &History, route: &Route, tag: &str) -> bool {
+        hex::decode(tag.trim()).is_ok_and(|t| {
+            aws_lc_rs::hmac::verify(&self.0, canonical(identity, h, route).as_bytes(), &t).is_ok()
+        })
+    }
+}
+
+/// The sealed text: every bookkeeping value in a fixed order, separated by a byte no value holds.
+fn canonical(identity: &Key, h: &History, route: &Route) -> String {
+    let time = |t: Option<OffsetDateTime>| t.map(events::rfc3339).unwrap_or_default();
+    format!(
+        "{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}",
+        hex::encode(identity),
+        h.round,
+        h.calls_before,
+        time(h.first_attempt_at),
+        h.returns,
+        time(h.not_before),
+        route.exchange,
+        route.routing_key
+    )
+}
+
+/// Writes the worker's bookkeeping headers for a copy, sealed.
+fn write_bookkeeping(
+    headers: &mut FieldTable,
+    seal: &Seal,
+    identity: &Key,
+    h: &History,
+    route: &Route,
+) {
+    headers.insert(
+        DELAYED_RETRIES_HEADER.into(),
+        AMQPValue::LongLongInt(h.round.into()),
+    );
+    headers.insert(
+        CALLS_HEADER.into(),
+        AMQPValue::LongLongInt(h.calls_before.into()),
+    );
+    headers.insert(
+        RETURNS_HEADER.into(),
+        AMQPValue::LongLongInt(h.returns.into()),
+    );
+    if let Some(t) = h.first_attempt_at {
+        headers.insert(FIRST_ATTEMPT_HEADER.into(), long(&events::rfc3339(t)));
+    }
+    if let Some(t) = h.not_before {
+        headers.insert(NOT_BEFORE_HEADER.into(), long(&events::rfc3339(t)));
+    }
+    headers.insert(ORIGINAL_EXCHANGE_HEADER.into(), long(&route.exchange));
+    headers.insert(ORIGINAL_ROUTING_KEY_HEADER.into(), long(&route.routing_key));
+    headers.insert(SEAL_HEADER.into(), long(&seal.tag(identity, h, route)));
+}
+
 /// An AMQP long-string value (header or argument).
 pub fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
@@ -97,35 +182,55 @@ pub struct Inbound {
 impl Inbound {
     /// Reads `delivery` (taking its body) and decodes the body with the `max_bytes` limit
     /// (`MAX_MESSAGE_BYTES`).
-    pub fn read(delivery: &mut Delivery, max_bytes: usize) -> Self {
+    ///
+    /// The worker's bookkeeping headers count only when `seal` verifies them (they were written
+    /// by a replica of this installation); otherwise the input is fresh, whatever its producer
+    /// set. The broker's `x-delivery-count` counts only on a redelivery.
+    pub fn read(delivery: &mut Delivery, max_bytes: usize, seal: &Seal) -> Self {
         let body = std::mem::take(&mut delivery.data);
         let decoded = events::decode(&body, max_bytes);
         let identity = ledger::identity(&body, &decoded);
         let p = &delivery.properties;
-        let original_route = Route {
+        let own_route = Route {
+            exchange: delivery.exchange.to_string(),
+            routing_key: delivery.routing_key.to_string(),
+        };
+        let claimed_route = Route {
             exchange: str_header(p, ORIGINAL_EXCHANGE_HEADER)
-                .unwrap_or_else(|| delivery.exchange.to_string()),
+                .unwrap_or_else(|| own_route.exchange.clone()),
             routing_key: str_header(p, ORIGINAL_ROUTING_KEY_HEADER)
-                .unwrap_or_else(|| delivery.routing_key.to_string()),
+                .unwrap_or_else(|| own_route.routing_key.clone()),
+        };
+        let claimed = History {
+            round: int_header(p, DELAYED_RETRIES_HEADER).unwrap_or(0),
+            calls_before: int_header(p, CALLS_HEADER).unwrap_or(0),
+            first_attempt_at: str_header(p, FIRST_ATTEMPT_HEADER)
+                .as_deref()
+                .and_then(events::parse_time),
+            returns: int_header(p, RETURNS_HEADER).unwrap_or(0),
+            not_before: str_header(p, NOT_BEFORE_HEADER)
+                .as_deref()
+                .and_then(events::parse_time),
+        };
+        let sealed = str_header(p, SEAL_HEADER)
+            .is_some_and(|tag| seal.verifies(&identity, &claimed, &claimed_route, &tag));
+        let (history, original_route) = if sealed {
+            (claimed, claimed_route)
+        } else {
+            (History::default(), own_route)
         };
         Self {
             identity,
             decoded,
-            history: History {
-                round: int_header(p, DELAYED_RETRIES_HEADER).unwrap_or(0),
-                calls_before: int_header(p, CALLS_HEADER).unwrap_or(0),
-                first_attempt_at: str_header(p, FIRST_ATTEMPT_HEADER)
-                    .as_deref()
-                    .and_then(events::parse_time),
-                returns: int_header(p, RETURNS_HEADER).unwrap_or(0),
-                not_before: str_header(p, NOT_BEFORE_HEADER)
-                    .as_deref()
-                    .and_then(events::parse_time),
-            },
+            history,
             original_route,
             routing_key: delivery.routing_key.to_string(),
             redelivered: delivery.redelivered,
-            delivery_count: int_header(p, DELIVERY_COUNT_HEADER),
+            delivery_count: if delivery.redelivered {
+                int_header(p, DELIVERY_COUNT_HEADER)
+            } else {
+                None
+            },
             message_id: p
                 .message_id()
                 .as_ref()
@@ -193,58 +298,41 @@ impl Inbound {
         self.copy_properties(headers)
     }
 
-    /// The delayed-retry copy's properties: the input's plus the worker's bookkeeping headers
-    /// (round, calls, original route, first attempt time).
-    pub fn delayed_properties(&self, d: &Delayed) -> BasicProperties {
+    /// The delayed-retry copy's properties: the input's plus the worker's sealed bookkeeping
+    /// headers (round, calls, original route, first attempt time, the end of a 429 window).
+    pub fn delayed_properties(&self, d: &Delayed, seal: &Seal) -> BasicProperties {
         let mut headers = self.producer_headers();
-        headers.insert(
-            DELAYED_RETRIES_HEADER.into(),
-            AMQPValue::LongLongInt(d.retries.into()),
+        let history = History {
+            round: d.retries,
+            calls_before: d.calls,
+            first_attempt_at: Some(d.first_attempt_at),
+            returns: self.history.returns,
+            not_before: d.not_before,
+        };
+        write_bookkeeping(
+            &mut headers,
+            seal,
+            &self.identity,
+            &history,
+            &self.original_route,
         );
-        headers.insert(CALLS_HEADER.into(), AMQPValue::LongLongInt(d.calls.into()));
-        headers.insert(
-            ORIGINAL_EXCHANGE_HEADER.into(),
-            long(&self.original_route.exchange),
-        );
-        headers.insert(
-            ORIGINAL_ROUTING_KEY_HEADER.into(),
-            long(&self.original_route.routing_key),
-        );
-        headers.insert(
-            FIRST_ATTEMPT_HEADER.into(),
-            long(&events::rfc3339(d.first_attempt_at)),
-        );
-        if let Some(t) = d.not_before {
-            headers.insert(NOT_BEFORE_HEADER.into(), long(&events::rfc3339(t)));
-        }
         self.copy_properties(headers)
     }
 
-    /// A hand-back copy's properties: the input's, all its headers but the broker's redelivery
-    /// count and dead-lettering history, and `x-bunq-returns` = `returns`.
-    pub fn returned_properties(&self, returns: u32) -> BasicProperties {
-        let mut headers = FieldTable::default();
-        if let Some(h) = self.properties.headers() {
-            for (k, v) in h.inner() {
-                let k_str = k.as_str();
-                if k_str == DELIVERY_COUNT_HEADER || k_str == RETURNS_HEADER || is_death(k_str) {
-                    continue;
-                }
-                headers.insert(k.clone(), v.clone());
-            }
-        }
-        headers.insert(
-            RETURNS_HEADER.into(),
-            AMQPValue::LongLongInt(returns.into()),
-        );
-        // The copy arrives through the default exchange: keep where the producer sent it.
-        headers.insert(
-            ORIGINAL_EXCHANGE_HEADER.into(),
-            long(&self.original_route.exchange),
-        );
-        headers.insert(
-            ORIGINAL_ROUTING_KEY_HEADER.into(),
-            long(&self.original_route.routing_key),
+    /// A hand-back copy's properties: the input's, its sealed bookkeeping with `x-bunq-returns`
+    /// = `returns`, without the broker's redelivery count and dead-lettering history.
+    pub fn returned_properties(&self, returns: u32, seal: &Seal) -> BasicProperties {
+        let mut headers = self.producer_headers();
+        let history = History {
+            returns,
+            ..self.history.clone()
+        };
+        write_bookkeeping(
+            &mut headers,
+            seal,
+            &self.identity,
+            &history,
+            &self.original_route,
         );
         self.copy_properties(headers)
     }

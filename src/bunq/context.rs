@@ -179,6 +179,22 @@ impl ApiContext {
         })
     }
 
+    /// A 32-byte secret derived from the private key, for sealing the worker's own message
+    /// headers: every replica with this context has it, nobody without the key can compute it.
+    pub fn bookkeeping_key(&self) -> [u8; 32] {
+        let der = self
+            .key_pair
+            .as_der()
+            .map(|d| d.as_ref().to_vec())
+            .unwrap_or_default();
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(b"bunq-session-worker bookkeeping seal\0");
+        ctx.update(&der);
+        let mut k = [0u8; 32];
+        k.copy_from_slice(ctx.finish().as_ref());
+        k
+    }
+
     /// The bunq base URL (`BUNQ_API_URL`) this installation was made with, when known.
     pub fn api_url(&self) -> Option<&str> {
         self.api_url.as_deref()

@@ -183,7 +183,7 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Decoded, InputError> {
     };
     let root = Obj {
         map: root,
-        path: String::new(),
+        path: Vec::new(),
         dups: &dups,
     };
 
@@ -212,12 +212,12 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Decoded, InputError> {
     ))
 }
 
-/// An object of the input at `path` (empty at the root, else ending in `.`); reading a key
-/// that appears twice in it is an error.
+/// An object of the input at `path` (the keys from the root); reading a key that appears twice
+/// in it is an error.
 struct Obj<'a> {
     map: &'a Map<String, Value>,
-    path: String,
-    dups: &'a HashSet<String>,
+    path: Vec<String>,
+    dups: &'a HashSet<Vec<String>>,
 }
 
 impl<'a> Obj<'a> {
@@ -226,39 +226,44 @@ impl<'a> Obj<'a> {
     /// # Errors
     /// [`InputError::DuplicateKey`] when `key` appears more than once in this object.
     fn get(&self, key: &str) -> Result<Option<&'a Value>, InputError> {
-        let path = self.field(key);
-        if self.dups.contains(&path) {
-            return Err(InputError::DuplicateKey(path));
+        if self.dups.contains(&self.child_path(key)) {
+            return Err(InputError::DuplicateKey(self.field(key)));
         }
         Ok(self.map.get(key))
+    }
+
+    fn child_path(&self, key: &str) -> Vec<String> {
+        let mut p = self.path.clone();
+        p.push(key.to_owned());
+        p
     }
 
     /// `key`'s value as an object.
     fn child(&self, key: &str, v: &'a Value) -> Result<Obj<'a>, InputError> {
         Ok(Obj {
             map: as_object(v, &self.field(key))?,
-            path: format!("{}.", self.field(key)),
+            path: self.child_path(key),
             dups: self.dups,
         })
     }
 
     /// The dotted path of `key`, for messages.
     fn field(&self, key: &str) -> String {
-        format!("{}{key}", self.path)
+        self.child_path(key).join(".")
     }
 }
 
 /// serde_json's syntax messages quote no input, only positions; keep it that way.
 fn json_error(e: &serde_json::Error) -> String {
-    format!(
-        "{} at line {} column {}",
-        match e.classify() {
-            serde_json::error::Category::Eof => "unexpected end of input",
-            _ => "syntax error",
-        },
-        e.line(),
-        e.column()
-    )
+    let what = match e.classify() {
+        serde_json::error::Category::Eof => "unexpected end of input",
+        // serde_json stops at 128 levels of nesting rather than overflow its stack.
+        _ if e.to_string().starts_with("recursion limit exceeded") => {
+            "nested more than 128 levels deep"
+        }
+        _ => "syntax error",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
 }
 
 fn slim(root: &Obj<'_>) -> Result<Decoded, InputError> {
@@ -662,6 +667,19 @@ mod tests {
             assert!(text.contains(path), "{text}");
             assert!(!text.contains("AAAA") && !text.contains("BBBB"), "{text}");
         }
+    }
+
+    #[test]
+    fn a_dotted_key_is_not_a_path() {
+        let body = r#"{"PartnerUserProvision.id": 1, "PartnerUserProvision.id": 2,
+            "PartnerUserProvision": {"id": 40, "credential": {"token_value": "t"}}}"#;
+        assert!(matches!(
+            decode(body.as_bytes(), 4096),
+            Ok(Decoded::Ready(_))
+        ));
+        let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+        let e = err(deep.as_bytes());
+        assert!(e.to_string().contains("nested more than 128 levels"), "{e}");
     }
 
     #[test]

@@ -11,16 +11,17 @@ use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 /// Parses `text` like `serde_json::from_str::<Value>` (the last of duplicate keys wins) and
-/// returns the dotted paths of keys that appeared more than once in their object, e.g.
-/// `PartnerUserProvision.credential.token_value`; array elements add `[]` to the path.
+/// returns the paths of keys that appeared more than once in their object, as the keys from
+/// the root, e.g. `["PartnerUserProvision", "credential", "token_value"]` (a key may hold a dot,
+/// so the path is a list, not a dotted string); array elements add `[]`.
 ///
 /// # Errors
 /// serde_json's error for text that is not JSON (its messages quote no input).
-pub fn parse(text: &str) -> Result<(Value, HashSet<String>), serde_json::Error> {
+pub fn parse(text: &str) -> Result<(Value, HashSet<Vec<String>>), serde_json::Error> {
     let dups = RefCell::new(HashSet::new());
     let mut de = serde_json::Deserializer::from_str(text);
     let value = Node {
-        prefix: String::new(),
+        path: Vec::new(),
         dups: &dups,
     }
     .deserialize(&mut de)?;
@@ -28,10 +29,10 @@ pub fn parse(text: &str) -> Result<(Value, HashSet<String>), serde_json::Error> 
     Ok((value, dups.into_inner()))
 }
 
-/// A value being read at `prefix` (empty at the root, else ending in `.`).
+/// A value being read at `path` (the keys from the root).
 struct Node<'a> {
-    prefix: String,
-    dups: &'a RefCell<HashSet<String>>,
+    path: Vec<String>,
+    dups: &'a RefCell<HashSet<Vec<String>>>,
 }
 
 impl<'de> DeserializeSeed<'de> for Node<'_> {
@@ -79,9 +80,10 @@ impl<'de> Visitor<'de> for Node<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::new();
-        let prefix = format!("{}[].", self.prefix.trim_end_matches('.'));
+        let mut path = self.path.clone();
+        path.push("[]".to_owned());
         while let Some(v) = seq.next_element_seed(Node {
-            prefix: prefix.clone(),
+            path: path.clone(),
             dups: self.dups,
         })? {
             items.push(v);
@@ -92,9 +94,10 @@ impl<'de> Visitor<'de> for Node<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let path = format!("{}{key}", self.prefix);
+            let mut path = self.path.clone();
+            path.push(key.clone());
             let value = map.next_value_seed(Node {
-                prefix: format!("{path}."),
+                path: path.clone(),
                 dups: self.dups,
             })?;
             if out.insert(key, value).is_some() {
@@ -116,9 +119,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["a"], 2);
-        let mut dups: Vec<_> = dups.into_iter().collect();
+        let mut dups: Vec<String> = dups.into_iter().map(|p| p.join(".")).collect();
         dups.sort();
-        assert_eq!(dups, vec!["a", "b.c.d", "e[].f"]);
+        assert_eq!(dups, vec!["a", "b.c.d", "e.[].f"]);
         assert_eq!(v["g"], 1.5);
         assert!(parse("{} x").is_err(), "trailing input");
         let (_, none) = parse(r#"{"a": {"a": 1}}"#).unwrap();

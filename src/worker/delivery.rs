@@ -29,7 +29,11 @@ pub(super) async fn handle(
     mut delivery: Delivery,
     channel_live: CancellationToken,
 ) {
-    let inbound = Inbound::read(&mut delivery, shared.max_message_bytes);
+    let inbound = Inbound::read(
+        &mut delivery,
+        shared.max_message_bytes,
+        &shared.settler.seal,
+    );
     let span = info_span!(
         "delivery",
         delivery_tag = delivery.delivery_tag,

@@ -320,6 +320,9 @@ impl Worker {
             publish_budget: settings.retry.max_elapsed,
             hard_stop,
             fleet: fleet.clone(),
+            seal: Arc::new(crate::broker::envelope::Seal::new(
+                &flow.ctx.bookkeeping_key(),
+            )),
         };
         let mut worker = Self {
             consumer: Consumer {

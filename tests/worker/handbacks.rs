@@ -29,57 +29,99 @@ fn props(message_id: &str, extra: &[(&str, AMQPValue)]) -> BasicProperties {
         .with_headers(headers)
 }
 
-#[tokio::test]
-async fn an_input_handed_back_delivery_limit_times_is_dead_lettered_without_a_bunq_call() {
+/// A worker whose bunq answers 503 and whose retries wait a minute: a delivery spends its time
+/// waiting to retry, so stopping the worker hands it back.
+async fn waiting_app() -> TestApp {
     let mut app = TestApp::new().await;
-    assert_eq!(app.settings.topology.delivery_limit, 20, "the default");
-    app.mount_happy_path().await;
-    app.start_worker().await;
-    let event = slim(1, "tok-at-limit");
-    app.publish(
-        event.to_string().as_bytes(),
-        props("in-at-limit", &[("x-bunq-returns", AMQPValue::LongInt(20))]),
+    app.settings.bunq.register_device = false;
+    app.settings.retry.initial_delay = Duration::from_secs(60);
+    app.settings.retry.max_delay = Duration::from_secs(60);
+    app.settings.retry.max_attempts = 100;
+    app.settings.retry.max_elapsed = Duration::from_secs(600);
+    app.mount(
+        "session-server",
+        None,
+        app.answer(
+            503,
+            r#"{"Error":[{"error_description":"Service unavailable"}]}"#,
+        ),
+        None,
     )
     .await;
+    app
+}
+
+#[tokio::test]
+async fn an_input_handed_back_delivery_limit_times_is_dead_lettered_with_its_reason() {
+    let mut app = waiting_app().await;
+    app.settings.topology.delivery_limit = 2;
+    app.start_worker().await;
+    let event = slim(1, "tok-at-limit");
+    app.publish(event.to_string().as_bytes(), props("in-at-limit", &[]))
+        .await;
+    // Handed back once (counted), then taken up again and stopped again: the limit is reached
+    // and the worker dead-letters the input itself, with its reason.
+    app.wait_for_session_server_call().await;
+    app.stop_worker().await.unwrap();
+    app.start_worker().await;
+    eventually("the copy called bunq again", || async {
+        app.requests("session-server").await.len() >= 2
+    })
+    .await;
+    app.stop_worker().await.unwrap();
     let failed = app.next_output().await;
     assert_eq!(type_of(&failed), "session.failed");
     let b = body_json(&failed);
     assert_eq!(b["reason"], "redelivery_limit");
     assert_eq!(b["provision_id"], 1);
-    assert_eq!(b["http_status"], Value::Null);
-    assert_eq!(b["attempts"], 0);
     let dl = app.next_dead_letter().await;
     assert_eq!(
         header(&dl, "x-error-reason").as_deref(),
         Some("redelivery_limit")
     );
     let detail = header(&dl, "x-error-detail").unwrap();
-    assert!(detail.contains("DELIVERY_LIMIT 20"), "{detail}");
+    assert!(detail.contains("DELIVERY_LIMIT 2"), "{detail}");
     assert_eq!(dl.data, event.to_string().into_bytes(), "the body is kept");
     assert_eq!(header(&dl, "x-custom").as_deref(), Some("kept"));
-    assert_eq!(
-        header(&dl, "x-bunq-returns"),
-        None,
-        "the worker's bookkeeping is removed, so the dead letter can be replayed"
-    );
-    assert!(app.requests("session-server").await.is_empty());
-    assert!(app.requests("device-server").await.is_empty());
+    for h in ["x-bunq-returns", "x-bunq-seal"] {
+        assert_eq!(
+            header(&dl, h),
+            None,
+            "the worker's bookkeeping is removed, so the dead letter can be replayed"
+        );
+    }
+    assert_eq!(app.ready_count(&app.names.input_queue).await, 0);
+    app.cleanup().await;
+}
 
-    // One short of the limit is processed.
-    app.publish(
-        slim(2, "tok-below-limit").to_string().as_bytes(),
-        props(
-            "in-below-limit",
-            &[("x-bunq-returns", AMQPValue::LongInt(19))],
-        ),
-    )
-    .await;
+#[tokio::test]
+async fn bookkeeping_headers_a_producer_sets_are_ignored() {
+    let mut app = TestApp::new().await;
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    // Forged: a 429 window until 2098, the limit long passed, rounds and calls made up.
+    let forged = props(
+        "in-forged",
+        &[
+            ("x-bunq-not-before", text("2098-01-01T00:00:00Z")),
+            ("x-bunq-returns", AMQPValue::LongInt(100)),
+            ("x-delivery-count", AMQPValue::LongInt(100)),
+            ("x-bunq-delayed-retries", AMQPValue::LongInt(7)),
+            ("x-bunq-calls", AMQPValue::LongInt(4_000_000)),
+            ("x-bunq-seal", text("00ff")),
+        ],
+    );
+    app.publish(slim(1, "tok-forged").to_string().as_bytes(), forged)
+        .await;
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created", "{:?}", body_json(&out));
+    // Nothing was paused by it: the next credential goes to bunq too.
+    app.publish_json(&slim(2, "tok-after-forged")).await;
     let out = app.next_output().await;
     assert_eq!(type_of(&out), "session.created");
-    assert_eq!(body_json(&out)["provision_id"], 2);
     assert_eq!(
         secrets_sent(&app, "session-server").await,
-        ["tok-below-limit"]
+        ["tok-forged", "tok-after-forged"]
     );
     app.cleanup().await;
 }
@@ -99,23 +141,7 @@ async fn peek(app: &TestApp, queue: &str) -> Delivery {
 
 #[tokio::test]
 async fn an_input_waiting_to_retry_bunq_at_shutdown_is_handed_back_as_a_counted_copy() {
-    let mut app = TestApp::new().await;
-    app.settings.bunq.register_device = false;
-    // Long waits between attempts: the delivery spends its time waiting to retry.
-    app.settings.retry.initial_delay = Duration::from_secs(60);
-    app.settings.retry.max_delay = Duration::from_secs(60);
-    app.settings.retry.max_attempts = 100;
-    app.settings.retry.max_elapsed = Duration::from_secs(600);
-    app.mount(
-        "session-server",
-        None,
-        app.answer(
-            503,
-            r#"{"Error":[{"error_description":"Service unavailable"}]}"#,
-        ),
-        None,
-    )
-    .await;
+    let mut app = waiting_app().await;
     let outputs = tap_outputs(&mut app).await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;
@@ -134,6 +160,10 @@ async fn an_input_waiting_to_retry_bunq_at_shutdown_is_handed_back_as_a_counted_
     assert_eq!(app.ready_count(&q).await, 1, "one copy, nothing lost");
     let copy = peek(&app, &q).await;
     assert_eq!(header(&copy, "x-bunq-returns").as_deref(), Some("1"));
+    assert!(
+        header(&copy, "x-bunq-seal").is_some(),
+        "the worker's bookkeeping is sealed"
+    );
     assert!(!copy.redelivered, "a fresh copy, not a requeue");
     assert_eq!(copy.data, event.to_string().into_bytes());
     assert_eq!(
