@@ -9,7 +9,6 @@ use lapin::{
     options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString},
 };
-use serde_json::Value;
 
 use crate::{helpers::*, taps::*};
 
