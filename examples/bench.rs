@@ -7,8 +7,8 @@
 //! ```
 //! Per run: preloads EVENTS events and measures the worker draining them (throughput, CPU per
 //! 1,000 events from the worker process's own rusage, latency from publish to session.created),
-//! then publishes at a steady 100 events/s for STEADY_S s (latency), and reads the worker's idle
-//! and peak RSS. It also times the signing floor (two RSA-2048 signatures per event) with its
+//! then publishes at a steady 100 events/s for STEADY_S s (latency), and reads the worker's RSS
+//! idle (connected and subscribed, before any work) and at its peak. It also times the signing floor (two RSA-2048 signatures per event) with its
 //! own aws-lc-rs loop and prints CPU per event as a multiple of it. Medians over the runs, with
 //! the spread. Needs RabbitMQ at AMQP_URL (default localhost). A benchmark, not a test: it
 //! asserts nothing.
@@ -51,7 +51,11 @@ async fn emulator(listen: &str) -> std::process::ExitCode {
 }
 
 async fn worker() -> std::process::ExitCode {
-    let settings = bunq_session_worker::Settings::load().expect("settings from the environment");
+    // Settings from the environment only: this process's own arguments are the role.
+    use clap::Parser;
+    let settings = bunq_session_worker::Settings::try_parse_from(["bench-worker"])
+        .expect("settings from the environment");
+    settings.validate().expect("valid settings");
     bunq_session_worker::telemetry::init(settings.log_format, "warn");
     let worker = bunq_session_worker::Worker::build(settings)
         .await
@@ -245,6 +249,8 @@ async fn one_run(events: usize, steady_s: u64) -> Figures {
     let input_queue = format!("{}.provision-ready", names.prefix);
     let mut w = spawn_worker(&env);
     wait_for_queue(&conn, &input_queue).await;
+    // Idle: connected, subscribed, the API context loaded, nothing to do.
+    let idle_rss = mem_mib(w.id(), "VmRSS");
     stop(&mut w);
     let observer = format!("{}.observer", names.prefix);
     ch.queue_declare(
@@ -294,8 +300,6 @@ async fn one_run(events: usize, steady_s: u64) -> Figures {
     let mut backlog = collect(&mut consumer, &mut sent, events).await;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_s(pid) - cpu0;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_rss = mem_mib(pid, "VmRSS");
 
     // Steady: 100 events/s.
     let steady = (steady_s * 100) as usize;
