@@ -26,7 +26,26 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::WorkerStatus;
+/// What the probes and gauges read, taken at each request.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Whether the worker's loops run.
+    pub running: bool,
+    /// Deliveries being handled.
+    pub in_flight: usize,
+    /// Whether the broker connection is open.
+    pub connected: bool,
+    /// Whether the broker blocks publishing.
+    pub publishing_blocked: bool,
+    /// Why the worker is not ready to take work, if it is not.
+    pub not_ready: Option<String>,
+}
+
+/// Something the probes can look at: the worker's status (see `WorkerStatus`).
+pub trait Probe: Send + Sync + 'static {
+    /// The current state.
+    fn snapshot(&self) -> std::pin::Pin<Box<dyn Future<Output = Snapshot> + Send + '_>>;
+}
 
 /// Histogram buckets, s: from 5 ms (a fast bunq answer) to 5 min (a delivery paced for long).
 const BUCKETS_S: &[f64] = &[
@@ -67,8 +86,8 @@ pub struct ServeError {
 }
 
 #[derive(Clone)]
-struct Probe {
-    status: WorkerStatus,
+struct Served {
+    probe: std::sync::Arc<dyn Probe>,
     metrics: PrometheusHandle,
 }
 
@@ -79,7 +98,7 @@ struct Probe {
 /// [`ServeError`] when the address cannot be bound.
 pub async fn serve(
     addr: SocketAddr,
-    status: WorkerStatus,
+    probe: std::sync::Arc<dyn Probe>,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -88,15 +107,15 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|source| ServeError { addr, source })?;
-    let probe = Probe {
-        status,
+    let served = Served {
+        probe,
         metrics: recorder(),
     };
     let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(probe);
+        .with_state(served);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -109,28 +128,28 @@ pub async fn serve(
     Ok(bound)
 }
 
-async fn metrics(State(p): State<Probe>) -> impl IntoResponse {
-    metrics::gauge!("bunq_session_worker_in_flight").set(p.status.in_flight() as f64);
-    metrics::gauge!("bunq_session_worker_broker_connected")
-        .set(f64::from(u8::from(p.status.connected().await)));
+async fn metrics(State(p): State<Served>) -> impl IntoResponse {
+    let s = p.probe.snapshot().await;
+    metrics::gauge!("bunq_session_worker_in_flight").set(s.in_flight as f64);
+    metrics::gauge!("bunq_session_worker_broker_connected").set(f64::from(u8::from(s.connected)));
     metrics::gauge!("bunq_session_worker_publishing_blocked")
-        .set(f64::from(u8::from(p.status.publishing_blocked())));
+        .set(f64::from(u8::from(s.publishing_blocked)));
     (
         [("content-type", "text/plain; version=0.0.4")],
         p.metrics.render(),
     )
 }
 
-async fn healthz(State(p): State<Probe>) -> impl IntoResponse {
-    if p.status.running() {
+async fn healthz(State(p): State<Served>) -> impl IntoResponse {
+    if p.probe.snapshot().await.running {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "stopped\n")
     }
 }
 
-async fn readyz(State(p): State<Probe>) -> impl IntoResponse {
-    let reason = not_ready(&p.status).await;
+async fn readyz(State(p): State<Served>) -> impl IntoResponse {
+    let reason = p.probe.snapshot().await.not_ready;
     let body = serde_json::json!({"ready": reason.is_none(), "reason": reason});
     let status = if reason.is_none() {
         StatusCode::OK
@@ -142,30 +161,4 @@ async fn readyz(State(p): State<Probe>) -> impl IntoResponse {
         [("content-type", "application/json")],
         body.to_string(),
     )
-}
-
-/// Why the worker is not ready to take work, if it is not.
-pub async fn not_ready(s: &WorkerStatus) -> Option<String> {
-    if !s.running() {
-        return Some("the worker is not running".into());
-    }
-    if !s.connected().await {
-        return Some("not connected to the broker".into());
-    }
-    if let Some(open) = s.breaker_open() {
-        return Some(format!(
-            "paused by the breaker: bunq refuses the worker's set-up ({})",
-            open.reason
-        ));
-    }
-    if !s.consuming() {
-        return Some("not consuming the input queue".into());
-    }
-    if s.publishing_blocked() {
-        return Some("the broker blocks publishing (memory or disk alarm)".into());
-    }
-    if !s.shared_state_reachable().await {
-        return Some("Redis (REDIS_URL) is unreachable".into());
-    }
-    None
 }

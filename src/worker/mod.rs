@@ -228,6 +228,51 @@ impl WorkerStatus {
     }
 }
 
+impl WorkerStatus {
+    /// Why the worker is not ready to take work, if it is not: not running, not connected,
+    /// paused by the breaker, not consuming, blocked by flow control, or Redis unreachable.
+    pub async fn not_ready(&self) -> Option<String> {
+        if !self.running() {
+            return Some("the worker is not running".into());
+        }
+        if !self.connected().await {
+            return Some("not connected to the broker".into());
+        }
+        if let Some(open) = self.breaker_open() {
+            return Some(format!(
+                "paused by the breaker: bunq refuses the worker's set-up ({})",
+                open.reason
+            ));
+        }
+        if !self.consuming() {
+            return Some("not consuming the input queue".into());
+        }
+        if self.publishing_blocked() {
+            return Some("the broker blocks publishing (memory or disk alarm)".into());
+        }
+        if !self.shared_state_reachable().await {
+            return Some("Redis (REDIS_URL) is unreachable".into());
+        }
+        None
+    }
+}
+
+impl crate::observe::Probe for WorkerStatus {
+    fn snapshot(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = crate::observe::Snapshot> + Send + '_>> {
+        Box::pin(async move {
+            crate::observe::Snapshot {
+                running: self.running(),
+                in_flight: self.in_flight(),
+                connected: self.connected().await,
+                publishing_blocked: self.publishing_blocked(),
+                not_ready: self.not_ready().await,
+            }
+        })
+    }
+}
+
 impl Worker {
     /// Connects to the broker, declares the topology and loads (or creates) the API context
     /// (see [`bootstrap::load_context`]).
@@ -350,7 +395,8 @@ impl Worker {
         };
         if let Some(addr) = settings.metrics_addr.0 {
             let stop = CancellationToken::new();
-            let bound = crate::observe::serve(addr, worker.status(), stop.clone()).await?;
+            let probe: Arc<dyn crate::observe::Probe> = Arc::new(worker.status());
+            let bound = crate::observe::serve(addr, probe, stop.clone()).await?;
             *worker
                 .shared
                 .gauges
