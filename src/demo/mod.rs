@@ -107,28 +107,9 @@ fn configure(s: &mut Settings, run: &str, bunq_url: &str, dir: &std::path::Path)
 
 async fn run_with(settings: &Settings, run: &str) -> Result<bool, DemoError> {
     let worker = Worker::build(settings.clone()).await?;
-    let conn = Connection::connect(
-        settings.broker.amqp_url.expose_secret(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .map_err(broker)?;
-    let channel = conn.create_channel().await.map_err(broker)?;
-    let t = &settings.topology;
     let observer = format!("demo-{run}.observer");
-    channel
-        .queue_declare(
-            observer.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker)?;
-    bind_observer(&channel, &observer, settings).await?;
+    let (conn, channel) = open_observer(settings, &observer).await?;
+    let t = &settings.topology;
     let mut handled = worker.handled();
     let stop_worker = CancellationToken::new();
     let worker_task = tokio::spawn(worker.run_until_stopped(stop_worker.clone()));
@@ -225,6 +206,37 @@ async fn run_with(settings: &Settings, run: &str) -> Result<bool, DemoError> {
     Ok(all_ok)
 }
 
+/// Connects and declares `queue`, the run's own observer (exclusive, gone when unused), bound
+/// as [`bind_observer`] says.
+async fn open_observer(
+    settings: &Settings,
+    queue: &str,
+) -> Result<(Connection, Channel), DemoError> {
+    let conn = Connection::connect(
+        settings.broker.amqp_url.expose_secret(),
+        ConnectionProperties::default(),
+    )
+    .await
+    .map_err(broker)?;
+    let channel = conn.create_channel().await.map_err(broker)?;
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map_err(broker)?;
+    bind_observer(&channel, queue, settings).await?;
+    Ok((conn, channel))
+}
+
 /// Binds the observer queue to the output exchange (`session.#`) and to the dead-letter exchange
 /// (`#`), so the dead-letter queue itself is left as it is.
 async fn bind_observer(channel: &Channel, queue: &str, s: &Settings) -> Result<(), DemoError> {
@@ -275,30 +287,9 @@ async fn remove_topology(channel: &Channel, s: &Settings) {
 /// [`DemoError::Broker`] when the broker cannot be used.
 pub async fn publish_samples(settings: &Settings) -> Result<bool, DemoError> {
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let conn = Connection::connect(
-        settings.broker.amqp_url.expose_secret(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .map_err(broker)?;
-    let channel = conn.create_channel().await.map_err(broker)?;
-    let t = &settings.topology;
     let observer = format!("samples-{run}.observer");
-    let mut args = FieldTable::default();
-    args.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    channel
-        .queue_declare(
-            observer.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .map_err(broker)?;
-    bind_observer(&channel, &observer, settings).await?;
+    let (conn, channel) = open_observer(settings, &observer).await?;
+    let t = &settings.topology;
     let samples = samples::samples();
     let publisher = conn.create_channel().await.map_err(broker)?;
     samples::publish(
