@@ -232,7 +232,7 @@ impl Budget {
 
     /// A 429 (see [`Pacer::rate_limited`]), for the whole scope when the budget is shared.
     pub async fn rate_limited(&self, window: Option<Duration>, rate: Option<RateLimit>) {
-        let until = self.local.rate_limited(window, rate);
+        self.local.rate_limited(window, rate);
         if let Some(fleet) = &self.shared {
             let window = window.unwrap_or(self.local.default_window);
             let learned = with_margin(rate.map_or(window, |r| r.interval()));
@@ -240,7 +240,6 @@ impl Budget {
             let jitter = crate::retry::RetryPolicy::full_jitter(interval.min(window));
             let _ = fleet.rate_limited(window, jitter, learned).await;
         }
-        let _ = until;
     }
 
     /// Pauses every later call for `d` at least.

@@ -94,7 +94,7 @@ async fn decide(
 /// returns and the broker's redeliveries together) without an outcome: a dead letter with
 /// `redelivery_limit`, and `session.failed` when it names a provision.
 pub fn redelivery_limit(inbound: &Inbound, limit: u32) -> Outcome {
-    let times = inbound.history.returns + inbound.delivery_count.unwrap_or(0);
+    let times = inbound.handed_back();
     let detail = format!(
         "handed back {times} times (DELIVERY_LIMIT {limit}: shutdowns, lost connections or consumer timeouts) without an outcome; {} bunq calls were made",
         inbound.history.calls_before

@@ -70,6 +70,17 @@ impl RetryPolicy {
         min_delay: Duration::from_millis(50),
     };
 
+    /// Waiting for the fleet's shared state (Redis): 0.5 s, doubling, at most 5 s, full jitter
+    /// but at least 100 ms; no limit (callers stop at the time a delivery may be held).
+    pub const SHARED_STATE: RetryPolicy = RetryPolicy {
+        initial_delay: Duration::from_millis(500),
+        max_delay: Duration::from_secs(5),
+        max_attempts: u32::MAX,
+        max_elapsed: None,
+        jitter: true,
+        min_delay: Duration::from_millis(100),
+    };
+
     /// [`Self::PUBLISH`], giving up after `max_elapsed`.
     pub fn publish_within(max_elapsed: Duration) -> RetryPolicy {
         RetryPolicy {

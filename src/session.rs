@@ -68,16 +68,6 @@ pub enum FlowError {
     SharedStateUnavailable,
 }
 
-/// Waiting for the fleet's shared state: 0.5 s, doubling, at most 5 s.
-const SHARED_STATE_RETRY: RetryPolicy = RetryPolicy {
-    initial_delay: Duration::from_millis(500),
-    max_delay: Duration::from_secs(5),
-    max_attempts: u32::MAX,
-    max_elapsed: None,
-    jitter: true,
-    min_delay: Duration::from_millis(100),
-};
-
 /// A permanent failure with what `session.failed` reports.
 #[derive(Debug)]
 pub struct FlowFailure {
@@ -190,7 +180,7 @@ impl<'a> Calls<'a> {
             Some((e, _)) => self.hold_until.min(e),
             None => self.hold_until,
         };
-        let mut unavailable = Retry::new(SHARED_STATE_RETRY, self.cancel);
+        let mut unavailable = Retry::new(RetryPolicy::SHARED_STATE, self.cancel);
         loop {
             let now = Instant::now();
             let slot = if now >= deadline {

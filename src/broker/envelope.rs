@@ -241,6 +241,14 @@ impl Inbound {
         }
     }
 
+    /// Times this input was handed back without an outcome: the worker's own hand-backs and
+    /// the broker's redeliveries together (what `DELIVERY_LIMIT` bounds).
+    pub fn handed_back(&self) -> u32 {
+        self.history
+            .returns
+            .saturating_add(self.delivery_count.unwrap_or(0))
+    }
+
     /// Properties of an output event (`session.created` / `session.failed`): persistent, JSON,
     /// `type` = `event_type`, a deterministic `message_id` ([`ledger::output_message_id`]), the
     /// input's `correlation_id` (else its `message_id`, else the provision id), the time in s,

@@ -19,16 +19,6 @@ use crate::{
 /// How often a held claim is looked at again while another replica works on it.
 const HELD_POLL: Duration = Duration::from_millis(500);
 
-/// Waiting for Redis: 0.5 s, doubling, at most 5 s.
-const UNAVAILABLE_RETRY: RetryPolicy = RetryPolicy {
-    initial_delay: Duration::from_millis(500),
-    max_delay: Duration::from_secs(5),
-    max_attempts: u32::MAX,
-    max_elapsed: None,
-    jitter: true,
-    min_delay: Duration::from_millis(100),
-};
-
 /// What the claim allows.
 pub(super) enum Claimed {
     /// Go ahead; the lease (if any) is renewed until it is dropped or released.
@@ -94,7 +84,7 @@ pub(super) async fn claim(shared: &Shared, inbound: &Inbound, live: &Cancellatio
     let hold_until = Instant::now()
         .checked_add(shared.flow.max_hold)
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
-    let mut unavailable = Retry::new(UNAVAILABLE_RETRY, live);
+    let mut unavailable = Retry::new(RetryPolicy::SHARED_STATE, live);
     let mut told = false;
     loop {
         let wait = match fleet.claim(&inbound.identity).await {

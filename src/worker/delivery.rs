@@ -114,8 +114,7 @@ pub(super) async fn handle(
 /// [`process::process`], with the breaker told what bunq said.
 async fn decide(shared: &Shared, inbound: &Inbound, channel_live: &CancellationToken) -> Outcome {
     let limit = shared.settler.topology.delivery_limit;
-    let handed_back = inbound.history.returns + inbound.delivery_count.unwrap_or(0);
-    if handed_back >= limit {
+    if inbound.handed_back() >= limit {
         return process::redelivery_limit(inbound, limit);
     }
     let breaker = &shared.breaker;
@@ -186,7 +185,7 @@ fn abandoned(shared: &Shared, inbound: &Inbound) -> Outcome {
         return Outcome::Abandoned;
     }
     let limit = shared.settler.topology.delivery_limit;
-    if inbound.history.returns + inbound.delivery_count.unwrap_or(0) + 1 >= limit {
+    if inbound.handed_back().saturating_add(1) >= limit {
         return process::redelivery_limit(inbound, limit);
     }
     Outcome::Returned { counted: true }
