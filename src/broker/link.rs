@@ -65,6 +65,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for closing a channel or the connection: a hung broker must not hold a stop.
 pub const CHANNEL_OP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The AMQP frame size the worker asks for, in bytes, unless `AMQP_URL` sets `frame_max`
+/// (AMQP 0-9-1 §4.2.3; the broker's `frame_max` wins when it is lower). lapin keeps a read and a
+/// write buffer of 32 frames each, so RabbitMQ's default of 128 KiB would hold 8 MiB for events
+/// of about 1 KiB; at 16 KiB the buffers take 1 MiB and an input of `MAX_MESSAGE_BYTES` is
+/// carried in several body frames.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
 /// The worker's connection to the broker, shared by the consumer loop and the publisher.
 pub struct Link {
     uri: AMQPUri,
@@ -86,7 +93,8 @@ impl std::fmt::Debug for Link {
 impl Link {
     /// Prepares a link to `url` with connection name `name` (shown by `rabbitmqctl
     /// list_connections client_properties` and the management UI) and the heartbeat timeout
-    /// `heartbeat_s` unless the URL sets one.
+    /// `heartbeat_s` unless the URL sets one, asking for frames of [`FRAME_MAX`] bytes unless it
+    /// sets `frame_max`.
     ///
     /// # Errors
     /// [`ConnectError::BadUrl`] when `url` does not parse (start-up validation normally catches
@@ -96,6 +104,9 @@ impl Link {
         let mut uri: AMQPUri = url.parse().map_err(ConnectError::BadUrl)?;
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(heartbeat_s);
+        }
+        if uri.query.frame_max.is_none() {
+            uri.query.frame_max = Some(FRAME_MAX);
         }
         Ok(Self {
             uri,

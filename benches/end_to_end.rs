@@ -1,17 +1,19 @@
-//! End-to-end benchmark: the worker against the real broker and the bunq emulator answering at
-//! once, both in processes of their own, full protocol (device-server and session-server, both
-//! signed).
+//! End-to-end benchmark: the worker binary against the real broker and the bunq emulator
+//! answering at once, each in a process of its own, full protocol (device-server and
+//! session-server, both signed, answers verified).
 //!
 //! ```text
-//! cargo run --release --example bench -- [EVENTS (3000)] [RUNS (3)] [STEADY_S (10)]
+//! cargo bench --bench end_to_end -- [EVENTS (3000)] [RUNS (3)] [STEADY_S (10)]
 //! ```
 //! Per run: preloads EVENTS events and measures the worker draining them (throughput, CPU per
 //! 1,000 events from the worker process's own rusage, latency from publish to session.created),
 //! then publishes at a steady 100 events/s for STEADY_S s (latency), and reads the worker's RSS
-//! idle (connected and subscribed, before any work) and at its peak. It also times the signing floor (two RSA-2048 signatures per event) with its
-//! own aws-lc-rs loop and prints CPU per event as a multiple of it. Medians over the runs, with
-//! the spread. Needs RabbitMQ at AMQP_URL (default localhost). A benchmark, not a test: it
-//! asserts nothing.
+//! idle (connected and subscribed, before any work) and at its peak. It also times the signing
+//! floor (two RSA-2048 signatures per event) with its own aws-lc-rs loop and prints CPU per
+//! event as a multiple of it. Medians over the runs, with the spread. The worker runs as
+//! deployed (`deploy/kubernetes`): `bunq-session-worker run`, JSON log lines at `info` (to
+//! /dev/null), metrics served. Needs RabbitMQ at AMQP_URL (default localhost). A benchmark, not
+//! a test: it asserts nothing.
 
 use std::{
     collections::HashMap,
@@ -26,50 +28,17 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
+/// The binary under test, built by `cargo bench` with the profile the release uses.
+const WORKER: &str = env!("CARGO_BIN_EXE_bunq-session-worker");
+
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`; the rest are ours.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    match args.get(1).map(String::as_str) {
-        // The roles this program plays in its child processes.
-        Some("--role-emulator") => rt.block_on(emulator(&args[2])),
-        Some("--role-worker") => rt.block_on(worker()),
-        _ => rt.block_on(bench(&args[1..])),
-    }
-}
-
-async fn emulator(listen: &str) -> std::process::ExitCode {
-    let stop = tokio_util::sync::CancellationToken::new();
-    let settings = bunq_session_worker::emulator::EmulatorSettings {
-        listen: listen.parse().expect("a listen address"),
-        session_rate_limit: None,
-    };
-    let running = bunq_session_worker::emulator::start(&settings, stop)
-        .await
-        .expect("the emulator starts");
-    let _ = running.wait().await;
-    std::process::ExitCode::SUCCESS
-}
-
-async fn worker() -> std::process::ExitCode {
-    // Settings from the environment only: this process's own arguments are the role.
-    use clap::Parser;
-    let settings = bunq_session_worker::Settings::try_parse_from(["bench-worker"])
-        .expect("settings from the environment");
-    settings.validate().expect("valid settings");
-    bunq_session_worker::telemetry::init(settings.log_format, "warn");
-    let worker = bunq_session_worker::Worker::build(settings)
-        .await
-        .expect("the worker starts");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let signal = stop.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-        term.recv().await;
-        signal.cancel();
-    });
-    let _ = worker.run_until_stopped(stop).await;
-    std::process::ExitCode::SUCCESS
+    rt.block_on(bench(&args))
 }
 
 /// One run's figures.
@@ -168,8 +137,10 @@ impl Names {
 }
 
 fn spawn_worker(env: &[(String, String)]) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .arg("--role-worker")
+    Command::new(WORKER)
+        .arg("run")
+        // The binary's default filter, `info`.
+        .env_remove("RUST_LOG")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())
         .spawn()
@@ -213,8 +184,9 @@ async fn one_run(events: usize, steady_s: u64) -> Figures {
         .local_addr()
         .unwrap()
         .port();
-    let mut emulator = Command::new(std::env::current_exe().unwrap())
-        .args(["--role-emulator", &format!("127.0.0.1:{port}")])
+    let mut emulator = Command::new(WORKER)
+        .args(["emulator", "--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -233,10 +205,11 @@ async fn one_run(events: usize, steady_s: u64) -> Figures {
                 dir.join("ctx.json").display().to_string(),
             ),
             ("PREFETCH", "64".into()),
-            ("METRICS_ADDR", "off".into()),
+            // As deployed (deploy/kubernetes): metrics served, JSON log lines at `info`.
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
+            ("LOG_FORMAT", "json".into()),
             ("DELAYED_RETRY_DELAYS_S", "off".into()),
             ("QUEUE_TYPE", "quorum".into()),
-            ("RUST_LOG", "warn".into()),
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
