@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::{
     bunq::{
@@ -295,8 +295,9 @@ impl<'a> Calls<'a> {
             }
             let latency_ms = t0.elapsed().as_millis() as u64;
             let err = match result {
+                // At DEBUG: a delivery's one INFO line is `delivery handled`; failures are WARN.
                 Ok(answer) => {
-                    info!(
+                    debug!(
                         endpoint,
                         attempt,
                         latency_ms,

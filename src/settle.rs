@@ -12,7 +12,7 @@ use lapin::{
     options::{BasicAckOptions, BasicNackOptions},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     broker::{PublishError, Publisher, Topology, envelope::Inbound},
@@ -96,11 +96,13 @@ impl Settler {
                     );
                     return "unfinished";
                 }
-                info!(
-                    session_id = event.session_id,
-                    user_id = event.user_id,
-                    "session.created confirmed"
-                );
+                // On the delivery's span, so its one INFO line (`delivery handled`) names them.
+                let span = tracing::Span::current();
+                span.record("session_id", event.session_id);
+                if let Some(user_id) = event.user_id {
+                    span.record("user_id", user_id);
+                }
+                debug!("session.created confirmed");
                 // Remembered before the ack: AMQP does not confirm acks, so even a sent ack may
                 // be lost with the connection and the input come back, to any replica.
                 self.known.remember(key, Known::Settled);

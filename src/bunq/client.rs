@@ -48,9 +48,34 @@ pub struct Answer<T> {
 #[derive(Clone, Debug)]
 pub struct BunqClient {
     http: reqwest::Client,
-    base: Url,
+    /// The three endpoints' URLs, joined to the base once.
+    urls: Urls,
     user_agent: String,
     verify_responses: bool,
+}
+
+/// `POST` targets under the base URL.
+#[derive(Clone, Debug)]
+struct Urls {
+    installation: Url,
+    device_server: Url,
+    session_server: Url,
+}
+
+impl Urls {
+    fn under(base: &Url) -> Self {
+        let join = |path: &str| {
+            let mut url = base.clone();
+            let joined = format!("{}/{}", url.path().trim_end_matches('/'), path);
+            url.set_path(&joined);
+            url
+        };
+        Self {
+            installation: join("installation"),
+            device_server: join("device-server"),
+            session_server: join("session-server"),
+        }
+    }
 }
 
 impl BunqClient {
@@ -72,7 +97,7 @@ impl BunqClient {
             .build()?;
         Ok(Self {
             http,
-            base,
+            urls: Urls::under(&base),
             user_agent,
             verify_responses,
         })
@@ -91,17 +116,10 @@ impl BunqClient {
             .expect("a TLS client");
         Self {
             http,
-            base,
+            urls: Urls::under(&base),
             user_agent: "tls-test".into(),
             verify_responses: true,
         }
-    }
-
-    fn url(&self, path: &str) -> Url {
-        let mut url = self.base.clone();
-        let joined = format!("{}/{}", url.path().trim_end_matches('/'), path);
-        url.set_path(&joined);
-        url
     }
 
     /// `POST /installation` with `client_public_key` (PEM): the only unsigned call.
@@ -117,7 +135,7 @@ impl BunqClient {
         let body = serde_json::to_vec(&json!({ "client_public_key": client_public_key_pem }))
             .expect("a JSON object of strings always serialises");
         let (status, headers, bytes) = self
-            .post(INSTALLATION, "installation", None, body, &[])
+            .post(INSTALLATION, &self.urls.installation, None, body, &[])
             .await?;
         let response_id = response_id(&headers);
         let unexpected = |d: &str| CallError {
@@ -164,7 +182,13 @@ impl BunqClient {
         }))
         .expect("a JSON object of strings always serialises");
         let (_, headers, _) = self
-            .post(DEVICE_SERVER, "device-server", Some(ctx), body, &[secret])
+            .post(
+                DEVICE_SERVER,
+                &self.urls.device_server,
+                Some(ctx),
+                body,
+                &[secret],
+            )
             .await?;
         Ok(Answer {
             value: (),
@@ -185,7 +209,13 @@ impl BunqClient {
         let body = serde_json::to_vec(&json!({ "secret": secret.expose_secret() }))
             .expect("a JSON object of strings always serialises");
         let (status, headers, bytes) = self
-            .post(SESSION_SERVER, "session-server", Some(ctx), body, &[secret])
+            .post(
+                SESSION_SERVER,
+                &self.urls.session_server,
+                Some(ctx),
+                body,
+                &[secret],
+            )
             .await?;
         let response_id = response_id(&headers);
         let value = parse_session_server(&bytes).map_err(|d| CallError {
@@ -206,7 +236,7 @@ impl BunqClient {
             (true, Some(ctx)) => headers
                 .get("X-Bunq-Server-Signature")
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|sig| signing::verify(ctx.server_public_key_der(), bytes, sig)),
+                .is_some_and(|sig| signing::verify(ctx.server_public_key(), bytes, sig)),
             _ => serde_json::from_slice::<serde_json::Value>(bytes).is_ok(),
         }
     }
@@ -215,7 +245,7 @@ impl BunqClient {
     async fn post(
         &self,
         endpoint: &'static str,
-        path: &str,
+        url: &Url,
         ctx: Option<&ApiContext>,
         body: Vec<u8>,
         secrets: &[&SecretString],
@@ -230,7 +260,7 @@ impl BunqClient {
         };
         let mut req = self
             .http
-            .post(self.url(path))
+            .post(url.clone())
             .header("User-Agent", &self.user_agent)
             .header("Cache-Control", "no-cache")
             .header("Content-Type", "application/json")
@@ -260,7 +290,7 @@ impl BunqClient {
             ..fail(RetryClass::Transient, None, transport_error(&e), None)
         })?;
         let status = resp.status();
-        let headers = resp.headers().clone();
+        let headers = std::mem::take(resp.headers_mut());
         let rid = response_id(&headers);
         let mut bytes = Vec::new();
         loop {
@@ -305,7 +335,7 @@ impl BunqClient {
                 let valid = headers
                     .get("X-Bunq-Server-Signature")
                     .and_then(|v| v.to_str().ok())
-                    .is_some_and(|sig| signing::verify(ctx.server_public_key_der(), &bytes, sig));
+                    .is_some_and(|sig| signing::verify(ctx.server_public_key(), &bytes, sig));
                 if !valid {
                     return Err(fail(
                         RetryClass::Permanent(FailureReason::ResponseSignatureInvalid),

@@ -46,7 +46,7 @@ pub struct ApiContext {
     public_key_pem: String,
     public_key_sha256: String,
     installation_token: SecretString,
-    server_public_key_der: Vec<u8>,
+    server_public_key: aws_lc_rs::signature::ParsedPublicKey,
     api_url: Option<String>,
 }
 
@@ -143,15 +143,12 @@ impl ApiContext {
         let server_public_key_der =
             parse_pem("PUBLIC KEY", "server public key", server_public_key_pem)?;
         // Reject a key aws-lc cannot use now rather than on every response.
-        aws_lc_rs::signature::ParsedPublicKey::new(
-            &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
-            &server_public_key_der,
-        )
-        .map_err(|_| {
-            ContextError::Key(
-                "server public key is not an RSA public key of 2048 to 8192 bits".into(),
-            )
-        })?;
+        let server_public_key =
+            super::signing::public_key(&server_public_key_der).map_err(|_| {
+                ContextError::Key(
+                    "server public key is not an RSA public key of 2048 to 8192 bits".into(),
+                )
+            })?;
         // Secret files often end in a newline; a token is never meant to hold whitespace.
         let installation_token = SecretString::from(installation_token.expose_secret().trim());
         if installation_token.expose_secret().is_empty() {
@@ -174,7 +171,7 @@ impl ApiContext {
             key_pair,
             public_key_sha256,
             installation_token,
-            server_public_key_der,
+            server_public_key,
             api_url: None,
         })
     }
@@ -288,7 +285,7 @@ impl ApiContext {
             installation_token: self.installation_token.expose_secret().to_owned(),
             server_public_key: pem::encode(&pem::Pem::new(
                 "PUBLIC KEY",
-                self.server_public_key_der.clone(),
+                self.server_public_key_der().to_vec(),
             )),
             api_url: self.api_url.clone(),
         };
@@ -344,7 +341,12 @@ impl ApiContext {
 
     /// bunq's server public key, DER SubjectPublicKeyInfo.
     pub fn server_public_key_der(&self) -> &[u8] {
-        &self.server_public_key_der
+        self.server_public_key.as_ref()
+    }
+
+    /// bunq's server public key, parsed for [`super::signing::verify`].
+    pub fn server_public_key(&self) -> &aws_lc_rs::signature::ParsedPublicKey {
+        &self.server_public_key
     }
 }
 

@@ -22,20 +22,28 @@ pub fn sign(key: &KeyPair, body: &[u8]) -> Result<String, aws_lc_rs::error::Unsp
     Ok(STANDARD.encode(sig))
 }
 
-/// Checks an `X-Bunq-Server-Signature` value against `body` with the server public key
-/// (DER SubjectPublicKeyInfo or PKCS#1).
+/// Parses a public key for [`verify`] (DER SubjectPublicKeyInfo or PKCS#1, RSA of 2048 to
+/// 8192 bits). Parsed once per key: parsing and its Montgomery set-up were a tenth of each
+/// verification.
+///
+/// # Errors
+/// When `der` is not such a key.
+pub fn public_key(der: &[u8]) -> Result<signature::ParsedPublicKey, aws_lc_rs::error::KeyRejected> {
+    signature::ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
+}
+
+/// Checks an `X-Bunq-Server-Signature` value against `body` with the server public key.
 ///
 /// Returns `false` for a signature that is not base64, has the wrong length or does not verify.
-pub fn verify(server_public_key_der: &[u8], body: &[u8], signature_b64: &str) -> bool {
+pub fn verify(
+    server_public_key: &signature::ParsedPublicKey,
+    body: &[u8],
+    signature_b64: &str,
+) -> bool {
     let Ok(sig) = STANDARD.decode(signature_b64.trim()) else {
         return false;
     };
-    signature::UnparsedPublicKey::new(
-        &signature::RSA_PKCS1_2048_8192_SHA256,
-        server_public_key_der,
-    )
-    .verify(body, &sig)
-    .is_ok()
+    server_public_key.verify_sig(body, &sig).is_ok()
 }
 
 #[cfg(test)]
@@ -48,11 +56,11 @@ mod tests {
     #[test]
     fn sign_then_verify_round_trips_and_rejects_other_bytes() {
         let key = KeyPair::generate(KeySize::Rsa2048).unwrap();
-        let spki = key.public_key().as_der().unwrap();
+        let spki = public_key(key.public_key().as_der().unwrap().as_ref()).unwrap();
         let sig = sign(&key, b"{\"secret\":\"x\"}").unwrap();
-        assert!(verify(spki.as_ref(), b"{\"secret\":\"x\"}", &sig));
-        assert!(!verify(spki.as_ref(), b"{\"secret\": \"x\"}", &sig));
-        assert!(!verify(spki.as_ref(), b"{\"secret\":\"x\"}", "not base64!"));
-        assert!(!verify(spki.as_ref(), b"{\"secret\":\"x\"}", ""));
+        assert!(verify(&spki, b"{\"secret\":\"x\"}", &sig));
+        assert!(!verify(&spki, b"{\"secret\": \"x\"}", &sig));
+        assert!(!verify(&spki, b"{\"secret\":\"x\"}", "not base64!"));
+        assert!(!verify(&spki, b"{\"secret\":\"x\"}", ""));
     }
 }

@@ -39,7 +39,7 @@ pub struct Emulator {
     server_public_key_pem: String,
     next_id: AtomicU64,
     /// Installation token → the client's public key (DER).
-    installations: Mutex<HashMap<String, Vec<u8>>>,
+    installations: Mutex<HashMap<String, aws_lc_rs::signature::ParsedPublicKey>>,
     /// Credentials that opened a session (one-time use).
     spent: Mutex<HashSet<String>>,
     /// Credentials whose injected one-off fault already happened.
@@ -138,8 +138,10 @@ impl Emulator {
             .ok()
             .filter(|p| p.tag() == "PUBLIC KEY")
             .ok_or_else(|| bad_request("client_public_key is not a PEM public key"))?;
+        let key = signing::public_key(key.contents())
+            .map_err(|_| bad_request("client_public_key is not an RSA key of 2048 to 8192 bits"))?;
         let token = random_hex();
-        lock(&self.installations).insert(token.clone(), key.contents().to_vec());
+        lock(&self.installations).insert(token.clone(), key);
         let now = bunq_time(OffsetDateTime::now_utc());
         Ok(json!({"Response": [
             {"Id": {"id": self.id()}},

@@ -40,6 +40,8 @@ pub(super) async fn handle(
         message_id = tracing::field::Empty,
         redelivered = inbound.redelivered,
         provision_id = tracing::field::Empty,
+        session_id = tracing::field::Empty,
+        user_id = tracing::field::Empty,
     );
     // No empty fields in the logs: a message without a message_id has none.
     if !inbound.message_id.is_empty() {
