@@ -209,3 +209,28 @@ impl Link {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_keeps_its_own_heartbeat_and_frame_max_and_gets_ours_otherwise() {
+        let plain = Link::new(
+            &SecretString::from("amqp://guest:guest@localhost:5672/%2f"),
+            "t".into(),
+            30,
+        )
+        .unwrap();
+        assert_eq!(plain.uri.query.heartbeat, Some(30));
+        assert_eq!(plain.uri.query.frame_max, Some(FRAME_MAX));
+        let own = Link::new(
+            &SecretString::from("amqp://localhost/%2f?heartbeat=5&frame_max=131072"),
+            "t".into(),
+            30,
+        )
+        .unwrap();
+        assert_eq!(own.uri.query.heartbeat, Some(5));
+        assert_eq!(own.uri.query.frame_max, Some(131_072));
+    }
+}

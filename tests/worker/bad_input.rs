@@ -148,3 +148,32 @@ async fn each_kind_of_bad_input_is_dead_lettered_with_its_reason() {
     );
     app.cleanup().await;
 }
+
+/// The worker asks for 16 KiB AMQP frames (`FRAME_MAX`): an input of several frames is read
+/// whole, and a dead letter of several frames is published whole.
+#[tokio::test]
+async fn inputs_and_dead_letters_larger_than_one_frame_arrive_whole() {
+    let mut app = TestApp::new().await;
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    let pad = "x".repeat(3 * bunq_session_worker::broker::link::FRAME_MAX as usize);
+
+    let mut ready = slim(41, "token-of-a-large-input");
+    ready["pad"] = json!(pad);
+    app.publish_json(&ready).await;
+    assert_eq!(
+        body_json(&app.next_output().await)["provision_id"],
+        json!(41)
+    );
+
+    // Not an event: its dead letter carries the body, byte for byte.
+    let body = format!(r#"{{"hello": "{pad}"}}"#).into_bytes();
+    app.publish(&body, BasicProperties::default()).await;
+    let d = app.next_dead_letter().await;
+    assert_eq!(
+        header(&d, "x-error-reason").as_deref(),
+        Some("invalid_event")
+    );
+    assert_eq!(d.data, body);
+    app.cleanup().await;
+}
