@@ -14,6 +14,9 @@
 //! deployed (`deploy/kubernetes`): `bunq-session-worker run`, JSON log lines at `info` (to
 //! /dev/null), metrics served. Needs RabbitMQ at AMQP_URL (default localhost). A benchmark, not
 //! a test: it asserts nothing.
+//!
+//! With `BENCH_PERF_DATA=FILE` it also records the worker's drain with `perf record` into FILE;
+//! `benches/profile_report.py FILE` then prints where the CPU went, by component.
 
 use std::{
     collections::HashMap,
@@ -276,6 +279,7 @@ async fn one_run(events: usize, steady_s: u64) -> Figures {
     let (mut backlog, first) = collect(&mut consumer, &mut sent, events, pid).await;
     let elapsed = first.at.elapsed().as_secs_f64();
     let cpu = cpu_s(pid) - first.cpu_s;
+    stop_profiler(first.profiler);
     let drained = backlog.len().saturating_sub(1).max(1);
 
     // Steady: 100 events/s.
@@ -413,6 +417,35 @@ async fn publish(ch: &Channel, exchange: &str, id: &str, sent: &mut HashMap<Stri
 struct First {
     at: Instant,
     cpu_s: f64,
+    /// `perf record` of the worker from then on, when `BENCH_PERF_DATA` names its output file.
+    profiler: Option<Child>,
+}
+
+/// Starts `perf record` on `pid` (CPU clock at 999 Hz, DWARF call graphs) writing to the file
+/// `BENCH_PERF_DATA` names, if it is set. Its sampling costs the worker CPU of its own: a
+/// profiled run shows where the time goes, not the table's figures.
+fn profile(pid: u32) -> Option<Child> {
+    let out = std::env::var("BENCH_PERF_DATA").ok()?;
+    let pid = pid.to_string();
+    let args = ["record", "-q", "-F", "999", "-e", "cpu-clock"];
+    let more = ["--call-graph", "dwarf,16384", "-p", &pid, "-o", &out];
+    Command::new("perf")
+        .args(args)
+        .args(more)
+        .stdout(Stdio::null())
+        .spawn()
+        .inspect_err(|e| eprintln!("bench: cannot run perf (Debian: linux-perf): {e}"))
+        .ok()
+}
+
+/// Stops a `perf record` so that it writes its file.
+fn stop_profiler(perf: Option<Child>) {
+    if let Some(mut perf) = perf {
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
 }
 
 /// Receives `n` events; latencies from publish, ms, and when the first came back.
@@ -433,6 +466,7 @@ async fn collect(
         first.get_or_insert_with(|| First {
             at: Instant::now(),
             cpu_s: cpu_s(worker_pid),
+            profiler: profile(worker_pid),
         });
         if let Some(s) = d
             .properties
@@ -446,6 +480,7 @@ async fn collect(
     let first = first.unwrap_or(First {
         at: Instant::now(),
         cpu_s: cpu_s(worker_pid),
+        profiler: None,
     });
     (latencies, first)
 }

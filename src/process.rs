@@ -63,18 +63,11 @@ async fn decide(
             }));
         }
         Ok(Decoded::NotReady(n)) => {
-            if let Some(id) = &n.provision_id {
-                tracing::Span::current().record("provision_id", events::log_safe(&id.to_string()));
-            }
             info!(why = %n.why, "provision not ready; skipping");
             return Outcome::Skipped(n.clone());
         }
         Ok(Decoded::Ready(r)) => r,
     };
-    tracing::Span::current().record(
-        "provision_id",
-        events::log_safe(&ready.provision_id.to_string()),
-    );
     match flow.open(ready, inbound.history.not_before, shutdown).await {
         Ok(opened) => Outcome::Created(Box::new(created_event(ready, opened, flow))),
         Err(FlowError::Cancelled) => Outcome::Abandoned,

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     breaker::{Admission, Fault, fault_of},
     broker::Inbound,
-    events::Decoded,
+    events::{self, Decoded},
     ledger::{self, Known},
     outcome::Outcome,
     process,
@@ -34,19 +34,24 @@ pub(super) async fn handle(
         shared.max_message_bytes,
         &shared.settler.seal,
     );
+    let provision_id = match &inbound.decoded {
+        Ok(Decoded::Ready(r)) => Some(&r.provision_id),
+        Ok(Decoded::NotReady(n)) => n.provision_id.as_ref(),
+        Err(_) => None,
+    }
+    .map(|id| events::log_safe(&id.to_string()));
+    // Every field known now is set now: recording one later costs a re-serialisation of the
+    // span's fields in JSON logs. A field that is `None` or never recorded is left out.
     let span = info_span!(
         "delivery",
         delivery_tag = delivery.delivery_tag,
-        message_id = tracing::field::Empty,
+        message_id =
+            (!inbound.message_id.is_empty()).then(|| events::log_safe(&inbound.message_id)),
         redelivered = inbound.redelivered,
-        provision_id = tracing::field::Empty,
+        provision_id,
         session_id = tracing::field::Empty,
         user_id = tracing::field::Empty,
     );
-    // No empty fields in the logs: a message without a message_id has none.
-    if !inbound.message_id.is_empty() {
-        span.record("message_id", inbound.message_id.as_str());
-    }
     async move {
         let started = Instant::now();
         let _counted = InFlightCount::new(&shared.gauges.in_flight);
