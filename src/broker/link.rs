@@ -66,11 +66,15 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CHANNEL_OP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The AMQP frame size the worker asks for, in bytes, unless `AMQP_URL` sets `frame_max`
-/// (AMQP 0-9-1 §4.2.3; the broker's `frame_max` wins when it is lower). lapin keeps a read and a
-/// write buffer of 32 frames each, so RabbitMQ's default of 128 KiB would hold 8 MiB for events
-/// of about 1 KiB; at 16 KiB the buffers take 1 MiB and an input of `MAX_MESSAGE_BYTES` is
-/// carried in several body frames.
-pub const FRAME_MAX: u32 = 16 * 1024;
+/// (AMQP 0-9-1 §4.2.3; the broker's `frame_max` wins when it is lower): RabbitMQ's default.
+///
+/// Not smaller: a message's properties (its headers) travel in one frame that cannot be split,
+/// so a producer's headers of more than the worker's frame size would break the worker's
+/// connection on every delivery of that message. Asked for, not left to the broker: lapin then
+/// allocates its read and write buffers (32 frames each, 8 MiB) at this size from the start,
+/// and untouched pages of them cost no memory; left to the broker, lapin grows them after the
+/// handshake by filling them, and a worker holds 8 MiB more from its first second.
+pub const FRAME_MAX: u32 = 128 * 1024;
 
 /// The worker's connection to the broker, shared by the consumer loop and the publisher.
 pub struct Link {

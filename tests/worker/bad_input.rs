@@ -149,31 +149,47 @@ async fn each_kind_of_bad_input_is_dead_lettered_with_its_reason() {
     app.cleanup().await;
 }
 
-/// The worker asks for 16 KiB AMQP frames (`FRAME_MAX`): an input of several frames is read
-/// whole, and a dead letter of several frames is published whole.
+/// Bodies of several frames are read and published whole, and headers almost as large as a
+/// frame (`FRAME_MAX`, RabbitMQ's default, the most a producer can send) reach the worker and
+/// stay on its dead letter.
 #[tokio::test]
-async fn inputs_and_dead_letters_larger_than_one_frame_arrive_whole() {
+async fn inputs_and_dead_letters_of_several_frames_or_large_headers_arrive_whole() {
+    use bunq_session_worker::broker::link::FRAME_MAX;
+    // What a producer can put in headers on RabbitMQ's default 128 KiB frames, with room left.
+    const HEADER_BYTES: usize = 120 * 1024;
     let mut app = TestApp::new().await;
+    app.settings.max_message_bytes = 3 * FRAME_MAX as usize;
     app.mount_happy_path().await;
     app.start_worker().await;
-    let pad = "x".repeat(3 * bunq_session_worker::broker::link::FRAME_MAX as usize);
+    let pad = "x".repeat(2 * FRAME_MAX as usize);
+    let mut big_headers = FieldTable::default();
+    big_headers.insert(
+        "x-producer-context".into(),
+        AMQPValue::LongString(LongString::from("y".repeat(HEADER_BYTES))),
+    );
+    let props = || BasicProperties::default().with_headers(big_headers.clone());
 
     let mut ready = slim(41, "token-of-a-large-input");
     ready["pad"] = json!(pad);
-    app.publish_json(&ready).await;
+    app.publish(ready.to_string().as_bytes(), props()).await;
     assert_eq!(
         body_json(&app.next_output().await)["provision_id"],
         json!(41)
     );
 
-    // Not an event: its dead letter carries the body, byte for byte.
+    // Not an event: its dead letter carries the body and the headers, byte for byte.
     let body = format!(r#"{{"hello": "{pad}"}}"#).into_bytes();
-    app.publish(&body, BasicProperties::default()).await;
+    app.publish(&body, props()).await;
     let d = app.next_dead_letter().await;
     assert_eq!(
         header(&d, "x-error-reason").as_deref(),
         Some("invalid_event")
     );
     assert_eq!(d.data, body);
+    assert_eq!(
+        header(&d, "x-producer-context").map(|h| h.len()),
+        Some(HEADER_BYTES)
+    );
+    assert!(app.worker_is_running());
     app.cleanup().await;
 }

@@ -120,8 +120,14 @@ async fn refused_installation(burst: bool) {
     // bunq accepts the worker again: the next trial closes the breaker and all 10 go through.
     bunq_accepts_again(&app).await;
     let mut created = BTreeSet::new();
+    // The next trial may be up to the breaker's longest back-off away: on a slow machine the
+    // trials failed meanwhile have doubled it past WAIT.
+    let within = bunq_session_worker::breaker::MAX_BACKOFF + WAIT;
     while created.len() < N as usize {
-        let out = app.next_output().await;
+        let out = app
+            .next_output_within(within)
+            .await
+            .expect("a session.created once bunq accepts again");
         assert_eq!(type_of(&out), "session.created", "{}", body_json(&out));
         created.insert(body_json(&out)["provision_id"].as_i64().unwrap());
     }
@@ -265,8 +271,14 @@ async fn inputs_survive_a_connection_loss_while_the_breaker_is_open() {
     eventually("the worker is back", || async { status.connected().await }).await;
     bunq_accepts_again(&app).await;
     let mut created = BTreeSet::new();
+    // The next trial may be up to the breaker's longest back-off away: on a slow machine the
+    // trials failed meanwhile have doubled it past WAIT.
+    let within = bunq_session_worker::breaker::MAX_BACKOFF + WAIT;
     while created.len() < N as usize {
-        let out = app.next_output().await;
+        let out = app
+            .next_output_within(within)
+            .await
+            .expect("a session.created once bunq accepts again");
         assert_eq!(type_of(&out), "session.created", "{}", body_json(&out));
         created.insert(body_json(&out)["provision_id"].as_i64().unwrap());
     }

@@ -219,6 +219,13 @@ async fn a_deleted_output_exchange_is_declared_again_and_nothing_is_lost() {
 async fn a_subscription_that_keeps_failing_stops_the_worker() {
     let mut app = TestApp::new().await;
     app.start_worker().await;
+    // Only once the worker has declared its topology and subscribed: its first declaration
+    // would otherwise put the topic exchange back between the deletion and the replacement.
+    let q = app.names.input_queue.clone();
+    eventually("the worker consumes", || async {
+        app.consumer_count(&q).await == 1
+    })
+    .await;
     // Someone replaces the input exchange with a direct one, then deletes the input queue:
     // every re-subscription now fails on the exchange's type.
     let ch = &app.channel;
