@@ -45,8 +45,8 @@ pub(super) async fn handle(
     let span = info_span!(
         "delivery",
         delivery_tag = delivery.delivery_tag,
-        message_id =
-            (!inbound.message_id.is_empty()).then(|| events::log_safe(&inbound.message_id)),
+        // Already shortened and escaped by `Inbound::read`.
+        message_id = (!inbound.message_id.is_empty()).then_some(inbound.message_id.as_str()),
         redelivered = inbound.redelivered,
         provision_id,
         session_id = tracing::field::Empty,
