@@ -111,7 +111,7 @@ impl Settler {
             }
             Outcome::Skipped(_) => "skipped",
             Outcome::Failed(failure) => {
-                let props = inbound.dead_letter_properties(&failure);
+                let props = inbound.dead_letter_properties(&failure, self.publisher.frame_max());
                 let kept = self
                     .publish(
                         &t.dead_letter_exchange,
@@ -159,7 +159,7 @@ impl Settler {
                         "",
                         &queue,
                         &inbound.body,
-                        inbound.delayed_properties(&d, &self.seal),
+                        inbound.delayed_properties(&d, &self.seal, self.publisher.frame_max()),
                         Patience::Budget,
                     )
                     .await;
@@ -193,7 +193,11 @@ impl Settler {
                         "",
                         &t.input_queue,
                         &inbound.body,
-                        inbound.returned_properties(returns, &self.seal),
+                        inbound.returned_properties(
+                            returns,
+                            &self.seal,
+                            self.publisher.frame_max(),
+                        ),
                         Patience::Budget,
                     )
                     .await;

@@ -283,8 +283,8 @@ impl Inbound {
     /// The dead-letter copy's properties: the input's plus `x-error-reason`, `x-error-detail`,
     /// `x-attempts`, `x-original-exchange`, `x-original-routing-key` and `x-failed-at`
     /// (RFC 3339).
-    pub fn dead_letter_properties(&self, failure: &Failure) -> BasicProperties {
-        let mut headers = self.producer_headers();
+    pub fn dead_letter_properties(&self, failure: &Failure, frame_max: u32) -> BasicProperties {
+        let mut headers = FieldTable::default();
         headers.insert("x-error-reason".into(), long(failure.reason.as_str()));
         headers.insert("x-error-detail".into(), long(&failure.detail));
         headers.insert(
@@ -303,13 +303,13 @@ impl Inbound {
             "x-failed-at".into(),
             long(&events::rfc3339(OffsetDateTime::now_utc())),
         );
-        self.copy_properties(headers)
+        self.copy_properties(headers, frame_max)
     }
 
     /// The delayed-retry copy's properties: the input's plus the worker's sealed bookkeeping
     /// headers (round, calls, original route, first attempt time, the end of a 429 window).
-    pub fn delayed_properties(&self, d: &Delayed, seal: &Seal) -> BasicProperties {
-        let mut headers = self.producer_headers();
+    pub fn delayed_properties(&self, d: &Delayed, seal: &Seal, frame_max: u32) -> BasicProperties {
+        let mut headers = FieldTable::default();
         let history = History {
             round: d.retries,
             calls_before: d.calls,
@@ -324,13 +324,18 @@ impl Inbound {
             &history,
             &self.original_route,
         );
-        self.copy_properties(headers)
+        self.copy_properties(headers, frame_max)
     }
 
     /// A hand-back copy's properties: the input's, its sealed bookkeeping with `x-bunq-returns`
     /// = `returns`, without the broker's redelivery count and dead-lettering history.
-    pub fn returned_properties(&self, returns: u32, seal: &Seal) -> BasicProperties {
-        let mut headers = self.producer_headers();
+    pub fn returned_properties(
+        &self,
+        returns: u32,
+        seal: &Seal,
+        frame_max: u32,
+    ) -> BasicProperties {
+        let mut headers = FieldTable::default();
         let history = History {
             returns,
             ..self.history.clone()
@@ -342,17 +347,43 @@ impl Inbound {
             &history,
             &self.original_route,
         );
-        self.copy_properties(headers)
+        self.copy_properties(headers, frame_max)
     }
 
     /// Properties for a copy of the input that the worker publishes itself (dead letter, delayed
-    /// retry): the input's, with `headers` set, minus what would make the copy vanish or be
-    /// refused. RabbitMQ's own dead-lettering drops `expiration` likewise
-    /// (<https://www.rabbitmq.com/docs/dlx>); a `user_id` that is not the worker's own login
-    /// makes the broker refuse the publish
+    /// retry, hand-back): the input's, its producer's headers with the worker's `own` added,
+    /// minus what would make the copy vanish or be refused. RabbitMQ's own dead-lettering drops
+    /// `expiration` likewise (<https://www.rabbitmq.com/docs/dlx>); a `user_id` that is not the
+    /// worker's own login makes the broker refuse the publish
     /// (<https://www.rabbitmq.com/docs/validated-user-id>), so it is kept as the header
     /// `x-original-user-id`.
-    fn copy_properties(&self, mut headers: FieldTable) -> BasicProperties {
+    ///
+    /// Properties travel in one frame of at most `frame_max` bytes (AMQP 0-9-1 §4.2.6.1), and a
+    /// larger one makes the broker close the connection: were the producer's headers too large
+    /// to fit beside the worker's, every try would fail the same way. They are then left out,
+    /// and `x-producer-headers-dropped` says how large they were.
+    fn copy_properties(&self, own: FieldTable, frame_max: u32) -> BasicProperties {
+        let whole = self.copy_with(self.producer_headers(), &own);
+        let size = properties_size(&whole);
+        if frame_max == 0 || size.is_some_and(|s| s + HEADER_FRAME_OVERHEAD <= frame_max as usize) {
+            return whole;
+        }
+        let mut note = FieldTable::default();
+        note.insert(
+            PRODUCER_HEADERS_DROPPED_HEADER.into(),
+            long(&format!(
+                "the input's headers were left out: with them this copy's properties take {} bytes, more than one AMQP frame ({frame_max} bytes) holds",
+                size.map_or_else(|| "too many".to_owned(), |s| s.to_string())
+            )),
+        );
+        self.copy_with(note, &own)
+    }
+
+    fn copy_with(&self, base: FieldTable, own: &FieldTable) -> BasicProperties {
+        let mut headers = base;
+        for (k, v) in own.inner() {
+            headers.insert(k.clone(), v.clone());
+        }
         let input = &self.properties;
         if let Some(user) = input.user_id() {
             headers.insert("x-original-user-id".into(), long(user.as_str()));
@@ -390,6 +421,24 @@ impl Inbound {
         }
         out
     }
+}
+
+/// Says a copy's producer headers were left out, and why.
+pub const PRODUCER_HEADERS_DROPPED_HEADER: &str = "x-producer-headers-dropped";
+
+/// A content header frame's bytes besides the properties: the frame's type, channel and size
+/// (7) and end (1), the class id, weight and body size (12) (AMQP 0-9-1 §4.2.3, §4.2.6.1).
+const HEADER_FRAME_OVERHEAD: usize = 20;
+
+/// Encoded size of `props` in a content header frame, bytes, by lapin's own encoder; `None` when
+/// it cannot be encoded.
+fn properties_size(props: &BasicProperties) -> Option<usize> {
+    cookie_factory::r#gen(
+        lapin::protocol::basic::gen_properties(props),
+        Vec::with_capacity(256),
+    )
+    .ok()
+    .map(|(_, written)| written as usize)
 }
 
 /// The broker's dead-lettering history headers.

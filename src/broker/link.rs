@@ -11,7 +11,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::Duration,
 };
@@ -83,6 +83,8 @@ pub struct Link {
     name: String,
     current: Mutex<Option<Arc<Connection>>>,
     blocked: Arc<AtomicBool>,
+    /// The frame size of the last connection, bytes (what was asked for until one is made).
+    frame_max: AtomicU32,
 }
 
 impl std::fmt::Debug for Link {
@@ -109,16 +111,21 @@ impl Link {
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(heartbeat_s);
         }
-        if uri.query.frame_max.is_none() {
-            uri.query.frame_max = Some(FRAME_MAX);
-        }
+        let frame_max = *uri.query.frame_max.get_or_insert(FRAME_MAX);
         Ok(Self {
             uri,
             redacted_url: redact_url_password(url),
             name,
             current: Mutex::new(None),
             blocked: Arc::new(AtomicBool::new(false)),
+            frame_max: AtomicU32::new(frame_max),
         })
+    }
+
+    /// The frame size negotiated with the broker on the last connection, bytes (AMQP 0-9-1
+    /// §4.2.3): a message's properties must fit in one frame. 0 means no limit.
+    pub fn frame_max(&self) -> u32 {
+        self.frame_max.load(Ordering::Relaxed)
     }
 
     /// The connection name.
@@ -162,6 +169,8 @@ impl Link {
             Err(_) => return Err(ConnectError::Timeout(CONNECT_TIMEOUT.as_secs())),
         };
         self.blocked.store(false, Ordering::Relaxed);
+        self.frame_max
+            .store(conn.configuration().frame_max(), Ordering::Relaxed);
         let blocked = self.blocked.clone();
         let mut events = conn.events_listener();
         tokio::spawn(async move {

@@ -161,6 +161,11 @@ impl Publisher {
         Ok(())
     }
 
+    /// The broker connection's frame size, bytes ([`Link::frame_max`]).
+    pub fn frame_max(&self) -> u32 {
+        self.link.frame_max()
+    }
+
     /// Declares `topology` again on a channel of its own (after an exchange went missing).
     ///
     /// # Errors

@@ -193,3 +193,45 @@ async fn inputs_and_dead_letters_of_several_frames_or_large_headers_arrive_whole
     assert!(app.worker_is_running());
     app.cleanup().await;
 }
+
+/// Headers that reach the worker but leave no room for its own in one frame: the dead letter
+/// goes out without them, saying so, instead of the broker closing the connection on every try.
+#[tokio::test]
+async fn a_copy_whose_headers_would_not_fit_in_a_frame_goes_out_without_the_producers() {
+    use bunq_session_worker::broker::{envelope::PRODUCER_HEADERS_DROPPED_HEADER, link::FRAME_MAX};
+    let mut app = TestApp::new().await;
+    app.mount_happy_path().await;
+    app.start_worker().await;
+    // The input's properties fit in a frame; with the worker's dead-letter headers they would not.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-producer-context".into(),
+        AMQPValue::LongString(LongString::from("y".repeat(FRAME_MAX as usize - 200))),
+    );
+    let props = BasicProperties::default()
+        .with_message_id("msg-crowded".into())
+        .with_headers(headers);
+    app.publish(b"not json", props).await;
+    let d = app.next_dead_letter().await;
+    assert_eq!(
+        header(&d, "x-error-reason").as_deref(),
+        Some("malformed_json")
+    );
+    assert_eq!(header(&d, "x-producer-context"), None);
+    let note = header(&d, PRODUCER_HEADERS_DROPPED_HEADER).unwrap();
+    assert!(note.contains(&format!("({FRAME_MAX} bytes)")), "{note}");
+    assert_eq!(d.data, b"not json");
+    assert_eq!(
+        d.properties.message_id().as_ref().map(|m| m.as_str()),
+        Some("msg-crowded")
+    );
+    // The connection held: the worker goes on.
+    app.publish_json(&slim(42, "token-after-crowded-headers"))
+        .await;
+    assert_eq!(
+        body_json(&app.next_output().await)["provision_id"],
+        json!(42)
+    );
+    assert!(app.worker_is_running());
+    app.cleanup().await;
+}
