@@ -6,9 +6,10 @@
 //! cargo bench --bench end_to_end -- [EVENTS (3000)] [RUNS (3)] [STEADY_S (10)]
 //! ```
 //! Per run: preloads EVENTS events and measures the worker draining them (throughput, CPU per
-//! 1,000 events from the worker process's own rusage, latency from publish to session.created),
-//! then publishes at a steady 100 events/s for STEADY_S s (latency), and reads the worker's RSS
-//! idle (connected and subscribed, before any work) and at its peak. It also times the signing
+//! 1,000 events from the worker process's own CPU time, utime + stime in `/proc/<pid>/stat`;
+//! latency from publish to session.created), then publishes at a steady 100 events/s for
+//! STEADY_S s (latency), and reads the worker's RSS idle (after a restart that loads the saved
+//! context, subscribed, before any work) and at its peak. It also times the signing
 //! floor (two RSA-2048 signatures per event) with its own aws-lc-rs loop and prints CPU per
 //! event as a multiple of it. Medians over the runs, with the spread. The worker runs as
 //! deployed (`deploy/kubernetes`): `bunq-session-worker run`, JSON log lines at `info` (to
