@@ -252,7 +252,8 @@ impl Inbound {
     /// Properties of an output event (`session.created` / `session.failed`): persistent, JSON,
     /// `type` = `event_type`, a deterministic `message_id` ([`ledger::output_message_id`]), the
     /// input's `correlation_id` (else its `message_id`, else the provision id), the time in s,
-    /// [`APP_ID`], and the input's W3C `traceparent` header when it had one.
+    /// [`APP_ID`], and the input's W3C `traceparent` header when it had one (a string of at most
+    /// [`TRACEPARENT_MAX_BYTES`]).
     pub fn output_properties(&self, event_type: &str, provision_id: &str) -> BasicProperties {
         let input = &self.properties;
         let correlation_id = input
@@ -268,13 +269,13 @@ impl Inbound {
             .with_correlation_id(correlation_id)
             .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64)
             .with_app_id(APP_ID.into());
-        if let Some(tp) = input
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("traceparent"))
+        // Only what can be a W3C trace context: an arbitrary value from the producer could
+        // make the event's properties too large for a frame.
+        if let Some(tp) =
+            str_header(input, "traceparent").filter(|tp| tp.len() <= TRACEPARENT_MAX_BYTES)
         {
             let mut headers = FieldTable::default();
-            headers.insert("traceparent".into(), tp.clone());
+            headers.insert("traceparent".into(), long(&tp));
             props = props.with_headers(headers);
         }
         props
@@ -365,14 +366,16 @@ impl Inbound {
     fn copy_properties(&self, own: FieldTable, frame_max: u32) -> BasicProperties {
         let whole = self.copy_with(self.producer_headers(), &own);
         let size = properties_size(&whole);
-        if frame_max == 0 || size.is_some_and(|s| s + HEADER_FRAME_OVERHEAD <= frame_max as usize) {
+        let room =
+            (frame_max as usize).saturating_sub(HEADER_FRAME_OVERHEAD + BROKER_HEADERS_RESERVE);
+        if frame_max == 0 || size.is_some_and(|s| s <= room) {
             return whole;
         }
         let mut note = FieldTable::default();
         note.insert(
             PRODUCER_HEADERS_DROPPED_HEADER.into(),
             long(&format!(
-                "the input's headers were left out: with them this copy's properties take {} bytes, more than one AMQP frame ({frame_max} bytes) holds",
+                "the input's headers were left out: with them this copy's properties take {} bytes, more than the {room} bytes one AMQP frame of {frame_max} bytes holds with room for the headers the broker adds (x-death, x-delivery-count)",
                 size.map_or_else(|| "too many".to_owned(), |s| s.to_string())
             )),
         );
@@ -429,6 +432,17 @@ pub const PRODUCER_HEADERS_DROPPED_HEADER: &str = "x-producer-headers-dropped";
 /// A content header frame's bytes besides the properties: the frame's type, channel and size
 /// (7) and end (1), the class id, weight and body size (12) (AMQP 0-9-1 §4.2.3, §4.2.6.1).
 const HEADER_FRAME_OVERHEAD: usize = 20;
+
+/// Room kept in a copy's frame for the headers the broker adds to it later, bytes: a delay
+/// queue's dead-lettering writes `x-death` (a table per queue and reason, names of up to 255
+/// bytes) and six `x-first-death-*` / `x-last-death-*` headers, a quorum queue's redelivery
+/// `x-delivery-count`; about 2.5 KiB at most. A copy that fits only without them would come back
+/// too large for the worker's own frames.
+const BROKER_HEADERS_RESERVE: usize = 4096;
+
+/// Longest `traceparent` carried onto an output event, bytes; a W3C version-00 value is 55
+/// (<https://www.w3.org/TR/trace-context/#traceparent-header>).
+pub const TRACEPARENT_MAX_BYTES: usize = 512;
 
 /// Encoded size of `props` in a content header frame, bytes, by lapin's own encoder; `None` when
 /// it cannot be encoded.

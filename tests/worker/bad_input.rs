@@ -219,7 +219,11 @@ async fn a_copy_whose_headers_would_not_fit_in_a_frame_goes_out_without_the_prod
     );
     assert_eq!(header(&d, "x-producer-context"), None);
     let note = header(&d, PRODUCER_HEADERS_DROPPED_HEADER).unwrap();
-    assert!(note.contains(&format!("({FRAME_MAX} bytes)")), "{note}");
+    assert!(
+        note.contains(&format!("frame of {FRAME_MAX} bytes")),
+        "{note}"
+    );
+    assert!(note.contains("x-death"), "{note}");
     assert_eq!(d.data, b"not json");
     assert_eq!(
         d.properties.message_id().as_ref().map(|m| m.as_str()),

@@ -9,6 +9,7 @@ mod delivery;
 mod demo;
 mod field_faults;
 mod fleet;
+mod frames;
 mod handbacks;
 mod happy;
 mod harness;
