@@ -226,7 +226,8 @@ impl<'a> Obj<'a> {
     /// # Errors
     /// [`InputError::DuplicateKey`] when `key` appears more than once in this object.
     fn get(&self, key: &str) -> Result<Option<&'a Value>, InputError> {
-        if self.dups.contains(&self.child_path(key)) {
+        // No path is built for the usual input, which repeats no key.
+        if !self.dups.is_empty() && self.dups.contains(&self.child_path(key)) {
             return Err(InputError::DuplicateKey(self.field(key)));
         }
         Ok(self.map.get(key))

@@ -35,6 +35,15 @@ struct Node<'a> {
     dups: &'a RefCell<HashSet<Vec<String>>>,
 }
 
+impl Node<'_> {
+    /// The path of `key` in this object.
+    fn child(&self, key: &str) -> Vec<String> {
+        let mut path = self.path.clone();
+        path.push(key.to_owned());
+        path
+    }
+}
+
 impl<'de> DeserializeSeed<'de> for Node<'_> {
     type Value = Value;
 
@@ -94,15 +103,15 @@ impl<'de> Visitor<'de> for Node<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let mut path = self.path.clone();
-            path.push(key.clone());
             let value = map.next_value_seed(Node {
-                path: path.clone(),
+                path: self.child(&key),
                 dups: self.dups,
             })?;
-            if out.insert(key, value).is_some() {
-                self.dups.borrow_mut().insert(path);
+            // The duplicate's path is built only for a duplicate (nearly never).
+            if out.contains_key(&key) {
+                self.dups.borrow_mut().insert(self.child(&key));
             }
+            out.insert(key, value);
         }
         Ok(Value::Object(out))
     }
