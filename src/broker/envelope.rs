@@ -94,14 +94,9 @@ fn canonical(identity: &Key, h: &History, route: &Route) -> String {
     )
 }
 
-/// Writes the worker's bookkeeping headers for a copy, sealed.
-fn write_bookkeeping(
-    headers: &mut FieldTable,
-    seal: &Seal,
-    identity: &Key,
-    h: &History,
-    route: &Route,
-) {
+/// The worker's bookkeeping headers for a copy, sealed.
+fn bookkeeping(seal: &Seal, identity: &Key, h: &History, route: &Route) -> FieldTable {
+    let mut headers = FieldTable::default();
     headers.insert(
         DELAYED_RETRIES_HEADER.into(),
         AMQPValue::LongLongInt(h.round.into()),
@@ -123,6 +118,7 @@ fn write_bookkeeping(
     headers.insert(ORIGINAL_EXCHANGE_HEADER.into(), long(&route.exchange));
     headers.insert(ORIGINAL_ROUTING_KEY_HEADER.into(), long(&route.routing_key));
     headers.insert(SEAL_HEADER.into(), long(&seal.tag(identity, h, route)));
+    headers
 }
 
 /// An AMQP long-string value (header or argument).
@@ -310,7 +306,6 @@ impl Inbound {
     /// The delayed-retry copy's properties: the input's plus the worker's sealed bookkeeping
     /// headers (round, calls, original route, first attempt time, the end of a 429 window).
     pub fn delayed_properties(&self, d: &Delayed, seal: &Seal, frame_max: u32) -> BasicProperties {
-        let mut headers = FieldTable::default();
         let history = History {
             round: d.retries,
             calls_before: d.calls,
@@ -318,14 +313,7 @@ impl Inbound {
             returns: self.history.returns,
             not_before: d.not_before,
         };
-        write_bookkeeping(
-            &mut headers,
-            seal,
-            &self.identity,
-            &history,
-            &self.original_route,
-        );
-        self.copy_properties(headers, frame_max)
+        self.bookkept_copy(&history, seal, frame_max)
     }
 
     /// A hand-back copy's properties: the input's, its sealed bookkeeping with `x-bunq-returns`
@@ -336,19 +324,17 @@ impl Inbound {
         seal: &Seal,
         frame_max: u32,
     ) -> BasicProperties {
-        let mut headers = FieldTable::default();
         let history = History {
             returns,
             ..self.history.clone()
         };
-        write_bookkeeping(
-            &mut headers,
-            seal,
-            &self.identity,
-            &history,
-            &self.original_route,
-        );
-        self.copy_properties(headers, frame_max)
+        self.bookkept_copy(&history, seal, frame_max)
+    }
+
+    /// A copy carrying `history` in the worker's sealed bookkeeping headers.
+    fn bookkept_copy(&self, history: &History, seal: &Seal, frame_max: u32) -> BasicProperties {
+        let own = bookkeeping(seal, &self.identity, history, &self.original_route);
+        self.copy_properties(own, frame_max)
     }
 
     /// Properties for a copy of the input that the worker publishes itself (dead letter, delayed
