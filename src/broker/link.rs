@@ -238,12 +238,13 @@ mod tests {
         assert_eq!(plain.uri.query.heartbeat, Some(30));
         assert_eq!(plain.uri.query.frame_max, Some(FRAME_MAX));
         let own = Link::new(
-            &SecretString::from("amqp://localhost/%2f?heartbeat=5&frame_max=131072"),
+            &SecretString::from("amqp://localhost/%2f?heartbeat=5&frame_max=65536"),
             "t".into(),
             30,
         )
         .unwrap();
         assert_eq!(own.uri.query.heartbeat, Some(5));
-        assert_eq!(own.uri.query.frame_max, Some(131_072));
+        assert_eq!(own.uri.query.frame_max, Some(65_536));
+        assert_eq!(own.frame_max(), 65_536);
     }
 }

@@ -38,7 +38,7 @@ pub struct Emulator {
     server_key: KeyPair,
     server_public_key_pem: String,
     next_id: AtomicU64,
-    /// Installation token → the client's public key (DER).
+    /// Installation token → the client's public key, parsed.
     installations: Mutex<HashMap<String, aws_lc_rs::signature::ParsedPublicKey>>,
     /// Credentials that opened a session (one-time use).
     spent: Mutex<HashSet<String>>,

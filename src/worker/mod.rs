@@ -226,9 +226,7 @@ impl WorkerStatus {
     pub async fn connected(&self) -> bool {
         self.link.current().await.is_some()
     }
-}
 
-impl WorkerStatus {
     /// Why the worker is not ready to take work, if it is not: not running, not connected,
     /// paused by the breaker, not consuming, blocked by flow control, or Redis unreachable.
     pub async fn not_ready(&self) -> Option<String> {
