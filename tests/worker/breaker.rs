@@ -41,6 +41,23 @@ async fn bunq_accepts_again(app: &TestApp) {
     app.mount_happy_path().await;
 }
 
+/// The provision ids of the next `n` outputs, each a `session.created`. The first may come up to
+/// the breaker's longest back-off later: on a slow machine the trials that failed meanwhile have
+/// doubled the wait past WAIT.
+async fn created_after_trial(app: &mut TestApp, n: i64) -> BTreeSet<i64> {
+    let within = bunq_session_worker::breaker::MAX_BACKOFF + WAIT;
+    let mut created = BTreeSet::new();
+    while created.len() < n as usize {
+        let out = app
+            .next_output_within(within)
+            .await
+            .expect("a session.created once bunq accepts again");
+        assert_eq!(type_of(&out), "session.created", "{}", body_json(&out));
+        created.insert(body_json(&out)["provision_id"].as_i64().unwrap());
+    }
+    created
+}
+
 #[tokio::test]
 async fn a_refused_installation_opens_the_breaker_and_the_inputs_wait_for_bunq() {
     refused_installation(true).await;
@@ -119,19 +136,7 @@ async fn refused_installation(burst: bool) {
 
     // bunq accepts the worker again: the next trial closes the breaker and all 10 go through.
     bunq_accepts_again(&app).await;
-    let mut created = BTreeSet::new();
-    // The next trial may be up to the breaker's longest back-off away: on a slow machine the
-    // trials failed meanwhile have doubled it past WAIT.
-    let within = bunq_session_worker::breaker::MAX_BACKOFF + WAIT;
-    while created.len() < N as usize {
-        let out = app
-            .next_output_within(within)
-            .await
-            .expect("a session.created once bunq accepts again");
-        assert_eq!(type_of(&out), "session.created", "{}", body_json(&out));
-        created.insert(body_json(&out)["provision_id"].as_i64().unwrap());
-    }
-    assert_eq!(created, (0..N).collect::<BTreeSet<_>>());
+    assert_eq!(created_after_trial(&mut app, N).await, (0..N).collect());
     assert!(open(&app).is_none(), "the breaker is closed");
     app.stop_worker().await.unwrap();
     assert_eq!(app.ready_count(&app.names.input_queue).await, 0);
@@ -270,19 +275,7 @@ async fn inputs_survive_a_connection_loss_while_the_breaker_is_open() {
     proxy.restore();
     eventually("the worker is back", || async { status.connected().await }).await;
     bunq_accepts_again(&app).await;
-    let mut created = BTreeSet::new();
-    // The next trial may be up to the breaker's longest back-off away: on a slow machine the
-    // trials failed meanwhile have doubled it past WAIT.
-    let within = bunq_session_worker::breaker::MAX_BACKOFF + WAIT;
-    while created.len() < N as usize {
-        let out = app
-            .next_output_within(within)
-            .await
-            .expect("a session.created once bunq accepts again");
-        assert_eq!(type_of(&out), "session.created", "{}", body_json(&out));
-        created.insert(body_json(&out)["provision_id"].as_i64().unwrap());
-    }
-    assert_eq!(created, (0..N).collect::<BTreeSet<_>>());
+    assert_eq!(created_after_trial(&mut app, N).await, (0..N).collect());
     assert_eq!(app.ready_count(&dead_letters).await, 0);
     app.cleanup().await;
 }
