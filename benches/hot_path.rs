@@ -12,7 +12,7 @@ use aws_lc_rs::{
     rsa::{KeyPair, KeySize},
     signature::KeyPair as _,
 };
-use bunq_session_worker::{bunq, events, ledger};
+use bunq_session_worker::{bunq, events, identity};
 
 fn bench(name: &str, iterations: u32, mut f: impl FnMut()) {
     for _ in 0..iterations.min(100) {
@@ -45,8 +45,8 @@ fn main() {
         black_box(bunq::response::parse_session_server(black_box(answer)).is_ok());
     });
     bench("input identity + output message_id", 100_000, || {
-        let identity = ledger::input_identity(black_box(slim), 65536);
-        black_box(ledger::output_message_id("session.created", &identity));
+        let identity = identity::input_identity(black_box(slim), 65536);
+        black_box(identity::output_message_id("session.created", &identity));
     });
 
     let key = KeyPair::generate(KeySize::Rsa2048).expect("RSA key");

@@ -23,7 +23,7 @@ COMPONENTS = [
     ("JSON", ["serde_json"]),
     ("AMQP (lapin)", ["lapin::", "flume::", "amq_protocol"]),
     ("HTTP (reqwest, hyper)", ["reqwest::", "hyper", "http::", "url::", "tower"]),
-    ("ledger, envelope, events", ["ledger::", "envelope::", "events::"]),
+    ("ledger, envelope, events", ["ledger::", "identity::", "envelope::", "events::"]),
 ]
 RUNTIME = "runtime and the rest (tokio scheduling, wake-ups, allocation)"
 

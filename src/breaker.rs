@@ -16,7 +16,7 @@ use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use tokio::{sync::watch, time::Instant};
 
-use crate::{failure::FailureReason, ledger::Key};
+use crate::{failure::FailureReason, identity::Key};
 
 /// First wait before a trial.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);

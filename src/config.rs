@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
     broker::{QueueType, Topology, link::redact_url_password},
-    pacing::RateLimit,
+    rate_limit::RateLimit,
     retry::RetryPolicy,
     telemetry::LogFormat,
 };

@@ -16,7 +16,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     broker::{PublishError, Publisher, Topology, envelope::Inbound},
-    ledger::{Key, Known, KnownOutcomes},
+    identity::Key,
+    ledger::{Known, KnownOutcomes},
     outcome::Outcome,
     retry::{Retry, RetryPolicy},
 };
@@ -54,7 +55,7 @@ pub struct Settler {
 impl Settler {
     /// Turns an outcome into broker actions: publish and wait for confirms, then ack (or nack
     /// with requeue). Never acks before the outcome is confirmed at the broker. `key` is the
-    /// input's [`crate::ledger::round_key`]. Returns what it did, for the log line and the
+    /// input's [`crate::identity::round_key`]. Returns what it did, for the log line and the
     /// metric: `created`, `skipped`, `dead_lettered`, `delayed`, `returned`, `requeued`,
     /// `abandoned` or `unfinished`.
     ///

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 use crate::{
     events::{self, Decoded, InputError},
-    ledger::{self, Key},
+    identity::{self, Key},
     outcome::{Delayed, Failure},
 };
 
@@ -158,7 +158,7 @@ pub struct Inbound {
     pub body: Vec<u8>,
     /// The body decoded (or why it could not be).
     pub decoded: Result<Decoded, InputError>,
-    /// The input's identity ([`ledger::identity`]).
+    /// The input's identity ([`identity::identity`]).
     pub identity: Key,
     /// Earlier rounds of this input (delayed retries).
     pub history: History,
@@ -185,7 +185,7 @@ impl Inbound {
     pub fn read(delivery: &mut Delivery, max_bytes: usize, seal: &Seal) -> Self {
         let body = std::mem::take(&mut delivery.data);
         let decoded = events::decode(&body, max_bytes);
-        let identity = ledger::identity(&body, &decoded);
+        let identity = identity::identity(&body, &decoded);
         let p = &delivery.properties;
         let own_route = Route {
             exchange: delivery.exchange.to_string(),
@@ -246,7 +246,7 @@ impl Inbound {
     }
 
     /// Properties of an output event (`session.created` / `session.failed`): persistent, JSON,
-    /// `type` = `event_type`, a deterministic `message_id` ([`ledger::output_message_id`]), the
+    /// `type` = `event_type`, a deterministic `message_id` ([`identity::output_message_id`]), the
     /// input's `correlation_id` (else its `message_id`, else the provision id), the time in s,
     /// [`APP_ID`], and the input's W3C `traceparent` header when it had one (a string of at most
     /// [`TRACEPARENT_MAX_BYTES`]).
@@ -261,7 +261,7 @@ impl Inbound {
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_type(event_type.into())
-            .with_message_id(ledger::output_message_id(event_type, &self.identity).into())
+            .with_message_id(identity::output_message_id(event_type, &self.identity).into())
             .with_correlation_id(correlation_id)
             .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64)
             .with_app_id(APP_ID.into());

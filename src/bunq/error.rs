@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::{failure::FailureReason, pacing::RateLimit};
+use crate::{failure::FailureReason, rate_limit::RateLimit};
 
 /// How the caller should react to a failed call.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::EmulatorError;
-use crate::{bunq::signing, pacing::RateLimit};
+use crate::{bunq::signing, rate_limit::RateLimit};
 
 /// bunq's answer to a credential it does not accept, also to a spent one-time credential.
 pub const CREDENTIALS_INCORRECT: &str =

@@ -31,7 +31,7 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::pacing::RateLimit;
+use crate::rate_limit::RateLimit;
 
 pub use api::Emulator;
 

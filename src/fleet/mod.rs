@@ -21,7 +21,7 @@ use std::time::Duration;
 use redis::{Client, aio::ConnectionManager, aio::ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::ledger::Key;
+use crate::identity::Key;
 
 /// Redis could not be reached or answered an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use super::*;
-use crate::pacing::{Pacer, RateLimit};
+use crate::{pacing::Pacer, rate_limit::RateLimit};
 
 fn policy(max_elapsed_s: u64) -> RetryPolicy {
     RetryPolicy {

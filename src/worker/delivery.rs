@@ -16,7 +16,7 @@ use crate::{
     breaker::{Admission, Fault, fault_of},
     broker::Inbound,
     events::{self, Decoded},
-    ledger::{self, Known},
+    ledger::Known,
     outcome::Outcome,
     process,
 };
@@ -55,7 +55,7 @@ pub(super) async fn handle(
     async move {
         let started = Instant::now();
         let _counted = InFlightCount::new(&shared.gauges.in_flight);
-        let key = ledger::round_key(&inbound.identity, inbound.history.round);
+        let key = crate::identity::round_key(&inbound.identity, inbound.history.round);
         // One copy of an input at a time in this process: a copy redelivered while the first is
         // still at bunq (its channel died) waits for it, then finds its outcome below.
         let _guard = shared.in_flight.lock(key).await;

@@ -124,9 +124,9 @@ async fn session_created_has_the_documented_body_and_properties() {
     let id = p.message_id().as_ref().unwrap().to_string();
     assert_eq!(
         id,
-        bunq_session_worker::ledger::output_message_id(
+        bunq_session_worker::identity::output_message_id(
             "session.created",
-            &bunq_session_worker::ledger::input_identity(event.to_string().as_bytes(), 65536)
+            &bunq_session_worker::identity::input_identity(event.to_string().as_bytes(), 65536)
         )
     );
 

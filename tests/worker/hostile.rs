@@ -260,9 +260,9 @@ async fn the_same_credential_in_another_shape_is_not_sent_to_bunq_twice() {
     assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
     assert_eq!(
         first.properties.message_id().as_ref().unwrap().to_string(),
-        bunq_session_worker::ledger::output_message_id(
+        bunq_session_worker::identity::output_message_id(
             "session.created",
-            &bunq_session_worker::ledger::input_identity(
+            &bunq_session_worker::identity::input_identity(
                 json!({"token_value": token, "provision_id": 7})
                     .to_string()
                     .as_bytes(),

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bunq_session_worker::{config::DelayTiers, pacing::RateLimit};
+use bunq_session_worker::{config::DelayTiers, rate_limit::RateLimit};
 use wiremock::{Mock, Request, Respond, ResponseTemplate, matchers};
 
 use crate::helpers::*;
