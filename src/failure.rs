@@ -1,10 +1,61 @@
 //! The failure vocabulary: the reason codes shared by dead-letter headers (`x-error-reason`),
-//! `session.failed`'s `reason` and the classification of bunq's answers.
+//! `session.failed`'s `reason` and the classification of bunq's answers, and the one
+//! [`Failure`] value that goes from the session flow (or the input, or the worker's own limits)
+//! to the dead letter and `session.failed`.
 //!
 //! A low-level module on purpose: [`crate::events`], [`crate::bunq`] and [`crate::outcome`] all
 //! name these codes, and none of them depends on another for it.
 
 use serde::Serialize;
+use time::OffsetDateTime;
+
+/// A permanent failure of one input: what its dead letter's headers and its `session.failed`
+/// report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The reason code (`x-error-reason`, `session.failed`'s `reason`).
+    pub reason: FailureReason,
+    /// Human text for `x-error-detail`; never holds a secret.
+    pub detail: String,
+    /// The last HTTP status bunq answered with, if a call got an answer.
+    pub http_status: Option<u16>,
+    /// bunq's `error_description` of its last answer, else the worker's own explanation.
+    pub error_description: Option<String>,
+    /// bunq calls made for the input, all rounds together (`x-attempts`).
+    pub attempts: u32,
+    /// When the first bunq call started, over all rounds (the decision's time when none was
+    /// made).
+    pub first_attempt_at: OffsetDateTime,
+    /// When the last call ended (the decision's time when none was made).
+    pub last_attempt_at: OffsetDateTime,
+    /// When a pause bunq asked for (a 429) ends, if one is under way: a delayed retry makes no
+    /// call before it.
+    pub not_before: Option<OffsetDateTime>,
+}
+
+impl Failure {
+    /// A failure decided at `now` without a bunq call of this round: the input itself (not
+    /// JSON, wrong shape, …), the worker's own limits or a bug. `attempts` are the calls of
+    /// earlier rounds, the first of which started at `first_attempt_at` (`now` when none).
+    pub fn decided(
+        reason: FailureReason,
+        detail: String,
+        attempts: u32,
+        first_attempt_at: Option<OffsetDateTime>,
+        now: OffsetDateTime,
+    ) -> Self {
+        Self {
+            reason,
+            error_description: Some(detail.clone()),
+            detail,
+            http_status: None,
+            attempts,
+            first_attempt_at: first_attempt_at.unwrap_or(now),
+            last_attempt_at: now,
+            not_before: None,
+        }
+    }
+}
 
 /// Why a delivery ended in the dead-letter queue. The string forms are a public contract:
 /// they appear in the `x-error-reason` header and in `session.failed`'s `reason`.

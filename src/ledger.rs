@@ -13,7 +13,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::{identity::Key, outcome::Failure};
+use crate::{failure::Failure, identity::Key};
 
 /// A remembered outcome.
 #[derive(Clone, Debug)]

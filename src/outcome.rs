@@ -1,11 +1,11 @@
-//! What became of a delivery, before any broker action.
+//! What became of a delivery, decided and not yet carried out: plain values.
 //!
-//! [`crate::process`] returns an [`Outcome`]; only [`crate::settle`] turns it into broker
-//! actions (publish, wait for the publisher confirm, then ack), so the ordering rule lives in one
-//! place.
+//! [`crate::decide`] is the only code that makes an [`Outcome`]; [`crate::plan`] turns it into
+//! the messages to publish and the settlement to make; [`crate::settle`] carries that out
+//! (publish, wait for the publisher confirms, then ack), so the ordering rule lives in one place.
 
-use crate::events::{NotReady, SessionCreated, SessionFailed};
-pub use crate::failure::FailureReason;
+use crate::events::{NotReady, SessionCreated};
+pub use crate::failure::{Failure, FailureReason};
 
 /// The result of handling one delivery, before any broker action.
 #[derive(Debug)]
@@ -14,15 +14,14 @@ pub enum Outcome {
     Created(Box<SessionCreated>),
     /// Valid but not ready: ack and count as skipped.
     Skipped(NotReady),
-    /// Permanent failure: publish `session.failed` (when the input named a provision), publish
-    /// the delivery to the dead-letter exchange with the reason headers, then ack.
+    /// Permanent failure: publish the delivery to the dead-letter exchange with the reason
+    /// headers, then `session.failed` when the input is a ready credential, then ack.
     Failed(Box<Failure>),
     /// Transient failures spent the in-process budget but the credential has time: publish a
     /// copy to a delay queue (confirmed), then ack; it comes back through the input exchange.
     Delayed(Box<Delayed>),
-    /// The work stopped before a session existed (shutdown, or the delivery's channel is gone):
-    /// on shutdown hand it back ([`Outcome::Returned`], counted); with its channel gone, do
-    /// nothing: the broker redelivers it.
+    /// The work stopped before a session existed and the delivery's channel is gone: do nothing;
+    /// the broker redelivers it. (At shutdown the decision is [`Outcome::Returned`] instead.)
     Abandoned,
     /// Hand the delivery back for later: publish a fresh copy to the input queue (confirmed),
     /// then ack. The broker's own requeue would count toward a quorum queue's delivery limit and
@@ -32,6 +31,9 @@ pub enum Outcome {
         /// that is no fault of the input's).
         counted: bool,
     },
+    /// A repeat of an input whose outcome is already safe at the broker (a redelivery, or the
+    /// same credential again after its `session.created`): ack, no bunq call, no event.
+    AlreadySettled,
 }
 
 /// A delivery parked for a durable delayed retry.
@@ -49,17 +51,4 @@ pub struct Delayed {
     pub first_attempt_at: time::OffsetDateTime,
     /// When a pause bunq asked for ends (`x-bunq-not-before`): the copy makes no call before.
     pub not_before: Option<time::OffsetDateTime>,
-}
-
-/// A permanent failure of one delivery.
-#[derive(Clone, Debug)]
-pub struct Failure {
-    /// The reason code.
-    pub reason: FailureReason,
-    /// Human text for `x-error-detail`; never holds a secret.
-    pub detail: String,
-    /// bunq calls made (the `x-attempts` header).
-    pub attempts: u32,
-    /// The `session.failed` event, absent for input that names no provision.
-    pub event: Option<SessionFailed>,
 }

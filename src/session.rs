@@ -21,7 +21,7 @@ use crate::{
         response::SessionServer,
     },
     events::{ProvisionReady, rfc3339},
-    failure::FailureReason,
+    failure::{Failure, FailureReason},
     pacing::{Budget, Slot},
     retry::{Retry, RetryPolicy, Spent, sleep_until_or_cancel},
 };
@@ -60,34 +60,12 @@ pub struct Opened {
 #[derive(Debug)]
 pub enum FlowError {
     /// Permanent: dead-letter with `reason`.
-    Failed(FlowFailure),
+    Failed(Failure),
     /// Shutdown began while waiting to retry; nothing permanent happened.
     Cancelled,
     /// The fleet's shared state (Redis) stayed unreachable for as long as the delivery may be
     /// held: no call was made for it; hand it back.
     SharedStateUnavailable,
-}
-
-/// A permanent failure with what `session.failed` reports.
-#[derive(Debug)]
-pub struct FlowFailure {
-    /// Reason code.
-    pub reason: FailureReason,
-    /// Human text, no secrets.
-    pub detail: String,
-    /// Last HTTP status seen.
-    pub http_status: Option<u16>,
-    /// bunq's `error_description` of the last answer, if any.
-    pub error_description: Option<String>,
-    /// Calls made.
-    pub attempts: u32,
-    /// When the first call started (handling time when none was made).
-    pub first_attempt_at: OffsetDateTime,
-    /// When the last call ended.
-    pub last_attempt_at: OffsetDateTime,
-    /// When a pause bunq asked for (a 429) ends, if one is under way: a delayed retry makes no
-    /// call before it.
-    pub not_before: Option<OffsetDateTime>,
 }
 
 /// One delivery's calls: the retry state, the deadlines and what `session.failed` reports.
@@ -146,7 +124,7 @@ impl<'a> Calls<'a> {
             Some(e) => (e.http_status, Some(e.description.clone())),
             None => (None, Some(detail.clone())),
         };
-        FlowError::Failed(FlowFailure {
+        FlowError::Failed(Failure {
             reason,
             detail,
             http_status,

@@ -1,12 +1,15 @@
-//! RabbitMQ: the connection, the topology, the consumer supervisor, the envelope of what is
-//! read and published, and confirmed publishing.
+//! RabbitMQ: the connection, the topology, the consumer supervisor, the envelope read from a
+//! delivery, the worker's sealed bookkeeping headers, and confirmed publishing.
 
+pub mod bookkeeping;
 pub mod consumer;
 pub mod envelope;
+pub mod headers;
 pub mod link;
 pub mod publisher;
 pub mod topology;
 
+pub use bookkeeping::{History, Route, Seal};
 pub use consumer::{Consumer, Stops, SubscribeError, SubscribeFailed};
 pub use envelope::Inbound;
 pub use link::{ConnectError, Link};

@@ -11,7 +11,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-use super::envelope::long;
+use super::headers::long;
 
 /// The type of the input, dead-letter and delay queues (RabbitMQ `x-queue-type`).
 ///

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Settings, Worker,
     emulator::{self, EmulatorSettings},
+    plan::Settled,
     telemetry::Chain,
 };
 use samples::{Expect, Sample, Seen};
@@ -176,14 +177,17 @@ async fn run_with(settings: &Settings, run: &str) -> Result<bool, DemoError> {
         .map(|s| s.name)
     {
         match skip_outcome {
-            Some("skipped") => println!("  {name:<22} → acked, nothing published (skipped)"),
-            other => println!("  {name:<22} → {}", other.unwrap_or("no outcome in time")),
+            Some(Settled::Skipped) => {
+                println!("  {name:<22} → acked, nothing published (skipped)")
+            }
+            Some(other) => println!("  {name:<22} → {other}"),
+            None => println!("  {name:<22} → no outcome in time"),
         }
     }
     stop_worker.cancel();
     let _ = worker_task.await;
 
-    let mut all_ok = skip_outcome == Some("skipped");
+    let mut all_ok = skip_outcome == Some(Settled::Skipped);
     for s in &samples {
         if s.expect == Expect::Skipped {
             continue;

@@ -66,7 +66,7 @@ impl Script {
     }
 }
 
-fn failed(r: Result<Answer<()>, FlowError>) -> FlowFailure {
+fn failed(r: Result<Answer<()>, FlowError>) -> Failure {
     match r {
         Err(FlowError::Failed(f)) => f,
         other => panic!("expected a failure, got {other:?}"),

@@ -2,11 +2,10 @@
 //!
 //! [`Worker::build`] connects, declares the topology and loads the API context;
 //! [`Worker::run_until_stopped`] consumes through [`crate::broker::Consumer`], each delivery
-//! going through [`delivery::handle`]: read once ([`crate::broker::Inbound`]), looked up in the
-//! [`crate::ledger`], decided ([`crate::process`]), settled ([`crate::settle`]).
+//! going through `delivery::handle`: read once ([`crate::broker::Inbound`]), decided
+//! ([`crate::decide`]), planned ([`crate::plan`]), settled ([`crate::settle`]).
 
 mod bootstrap;
-mod claim;
 mod delivery;
 
 use std::{
@@ -29,14 +28,16 @@ use crate::{
     },
     bunq::{BunqClient, CallError, context::ContextError},
     config::Settings,
+    decide::Decider,
     fleet::Fleet,
     ledger::{InFlight, KnownOutcomes},
     pacing::{Budget, Pacer},
+    plan::Settled,
     session::SessionFlow,
     settle::Settler,
 };
 
-pub use crate::broker::envelope::APP_ID;
+pub use crate::plan::properties::APP_ID;
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -116,26 +117,24 @@ pub const MAX_SUBSCRIBE_FAILURES: u32 = crate::retry::RetryPolicy::SUBSCRIBE.max
 pub struct Handled {
     /// The input's `message_id`, escaped and shortened for logs.
     pub message_id: String,
-    /// What was done: `created`, `skipped`, `dead_lettered`, `delayed`, `requeued`, `abandoned`,
-    /// `unfinished` or `already_settled`.
-    pub outcome: &'static str,
+    /// What was done.
+    pub outcome: Settled,
 }
 
 /// Everything a delivery's task needs; shared by all tasks.
 struct Shared {
     /// Told of every delivery handled; nobody need listen.
     handled: tokio::sync::broadcast::Sender<Handled>,
-    flow: SessionFlow,
+    /// `MAX_MESSAGE_BYTES`, and the key of the worker's sealed bookkeeping headers.
+    max_message_bytes: usize,
+    seal: Arc<crate::broker::Seal>,
+    decider: Decider,
     settler: Settler,
-    breaker: Arc<Breaker>,
-    /// The fleet's shared state, with `REDIS_URL`.
-    fleet: Option<Fleet>,
+    /// One copy of an input at a time in this process: a copy redelivered while the first is
+    /// still at bunq (its channel died) waits for it, then finds its outcome.
+    in_flight: InFlight,
     /// What the probes read.
     gauges: Arc<Gauges>,
-    in_flight: InFlight,
-    max_message_bytes: usize,
-    /// Fires once consuming stopped: work waiting to retry bunq gives up.
-    stop_work: CancellationToken,
 }
 
 /// A worker with its API context ready and a first connection to the broker.
@@ -356,16 +355,23 @@ impl Worker {
         }
         let hard_stop = CancellationToken::new();
         let breaker = Arc::new(Breaker::new(settings.breaker_threshold));
+        let known = Arc::new(KnownOutcomes::default());
+        let seal = Arc::new(crate::broker::Seal::new(&flow.ctx.bookkeeping_key()));
         let settler = Settler {
             publisher: Publisher::new(link.clone(), settings.broker.publish_confirm_timeout),
             topology: topology.clone(),
-            known: Arc::new(KnownOutcomes::default()),
+            known: known.clone(),
             publish_budget: settings.retry.max_elapsed,
             hard_stop,
+        };
+        let decider = Decider {
+            flow,
+            breaker: breaker.clone(),
             fleet: fleet.clone(),
-            seal: Arc::new(crate::broker::envelope::Seal::new(
-                &flow.ctx.bookkeeping_key(),
-            )),
+            known,
+            delivery_limit: topology.delivery_limit,
+            delay_tiers: topology.delay_tiers.clone(),
+            stop_work: CancellationToken::new(),
         };
         let mut worker = Self {
             consumer: Consumer {
@@ -379,15 +385,13 @@ impl Worker {
             },
             probes: None,
             shared: Arc::new(Shared {
-                gauges: Arc::default(),
-                fleet: fleet.clone(),
-                breaker: breaker.clone(),
                 handled: tokio::sync::broadcast::channel(1024).0,
-                flow,
+                max_message_bytes: settings.max_message_bytes,
+                seal,
+                decider,
                 settler,
                 in_flight: InFlight::default(),
-                max_message_bytes: settings.max_message_bytes,
-                stop_work: CancellationToken::new(),
+                gauges: Arc::default(),
             }),
             first_connection: Some(connection),
         };
@@ -410,8 +414,8 @@ impl Worker {
     pub fn status(&self) -> WorkerStatus {
         WorkerStatus {
             link: self.consumer.link.clone(),
-            breaker: self.shared.breaker.clone(),
-            fleet: self.shared.fleet.clone(),
+            breaker: self.shared.decider.breaker.clone(),
+            fleet: self.shared.decider.fleet.clone(),
             gauges: self.shared.gauges.clone(),
             consuming: self.consumer.consuming.clone(),
         }
@@ -441,7 +445,7 @@ impl Worker {
         self.shared.gauges.running.store(true, Ordering::Relaxed);
         let stops = Stops {
             shutdown,
-            stop_work: self.shared.stop_work.clone(),
+            stop_work: self.shared.decider.stop_work.clone(),
             hard_stop: self.shared.settler.hard_stop.clone(),
         };
         let shared = self.shared.clone();

@@ -198,7 +198,9 @@ async fn inputs_and_dead_letters_of_several_frames_or_large_headers_arrive_whole
 /// goes out without them, saying so, instead of the broker closing the connection on every try.
 #[tokio::test]
 async fn a_copy_whose_headers_would_not_fit_in_a_frame_goes_out_without_the_producers() {
-    use bunq_session_worker::broker::{envelope::PRODUCER_HEADERS_DROPPED_HEADER, link::FRAME_MAX};
+    use bunq_session_worker::{
+        broker::link::FRAME_MAX, plan::properties::PRODUCER_HEADERS_DROPPED_HEADER,
+    };
     let mut app = TestApp::new().await;
     app.mount_happy_path().await;
     app.start_worker().await;

@@ -1,0 +1,361 @@
+//! Deciding what becomes of one delivery: `Inbound` → [`Outcome`], in one place.
+//!
+//! The [`Decider`] owns every policy a decision needs, and asks in this order:
+//! 1. what this process already knows of the input's round ([`crate::ledger`]): a repeat of a
+//!    settled input is acked, a failure whose dead letter was not confirmed is settled again;
+//! 2. for a ready credential, with `REDIS_URL`, the fleet's claim ([`claim`]);
+//! 3. the delivery limit (`DELIVERY_LIMIT`, hand-backs and redeliveries together);
+//! 4. for a ready credential, the breaker's admission ([`crate::breaker`]);
+//! 5. the input itself: a decoding error is dead-lettered, a provision not ready is skipped, a
+//!    ready credential goes to bunq ([`SessionFlow::open`]); a failure of the in-process retries
+//!    takes a delayed-retry tier while one is left and the credential outlives it;
+//! 6. the breaker is told what bunq's answer says of the worker's own set-up.
+//!
+//! Makes no broker call and names no lapin type: [`crate::plan`] and [`crate::settle`] carry the
+//! outcome out.
+
+mod claim;
+
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
+
+use futures_util::FutureExt;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub use claim::Lease;
+
+use crate::{
+    breaker::{Admission, Breaker, Fault, fault_of},
+    broker::{Inbound, bookkeeping::History},
+    events::{self, Decoded, ProvisionReady, SCHEMA_VERSION, SessionCreated},
+    failure::{Failure, FailureReason},
+    fleet::Fleet,
+    ledger::{Known, KnownOutcomes},
+    outcome::{Delayed, Outcome},
+    session::{FlowError, Opened, SessionFlow},
+};
+
+/// A decision: the outcome, and this replica's claim on the credential while it is settled.
+#[derive(Debug)]
+pub struct Decision {
+    /// What becomes of the delivery.
+    pub outcome: Outcome,
+    /// The claim, with `REDIS_URL`, for a credential this replica worked on.
+    pub lease: Option<Lease>,
+}
+
+impl From<Outcome> for Decision {
+    fn from(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            lease: None,
+        }
+    }
+}
+
+/// Decides deliveries. Shared by all deliveries of a worker.
+#[derive(Debug)]
+pub struct Decider {
+    /// bunq's session flow with its budget.
+    pub flow: SessionFlow,
+    /// Stops the worker taking work when bunq refuses its own set-up.
+    pub breaker: Arc<Breaker>,
+    /// The fleet's shared state (claims), with `REDIS_URL`.
+    pub fleet: Option<Fleet>,
+    /// Outcomes this process settled, shared with [`crate::settle::Settler`].
+    pub known: Arc<KnownOutcomes>,
+    /// `DELIVERY_LIMIT`: hand-backs without an outcome before the input is dead-lettered.
+    pub delivery_limit: u32,
+    /// `DELAYED_RETRY_DELAYS_S`: the delay of each delayed-retry round.
+    pub delay_tiers: Vec<Duration>,
+    /// Fires once consuming stopped (shutdown): work stopped then is handed back, not left to
+    /// the broker.
+    pub stop_work: CancellationToken,
+}
+
+impl Decider {
+    /// Decides what becomes of `inbound`. `live` fires when the delivery's channel is gone (or
+    /// at shutdown): no new bunq call starts for it then. A panic while working on a credential
+    /// becomes a dead letter.
+    pub async fn decide(&self, inbound: &Inbound, live: &CancellationToken) -> Decision {
+        match self.known.recall(&inbound.round_key) {
+            Some(Known::Settled) => return already_settled(),
+            Some(Known::Finished) if inbound.redelivered => return already_settled(),
+            Some(Known::Failed(failure)) => {
+                info!(
+                    "this input already failed; settling that failure again without calling bunq"
+                );
+                return Outcome::Failed(failure).into();
+            }
+            _ => {}
+        }
+        let lease = match (&self.fleet, inbound.credential()) {
+            (Some(fleet), Some(_)) => {
+                match claim::claim(fleet, inbound.identity, self.flow.max_hold, live).await {
+                    claim::Verdict::Go(lease) => Some(lease),
+                    claim::Verdict::Settled => return already_settled(),
+                    claim::Verdict::HeldElsewhere => return self.held_elsewhere(inbound).into(),
+                    claim::Verdict::Unavailable => {
+                        return Outcome::Returned { counted: false }.into();
+                    }
+                    claim::Verdict::Cancelled => return self.stopped(inbound).into(),
+                }
+            }
+            _ => None,
+        };
+        let outcome = self.claimed(inbound, live).await;
+        Decision { outcome, lease }
+    }
+
+    /// The outcome of an input this replica may work on.
+    async fn claimed(&self, inbound: &Inbound, live: &CancellationToken) -> Outcome {
+        if let Some(over) = self.over_limit(inbound, 0) {
+            return over;
+        }
+        let ready = match &inbound.decoded {
+            Err(e) => {
+                let now = OffsetDateTime::now_utc();
+                return Outcome::Failed(Box::new(Failure::decided(
+                    e.reason(),
+                    e.to_string(),
+                    0,
+                    None,
+                    now,
+                )));
+            }
+            Ok(Decoded::NotReady(n)) => {
+                info!(why = %n.why, "provision not ready; skipping");
+                return Outcome::Skipped(n.clone());
+            }
+            Ok(Decoded::Ready(r)) => r,
+        };
+        let admission = tokio::select! {
+            a = self.breaker.admit() => a,
+            _ = live.cancelled() => return self.stopped(inbound),
+        };
+        if let Admission::Refused(reason) = admission {
+            info!(%reason, "the breaker is open; handing the delivery back unprocessed");
+            return Outcome::Returned { counted: false };
+        }
+        // A bug must not strand a delivery unacked with its prefetch slot held.
+        let opened = AssertUnwindSafe(self.open(inbound, ready, live)).catch_unwind();
+        let outcome = match opened.await {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => return self.told(admission, false, self.stopped(inbound)),
+            Err(_) => {
+                error!("internal error while handling the delivery; dead-lettering it");
+                let failure = Failure::decided(
+                    FailureReason::UnexpectedResponse,
+                    "internal error in the worker while handling this delivery (a bug: please report it with the worker's logs)".into(),
+                    0,
+                    None,
+                    OffsetDateTime::now_utc(),
+                );
+                return self.told(admission, false, Outcome::Failed(Box::new(failure)));
+            }
+        };
+        self.feedback(inbound, admission, outcome)
+    }
+
+    /// bunq's answer for a ready credential; `None` when the work stopped first.
+    async fn open(
+        &self,
+        inbound: &Inbound,
+        ready: &ProvisionReady,
+        live: &CancellationToken,
+    ) -> Option<Outcome> {
+        Some(
+            match self
+                .flow
+                .open(ready, inbound.history.not_before, live)
+                .await
+            {
+                Ok(opened) => Outcome::Created(Box::new(created_event(ready, opened, &self.flow))),
+                Err(FlowError::Cancelled) => return None,
+                // Nothing is dead-lettered or published because the fleet's Redis is down.
+                Err(FlowError::SharedStateUnavailable) => Outcome::Returned { counted: false },
+                Err(FlowError::Failed(f)) => after_failure(
+                    ready,
+                    &inbound.history,
+                    f,
+                    &self.delay_tiers,
+                    OffsetDateTime::now_utc(),
+                ),
+            },
+        )
+    }
+
+    /// Tells the breaker what the outcome says of the worker's own set-up; a fault that opens
+    /// it hands the delivery back instead of charging it to the credential.
+    fn feedback(&self, inbound: &Inbound, admission: Admission, outcome: Outcome) -> Outcome {
+        let breaker = &self.breaker;
+        let told = match &outcome {
+            Outcome::Created(_) => {
+                breaker.record_ok();
+                true
+            }
+            Outcome::Failed(f) => match fault_of(f.reason, &f.detail) {
+                // bunq judged the credential: the worker's own set-up works.
+                Fault::Credential if f.http_status.is_some_and(|s| (400..500).contains(&s)) => {
+                    breaker.record_ok();
+                    true
+                }
+                Fault::Credential => false,
+                fault => {
+                    let trial = admission == Admission::Trial;
+                    if breaker.record_fault(fault, f.reason, &f.detail, inbound.identity, trial) {
+                        return Outcome::Returned { counted: false };
+                    }
+                    true
+                }
+            },
+            _ => false,
+        };
+        self.told(admission, told, outcome)
+    }
+
+    /// Gives a trial admission back when the breaker learnt nothing from it.
+    fn told(&self, admission: Admission, told: bool, outcome: Outcome) -> Outcome {
+        if admission == Admission::Trial && !told {
+            self.breaker.release_trial();
+        }
+        outcome
+    }
+
+    /// `Some` dead letter with `redelivery_limit` when the input, handed back `now` more times,
+    /// reaches `DELIVERY_LIMIT`; `session.failed` follows for a credential.
+    fn over_limit(&self, inbound: &Inbound, now: u32) -> Option<Outcome> {
+        let limit = self.delivery_limit;
+        let times = inbound.handed_back().saturating_add(now);
+        if times < limit {
+            return None;
+        }
+        let detail = format!(
+            "handed back {} times (DELIVERY_LIMIT {limit}: shutdowns, lost connections or consumer timeouts) without an outcome; {} bunq calls were made",
+            inbound.handed_back(),
+            inbound.history.calls_before
+        );
+        Some(Outcome::Failed(Box::new(Failure::decided(
+            FailureReason::RedeliveryLimit,
+            detail,
+            inbound.history.calls_before,
+            inbound.history.first_attempt_at,
+            OffsetDateTime::now_utc(),
+        ))))
+    }
+
+    /// Work stopped before an outcome: at shutdown the delivery is handed back (counted toward
+    /// `DELIVERY_LIMIT`); with its channel gone the broker redelivers it.
+    fn stopped(&self, inbound: &Inbound) -> Outcome {
+        if !self.stop_work.is_cancelled() {
+            return Outcome::Abandoned;
+        }
+        self.over_limit(inbound, 1)
+            .unwrap_or(Outcome::Returned { counted: true })
+    }
+
+    /// Another replica held the credential for as long as this delivery may be held: the
+    /// delayed-retry path when a tier is left, else handed back.
+    fn held_elsewhere(&self, inbound: &Inbound) -> Outcome {
+        let h = &inbound.history;
+        match self.delay_tiers.get(h.round as usize) {
+            Some(&delay) => Outcome::Delayed(Box::new(Delayed {
+                delay,
+                retries: h.round + 1,
+                calls: h.calls_before,
+                detail: "another replica held this credential for half the consumer timeout (CONSUMER_TIMEOUT_S)".into(),
+                first_attempt_at: h.first_attempt_at.unwrap_or_else(OffsetDateTime::now_utc),
+                not_before: None,
+            })),
+            None => Outcome::Returned { counted: false },
+        }
+    }
+}
+
+/// A permanent failure of this round: counted over all rounds, then parked for a delayed
+/// retry when the in-process retries were spent, a tier is left and the credential outlives
+/// the tier's delay (`now` is the wall-clock time of the decision); otherwise dead-lettered.
+fn after_failure(
+    ready: &ProvisionReady,
+    history: &History,
+    mut f: Failure,
+    delay_tiers: &[Duration],
+    now: OffsetDateTime,
+) -> Outcome {
+    f.attempts = f.attempts.saturating_add(history.calls_before);
+    if let Some(first) = history.first_attempt_at {
+        f.first_attempt_at = f.first_attempt_at.min(first);
+    }
+    if f.reason == FailureReason::RetriesExhausted
+        && let Some(&delay) = delay_tiers.get(history.round as usize)
+    {
+        let back_at = now + time::Duration::try_from(delay).unwrap_or(time::Duration::MAX);
+        match ready.expiry_time {
+            Some(expiry) if back_at >= expiry => {
+                f.reason = FailureReason::CredentialExpired;
+                f.detail = format!(
+                    "{}; no delayed retry: the credential expires at {} before it would come back",
+                    f.detail,
+                    events::rfc3339(expiry)
+                );
+            }
+            _ => {
+                return Outcome::Delayed(Box::new(Delayed {
+                    delay,
+                    retries: history.round + 1,
+                    calls: f.attempts,
+                    detail: f.detail,
+                    first_attempt_at: f.first_attempt_at,
+                    not_before: f.not_before,
+                }));
+            }
+        }
+    }
+    Outcome::Failed(Box::new(f))
+}
+
+fn already_settled() -> Decision {
+    info!("this input's outcome is already safe at the broker (a redelivery or a repeat); acking");
+    Outcome::AlreadySettled.into()
+}
+
+fn created_event(ready: &ProvisionReady, opened: Opened, flow: &SessionFlow) -> SessionCreated {
+    let s = opened.session;
+    if let Some(keys) = &s.unread_user {
+        // The credential is spent and the session exists: publish it rather than lose it.
+        warn!(
+            keys_seen = %keys.join(","),
+            "session opened, but bunq's user part could not be read; session.created carries null user fields"
+        );
+    }
+    let created_at = s
+        .token_created
+        .as_deref()
+        .and_then(events::parse_time)
+        .unwrap_or_else(OffsetDateTime::now_utc);
+    let timeout = s.session_timeout_seconds;
+    SessionCreated {
+        schema_version: SCHEMA_VERSION,
+        provision_id: ready.provision_id.clone(),
+        external_uuid: ready.external_uuid.clone(),
+        credential_id: ready.credential_id,
+        session_id: s.session_id,
+        session_token: s.token,
+        user_id: s.user_id,
+        user_api_key_id: s.user_api_key_id,
+        user_type: s.user_type,
+        session_timeout_seconds: timeout,
+        // bunq's numbers are input too: an absurd timeout or date must not overflow.
+        expires_at: created_at
+            .checked_add(time::Duration::seconds(
+                i64::try_from(timeout).unwrap_or(i64::MAX),
+            ))
+            .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc()),
+        created_at,
+        installation_key_sha256: flow.ctx.public_key_sha256().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,297 @@
+//! Planning a settlement: `Outcome` + `Inbound` → the messages to publish and what to do with
+//! the delivery then. A pure function: no broker, no clock of its own, no I/O; unit-tested
+//! without RabbitMQ.
+//!
+//! | outcome          | messages (in order)                                  | then                 |
+//! |------------------|------------------------------------------------------|----------------------|
+//! | created          | `session.created`, until confirmed                   | remember, ack        |
+//! | skipped          | none                                                 | ack                  |
+//! | failed           | dead-letter copy; `session.failed` for a credential  | remember, ack        |
+//! | delayed          | copy to the tier's delay queue                       | remember, ack        |
+//! | returned         | fresh copy to the input queue                        | ack                  |
+//! | already settled  | none                                                 | ack                  |
+//! | abandoned        | none                                                 | nothing (redelivered)|
+//!
+//! When a message is not confirmed in time, [`IfUnconfirmed`] says what becomes of the delivery.
+
+pub mod properties;
+
+use std::borrow::Cow;
+
+use lapin::BasicProperties;
+use time::OffsetDateTime;
+
+use crate::{
+    broker::{Inbound, Seal, Topology, bookkeeping::History},
+    events::{SCHEMA_VERSION, SessionFailed},
+    failure::Failure,
+    identity::Key,
+    ledger::Known,
+    outcome::Outcome,
+};
+
+/// What a settlement did, for the log line, the `outcome` label of
+/// `bunq_session_worker_deliveries_total` and observers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Settled {
+    /// `session.created` confirmed, then acked.
+    Created,
+    /// Not ready yet: acked.
+    Skipped,
+    /// The dead-letter copy confirmed (and `session.failed` tried), then acked.
+    DeadLettered,
+    /// The delayed-retry copy confirmed, then acked.
+    Delayed,
+    /// A fresh copy in the input queue confirmed, then acked.
+    Returned,
+    /// A copy could not be confirmed in time: nacked with requeue.
+    Requeued,
+    /// The delivery's channel is gone: left for the broker to redeliver.
+    Abandoned,
+    /// `session.created` not confirmed before the drain ended: left unacked.
+    Unfinished,
+    /// A repeat of an input already settled: acked without a bunq call.
+    AlreadySettled,
+}
+
+impl Settled {
+    /// The label: `created`, `skipped`, `dead_lettered`, `delayed`, `returned`, `requeued`,
+    /// `abandoned`, `unfinished` or `already_settled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Settled::Created => "created",
+            Settled::Skipped => "skipped",
+            Settled::DeadLettered => "dead_lettered",
+            Settled::Delayed => "delayed",
+            Settled::Returned => "returned",
+            Settled::Requeued => "requeued",
+            Settled::Abandoned => "abandoned",
+            Settled::Unfinished => "unfinished",
+            Settled::AlreadySettled => "already_settled",
+        }
+    }
+}
+
+impl std::fmt::Display for Settled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How long a publish keeps trying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Patience {
+    /// Until confirmed; only the end of the drain (`SHUTDOWN_TIMEOUT_S`) stops it. For
+    /// `session.created`: giving up would lose a session whose single-use credential is spent.
+    UntilConfirmed,
+    /// For `RETRY_MAX_ELAPSED_S`.
+    Budget,
+}
+
+/// What becomes of the delivery when a message is not confirmed in time.
+#[derive(Clone, Debug)]
+pub enum IfUnconfirmed {
+    /// Leave it unacked: the broker redelivers it when the channel closes
+    /// ([`Settled::Unfinished`]).
+    LeaveUnacked,
+    /// Remember this (so the redelivery does not call bunq again), then nack it with requeue
+    /// ([`Settled::Requeued`]): nothing is lost.
+    Requeue(Option<Known>),
+    /// Log it and go on: the messages before it already record the outcome.
+    GoOn,
+}
+
+/// One message to publish with a publisher confirm.
+#[derive(Debug)]
+pub struct Message<'a> {
+    /// What it is, for logs: `session.created`, `the dead-letter copy`, ….
+    pub what: &'static str,
+    /// The exchange (empty: the default exchange, straight into the queue named by the key).
+    pub exchange: String,
+    /// The routing key.
+    pub routing_key: String,
+    /// The body: the input's own for a copy.
+    pub body: Cow<'a, [u8]>,
+    /// Its properties, within one frame.
+    pub properties: BasicProperties,
+    /// How long to try.
+    pub patience: Patience,
+    /// And if it is not confirmed.
+    pub if_unconfirmed: IfUnconfirmed,
+}
+
+/// A settlement, planned: publish `messages` in order, each confirmed before the next; then
+/// remember the outcome, then ack (or not).
+#[derive(Debug)]
+pub struct Plan<'a> {
+    /// Published in order.
+    pub messages: Vec<Message<'a>>,
+    /// The input's round ([`Inbound::round_key`]), by which its outcome is remembered.
+    pub key: Key,
+    /// What this process remembers of the input's round once every
+    /// message that must be confirmed is, before the ack: AMQP does not confirm acks, so even a
+    /// sent ack may be lost with the connection and the input come back.
+    pub remember: Option<Known>,
+    /// Whether the delivery is acked at the end (not when its channel is gone).
+    pub ack: bool,
+    /// What the settlement did, when every message was confirmed.
+    pub settled: Settled,
+}
+
+/// Where and how the worker publishes: the names it declared, the key that seals its
+/// bookkeeping, and the connection's negotiated frame size (bytes; 0 means no limit).
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses<'a> {
+    /// The exchanges and queues.
+    pub topology: &'a Topology,
+    /// Seals delayed-retry and hand-back copies.
+    pub seal: &'a Seal,
+    /// The frame size a copy's properties must fit (AMQP 0-9-1 §4.2.6.1).
+    pub frame_max: u32,
+}
+
+/// Plans the settlement of `outcome` for `inbound`, at the wall-clock time `now` (the events'
+/// `timestamp`, `x-failed-at`).
+pub fn plan<'a>(
+    inbound: &'a Inbound,
+    outcome: &Outcome,
+    to: Addresses<'_>,
+    now: OffsetDateTime,
+) -> Plan<'a> {
+    let t = to.topology;
+    let copy = |what, exchange: &str, routing_key: &str, properties| Message {
+        what,
+        exchange: exchange.to_owned(),
+        routing_key: routing_key.to_owned(),
+        body: Cow::Borrowed(&inbound.body[..]),
+        properties,
+        patience: Patience::Budget,
+        if_unconfirmed: IfUnconfirmed::Requeue(None),
+    };
+    let done = |settled, remember| Plan {
+        messages: Vec::new(),
+        key: inbound.round_key,
+        remember,
+        ack: true,
+        settled,
+    };
+    match outcome {
+        Outcome::Created(event) => {
+            let provision_id = event.provision_id.to_string();
+            Plan {
+                messages: vec![Message {
+                    what: "session.created",
+                    exchange: t.output_exchange.clone(),
+                    routing_key: "session.created".into(),
+                    body: Cow::Owned(
+                        serde_json::to_vec(&**event).expect("SessionCreated always serialises"),
+                    ),
+                    properties: properties::event(inbound, "session.created", &provision_id, now),
+                    patience: Patience::UntilConfirmed,
+                    if_unconfirmed: IfUnconfirmed::LeaveUnacked,
+                }],
+                ..done(Settled::Created, Some(Known::Settled))
+            }
+        }
+        Outcome::Skipped(_) => done(Settled::Skipped, None),
+        Outcome::AlreadySettled => done(Settled::AlreadySettled, None),
+        Outcome::Abandoned => Plan {
+            ack: false,
+            ..done(Settled::Abandoned, None)
+        },
+        Outcome::Failed(failure) => {
+            let mut dead_letter = copy(
+                "the dead-letter copy",
+                &t.dead_letter_exchange,
+                &inbound.routing_key,
+                properties::dead_letter(inbound, failure, now, to.frame_max),
+            );
+            // Not confirmed: remembered, so the requeued delivery settles this failure again
+            // without calling bunq.
+            dead_letter.if_unconfirmed =
+                IfUnconfirmed::Requeue(Some(Known::Failed(failure.clone())));
+            let mut messages = vec![dead_letter];
+            messages.extend(session_failed(inbound, failure, t, now));
+            // A redelivery of this delivery is acked, not sent to bunq again; a replay of the
+            // dead letter (a new message) is processed.
+            Plan {
+                messages,
+                ..done(Settled::DeadLettered, Some(Known::Finished))
+            }
+        }
+        Outcome::Delayed(d) => {
+            let history = History {
+                round: d.retries,
+                calls_before: d.calls,
+                first_attempt_at: Some(d.first_attempt_at),
+                returns: inbound.history.returns,
+                not_before: d.not_before,
+            };
+            // Through the default exchange straight into the tier's delay queue; its TTL
+            // dead-letters the copy back to the input queue.
+            let parked = copy(
+                "the delayed-retry copy",
+                "",
+                &t.delay_queue_name(d.delay),
+                properties::bookkept(inbound, &history, to.seal, to.frame_max),
+            );
+            Plan {
+                messages: vec![parked],
+                ..done(Settled::Delayed, Some(Known::Finished))
+            }
+        }
+        Outcome::Returned { counted } => {
+            let history = History {
+                returns: inbound.history.returns + u32::from(*counted),
+                ..inbound.history.clone()
+            };
+            // Straight back into the input queue through the default exchange.
+            let returned = copy(
+                "the hand-back copy",
+                "",
+                &t.input_queue,
+                properties::bookkept(inbound, &history, to.seal, to.frame_max),
+            );
+            Plan {
+                messages: vec![returned],
+                ..done(Settled::Returned, None)
+            }
+        }
+    }
+}
+
+/// `session.failed`, for a ready credential: tried within the budget; if it cannot be routed
+/// the dead letter still records the failure.
+fn session_failed<'a>(
+    inbound: &Inbound,
+    f: &Failure,
+    t: &Topology,
+    now: OffsetDateTime,
+) -> Option<Message<'a>> {
+    let ready = inbound.credential()?;
+    let event = SessionFailed {
+        schema_version: SCHEMA_VERSION,
+        provision_id: ready.provision_id.clone(),
+        external_uuid: ready.external_uuid.clone(),
+        credential_id: ready.credential_id,
+        reason: f.reason,
+        http_status: f.http_status,
+        error_description: f.error_description.clone(),
+        attempts: f.attempts,
+        first_attempt_at: f.first_attempt_at,
+        last_attempt_at: f.last_attempt_at,
+    };
+    let provision_id = ready.provision_id.to_string();
+    Some(Message {
+        what: "session.failed",
+        exchange: t.output_exchange.clone(),
+        routing_key: "session.failed".into(),
+        body: Cow::Owned(serde_json::to_vec(&event).expect("SessionFailed always serialises")),
+        properties: properties::event(inbound, "session.failed", &provision_id, now),
+        patience: Patience::Budget,
+        if_unconfirmed: IfUnconfirmed::GoOn,
+    })
+}
+
+#[cfg(test)]
+mod tests;
