@@ -9,6 +9,7 @@ use super::*;
 use crate::{
     bunq::{ApiContext, BunqClient, RetryClass, context::NewKeyPair},
     failure::FailureReason,
+    pacing::RateLimit,
 };
 
 async fn emulator(rate: Option<RateLimit>) -> (Running, CancellationToken) {
