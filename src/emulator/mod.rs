@@ -31,23 +31,10 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::rate_limit::RateLimit;
-
+/// The `emulator` subcommand's settings (defined with the rest of the command line in
+/// [`crate::config`]).
+pub use crate::config::EmulatorSettings;
 pub use api::Emulator;
-
-/// The `emulator` subcommand's settings.
-#[derive(Clone, Debug, clap::Args)]
-pub struct EmulatorSettings {
-    /// Address to listen on; port 0 picks a free port. The base URL to give the worker is
-    /// `http://<address>/v1`.
-    #[arg(long, env = "EMULATOR_LISTEN", default_value = "127.0.0.1:8089")]
-    pub listen: SocketAddr,
-
-    /// Rate limit of session-server, `N/Ws` (bunq's documented figure is `1/30s`); beyond it
-    /// the emulator answers 429 with bunq's message. Unset: no limit.
-    #[arg(long, env = "EMULATOR_SESSION_RATE_LIMIT", value_name = "N/Ws")]
-    pub session_rate_limit: Option<RateLimit>,
-}
 
 /// Why the emulator could not run.
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,7 @@ use super::*;
 use crate::{
     bunq::{ApiContext, BunqClient, RetryClass, context::NewKeyPair},
     failure::FailureReason,
+    rate_limit::RateLimit,
 };
 
 async fn emulator(rate: Option<RateLimit>) -> (Running, CancellationToken) {

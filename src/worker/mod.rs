@@ -308,12 +308,12 @@ impl Worker {
             bunq.verify_response_signature,
         )
         .map_err(StartError::Http)?;
-        let fleet = match &settings.redis_url {
+        let fleet = match &settings.redis.url {
             Some(url) => Some(
                 Fleet::new(
                     url,
-                    &settings.redis_key_prefix,
-                    &settings.bunq_rate_limit_scope,
+                    &settings.redis.key_prefix,
+                    &settings.redis.rate_limit_scope,
                     &consumer_tag,
                 )
                 .map_err(StartError::Redis)?,

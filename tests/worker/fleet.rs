@@ -16,8 +16,8 @@ fn redis_url() -> String {
 /// Points the app's settings at Redis under a fresh prefix; returns the prefix.
 fn use_redis(app: &mut TestApp, url: &str) -> String {
     let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
-    app.settings.redis_url = Some(SecretString::from(url.to_owned()));
-    app.settings.redis_key_prefix = prefix.clone();
+    app.settings.redis.url = Some(SecretString::from(url.to_owned()));
+    app.settings.redis.key_prefix = prefix.clone();
     prefix
 }
 
