@@ -6,7 +6,7 @@
 //! `rabbitmqctl` and so needs the broker on this machine.
 
 #[allow(dead_code)]
-#[path = "../worker/helpers.rs"]
+#[path = "../worker/helpers/mod.rs"]
 mod helpers;
 
 use std::{process::Command, time::Duration};
@@ -61,8 +61,8 @@ async fn a_memory_alarm_makes_publishing_wait_and_nothing_is_lost() {
     let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
     // Long enough for rabbitmqctl (about a second) to raise the alarm before the publish.
     slow.delay = Some(Duration::from_millis(3000));
-    app.mount("session-server", None, slow, None).await;
-    app.mount_device_server_ok().await;
+    app.session_server().responds_with(slow).await;
+    app.bunq_registers_every_device().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-alarm")).await;
     app.wait_for_session_server_call().await;

@@ -13,7 +13,7 @@ use crate::helpers::*;
 async fn each_kind_of_bad_input_is_dead_lettered_with_its_reason() {
     let mut app = TestApp::new().await;
     app.settings.max_message_bytes = 1024;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
 
     let mut oversized = br#"{"provision_id": 1, "token_value": "t", "pad": ""#.to_vec();
@@ -159,7 +159,7 @@ async fn inputs_and_dead_letters_of_several_frames_or_large_headers_arrive_whole
     const HEADER_BYTES: usize = 120 * 1024;
     let mut app = TestApp::new().await;
     app.settings.max_message_bytes = 3 * FRAME_MAX as usize;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     let pad = "x".repeat(2 * FRAME_MAX as usize);
     let mut big_headers = FieldTable::default();
@@ -202,7 +202,7 @@ async fn a_copy_whose_headers_would_not_fit_in_a_frame_goes_out_without_the_prod
         broker::link::FRAME_MAX, plan::properties::PRODUCER_HEADERS_DROPPED_HEADER,
     };
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     // The input's properties fit in a frame; with the worker's dead-letter headers they would not.
     let mut headers = FieldTable::default();

@@ -5,7 +5,6 @@ use std::{collections::BTreeSet, time::Duration};
 
 use bunq_session_worker::failure::FailureReason;
 use secrecy::SecretString;
-use wiremock::{Mock, matchers};
 
 use crate::{helpers::*, proxy::*, taps::*};
 
@@ -32,13 +31,8 @@ async fn wait_open_with_all_queued(app: &TestApp, n: u32) {
 /// Empties the fake bunq and mounts it answering sessions: installation, device-server and
 /// session-server 200 for any credential.
 async fn bunq_accepts_again(app: &TestApp) {
-    app.bunq.reset().await;
-    Mock::given(matchers::method("POST"))
-        .and(matchers::path("/v1/installation"))
-        .respond_with(Installation(app.state.clone()))
-        .mount(&app.bunq)
-        .await;
-    app.mount_happy_path().await;
+    app.reset_bunq().await;
+    app.bunq_opens_every_session().await;
 }
 
 /// The provision ids of the next `n` outputs, each a `session.created`. The first may come up to
@@ -77,8 +71,7 @@ async fn a_refused_installation_opens_the_breaker_and_later_inputs_wait_for_bunq
 async fn refused_installation(burst: bool) {
     let mut app = TestApp::new().await;
     app.settings.bunq.register_device = false;
-    app.mount("session-server", None, app.answer(401, NOT_VALID), None)
-        .await;
+    app.session_server().answers(401, NOT_VALID).await;
     let outputs = tap_outputs(&mut app).await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;
@@ -158,8 +151,7 @@ async fn refused_installation(burst: bool) {
 async fn bunqs_signature_refusal_under_a_400_opens_the_breaker_at_once() {
     let mut app = TestApp::new().await;
     app.settings.bunq.register_device = false;
-    app.mount("session-server", None, app.answer(400, BAD_SIGNATURE), None)
-        .await;
+    app.session_server().answers(400, BAD_SIGNATURE).await;
     let outputs = tap_outputs(&mut app).await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;
@@ -186,13 +178,9 @@ async fn threshold_refusals_in_a_row_on_different_credentials_open_the_breaker()
     let mut app = TestApp::new().await;
     app.settings.breaker_threshold = 3;
     app.settings.bunq.register_device = false;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
     let outputs = tap_outputs(&mut app).await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;
@@ -256,8 +244,7 @@ async fn inputs_survive_a_connection_loss_while_the_breaker_is_open() {
     app.settings.broker.heartbeat_s = 2;
     app.settings.shutdown_timeout = Duration::from_secs(5);
     app.settings.bunq.register_device = false;
-    app.mount("session-server", None, app.answer(401, NOT_VALID), None)
-        .await;
+    app.session_server().answers(401, NOT_VALID).await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;
     app.publish_json(&slim(0, "tok-open-cut-0")).await;

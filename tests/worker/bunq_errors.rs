@@ -11,7 +11,7 @@ use crate::{helpers::*, proxy::TcpProxy};
 async fn transient_failures_are_retried_until_success() {
     let mut app = TestApp::new().await;
     app.settings.bunq.http_timeout = Duration::from_millis(500);
-    app.mount_device_server_ok().await;
+    app.bunq_registers_every_device().await;
     let mut html = app.answer(502, "<html><body><h1>502 Bad Gateway</h1></body></html>");
     html.content_type = "text/html";
     let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
@@ -27,15 +27,14 @@ async fn transient_failures_are_retried_until_success() {
         rate_limited,
         slow,
     ] {
-        app.mount("session-server", None, resp, Some(1)).await;
+        app.session_server()
+            .first_calls(1)
+            .responds_with(resp)
+            .await;
     }
-    app.mount(
-        "session-server",
-        None,
-        app.answer(200, &fixture("session-server.user-api-key.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .answers(200, &fixture("session-server.user-api-key.json"))
+        .await;
     app.start_worker().await;
 
     app.publish_json(&slim(1, "token-transient")).await;
@@ -65,7 +64,7 @@ async fn permanent_failures_give_session_failed_and_a_dead_letter_without_retry(
     // 401 and 466 say the worker's installation or signature is refused: they open the breaker
     // instead (tests/worker/breaker.rs).
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.mount_device_server_ok().await;
+    app.bunq_registers_every_device().await;
     let creds = fixture("error.credentials-incorrect.json");
     let mut unsigned = app.answer(200, &fixture("session-server.user-person.json"));
     unsigned.sign = false;
@@ -115,7 +114,9 @@ async fn permanent_failures_give_session_failed_and_a_dead_letter_without_retry(
         ("tforged", forged, "response_signature_invalid", None),
     ];
     for (token, resp, _, _) in &cases {
-        app.mount("session-server", Some(token), resp.clone(), None)
+        app.session_server()
+            .for_credential(token)
+            .responds_with(resp.clone())
             .await;
     }
     app.start_worker().await;
@@ -167,13 +168,9 @@ async fn permanent_failures_give_session_failed_and_a_dead_letter_without_retry(
 async fn bunq_error_description_is_reported() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
     app.settings.bunq.register_device = false;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok")).await;
     let b = body_json(&app.next_output().await);
@@ -195,7 +192,7 @@ async fn an_expired_credential_makes_no_call_and_expiry_cuts_retries_short() {
     app.settings.retry.max_delay = Duration::from_millis(300);
     app.settings.retry.max_attempts = 200;
     app.settings.retry.max_elapsed = Duration::from_secs(60);
-    app.mount_device_server_ok().await;
+    app.bunq_registers_every_device().await;
     // Records when each session-server call arrives.
     let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (seen, down) = (
@@ -259,8 +256,7 @@ async fn retries_are_bounded_by_max_attempts() {
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
     app.settings.retry.max_attempts = 3;
     app.settings.bunq.register_device = false;
-    app.mount("session-server", None, app.answer(500, "{}"), None)
-        .await;
+    app.session_server().answers(500, "{}").await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok")).await;
     let b = body_json(&app.next_output().await);
@@ -274,7 +270,7 @@ async fn retries_are_bounded_by_max_attempts() {
 #[tokio::test]
 async fn a_connection_reset_is_retried() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     // bunq behind a proxy that, once armed, resets the connection of the next request.
     let proxy = TcpProxy::start(app.bunq.address().to_string()).await;
     app.settings.bunq.api_url = format!("http://{}/v1", proxy.addr()).parse().unwrap();

@@ -54,7 +54,7 @@ async fn every_event_the_worker_publishes_matches_its_schema() {
     let created = schema("session.created");
     let failed = schema("session.failed");
     let mut app = TestApp::new().await;
-    app.mount_device_server_ok().await;
+    app.bunq_registers_every_device().await;
     let unreadable = r#"{"Response":[{"Id":{"id":9}},{"Token":{"token":"t0k3n"}},{"UserApiKey":{"id":"x","granted_by_user":{"UserPerson":{"name":"no id"}}}}]}"#;
     let cases = [
         (
@@ -80,13 +80,10 @@ async fn every_event_the_worker_publishes_matches_its_schema() {
         ),
     ];
     for (token, body, status) in &cases {
-        app.mount(
-            "session-server",
-            Some(token),
-            app.answer(*status, body),
-            None,
-        )
-        .await;
+        app.session_server()
+            .for_credential(token)
+            .answers(*status, body)
+            .await;
     }
     app.start_worker().await;
     for (i, (token, _, _)) in cases.iter().enumerate() {

@@ -29,8 +29,7 @@ const UNAVAILABLE: &str = r#"{"Error":[{"error_description":"Service unavailable
 async fn a_delivery_retrying_when_its_channel_dies_is_dead_lettered_once() {
     const ATTEMPTS: u32 = 4;
     let (mut app, proxy) = app_behind_proxy(Duration::from_secs(1), ATTEMPTS).await;
-    app.mount("session-server", None, app.answer(503, UNAVAILABLE), None)
-        .await;
+    app.session_server().answers(503, UNAVAILABLE).await;
     let outputs = tap_outputs(&mut app).await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;
@@ -95,20 +94,13 @@ async fn a_delivery_retrying_when_its_channel_dies_is_dead_lettered_once() {
 #[tokio::test]
 async fn a_delivery_retrying_when_its_channel_dies_opens_one_session() {
     let (mut app, proxy) = app_behind_proxy(Duration::from_millis(300), 20).await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(503, UNAVAILABLE),
-        Some(6),
-    )
-    .await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .first_calls(6)
+        .answers(503, UNAVAILABLE)
+        .await;
+    app.session_server()
+        .answers(200, &fixture("session-server.user-person.json"))
+        .await;
     let outputs = tap_outputs(&mut app).await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;

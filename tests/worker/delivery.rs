@@ -12,7 +12,7 @@ async fn a_delivery_stays_unacked_until_its_publish_is_confirmed() {
     // No queue is bound for session.created: every publish comes back unroutable.
     let mut app = TestApp::new_with_binding(None).await;
     app.settings.shutdown_timeout = Duration::from_secs(1);
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-unacked")).await;
     app.wait_for_session_server_call().await;
@@ -44,7 +44,7 @@ async fn a_delivery_stays_unacked_until_its_publish_is_confirmed() {
 #[tokio::test]
 async fn a_returned_publish_is_retried_and_acked_once_routable() {
     let mut app = TestApp::new_with_binding(None).await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish_json(&slim(2, "tok-late-binding")).await;
     app.wait_for_session_server_call().await;
@@ -77,10 +77,10 @@ async fn a_returned_publish_is_retried_and_acked_once_routable() {
 #[tokio::test]
 async fn shutdown_drains_in_flight_work() {
     let mut app = TestApp::new().await;
-    app.mount_device_server_ok().await;
+    app.bunq_registers_every_device().await;
     let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
     slow.delay = Some(Duration::from_millis(1500));
-    app.mount("session-server", None, slow, None).await;
+    app.session_server().responds_with(slow).await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-drain")).await;
     app.wait_for_session_server_call().await;
@@ -127,7 +127,7 @@ async fn an_inequivalent_queue_stops_start_up_with_a_message_naming_it() {
 async fn a_classic_queue_type_can_be_configured() {
     let mut app = TestApp::new().await;
     app.settings.topology.queue_type = bunq_session_worker::broker::QueueType::Classic;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-classic")).await;
     assert_eq!(type_of(&app.next_output().await), "session.created");

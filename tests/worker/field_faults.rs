@@ -20,7 +20,7 @@ fn bunq_expiry() -> String {
 #[tokio::test]
 async fn duplicate_keys_the_worker_reads_are_dead_lettered_without_a_bunq_call() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     let outputs = tap_outputs(&mut app).await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;
@@ -125,7 +125,7 @@ async fn duplicate_keys_the_worker_reads_are_dead_lettered_without_a_bunq_call()
 #[tokio::test]
 async fn duplicates_in_fields_the_worker_ignores_still_open_a_session() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;
     let expiry = bunq_expiry();
@@ -179,27 +179,21 @@ async fn duplicates_in_fields_the_worker_ignores_still_open_a_session() {
 #[tokio::test]
 async fn a_session_bunq_made_is_published_however_its_user_part_looks() {
     let mut app = TestApp::new().await;
-    app.mount_device_server_ok().await;
+    app.bunq_registers_every_device().await;
     let api_key = fixture("session-server.user-api-key.json");
     let stringly = api_key.replace(r#""id":1363"#, r#""id":"1363""#);
     assert_ne!(stringly, api_key, "the fixture holds the user id 1363");
-    app.mount(
-        "session-server",
-        Some("t-string-id"),
-        app.answer(200, &stringly),
-        None,
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("t-unreadable-user"),
-        app.answer(
+    app.session_server()
+        .for_credential("t-string-id")
+        .answers(200, &stringly)
+        .await;
+    app.session_server()
+        .for_credential("t-unreadable-user")
+        .answers(
             200,
             r#"{"Response":[{"Id":{"id":3401}},{"Token":{"id":3401,"created":"2026-11-29 09:25:11.594918","updated":"2026-11-29 09:25:11.594918","token":"SESSION-TOKEN-UNREADABLE-3401"}},{"UserApiKey":{"id":5,"granted_by_user":{"UserPerson":{"name":"x"}}}}]}"#,
-        ),
-        None,
-    )
-    .await;
+        )
+        .await;
     let outputs = tap_outputs(&mut app).await;
     let dead_letters = tap_dead_letters(&mut app).await;
     app.start_worker().await;
@@ -241,17 +235,13 @@ async fn a_session_bunq_made_is_published_however_its_user_part_looks() {
 #[tokio::test]
 async fn a_2xx_without_a_token_is_still_unexpected_response() {
     let mut app = TestApp::new().await;
-    app.mount_device_server_ok().await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(
+    app.bunq_registers_every_device().await;
+    app.session_server()
+        .answers(
             200,
             r#"{"Response":[{"Id":{"id":3402}},{"UserPerson":{"id":4410}}]}"#,
-        ),
-        None,
-    )
-    .await;
+        )
+        .await;
     app.start_worker().await;
     app.publish_json(&slim(3, "t-no-token")).await;
     let failed = app.next_output().await;
@@ -307,15 +297,14 @@ async fn a_refusal_after_a_lost_answer_is_outcome_unknown() {
     // bunq opens the session, but its answer comes after the worker gave up waiting.
     let mut lost = app.answer(200, &fixture("session-server.user-person.json"));
     lost.delay = Some(Duration::from_secs(2));
-    app.mount("session-server", None, lost, Some(1)).await;
+    app.session_server()
+        .first_calls(1)
+        .responds_with(lost)
+        .await;
     // The retry finds the credential spent.
-    app.mount(
-        "session-server",
-        None,
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-lost-answer")).await;
     let detail = failed_with(&mut app, 1, "outcome_unknown", "tok-lost-answer").await;
@@ -332,13 +321,9 @@ async fn a_refusal_after_a_lost_answer_is_outcome_unknown() {
 #[tokio::test]
 async fn a_refusal_after_a_reset_connection_is_outcome_unknown() {
     let mut app = app_with_short_timeout().await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
     // bunq behind a proxy that resets the connection carrying the first session-server call.
     let proxy = TcpProxy::start(app.bunq.address().to_string()).await;
     app.settings.bunq.api_url = format!("http://{}/v1", proxy.addr()).parse().unwrap();
@@ -356,23 +341,17 @@ async fn a_refusal_without_a_lost_session_answer_stays_credential_rejected() {
     let mut app = app_with_short_timeout().await;
     app.settings.bunq.register_device = true;
     // A lost device-server answer opens no session: it does not make the refusal unknown.
-    let mut slow_device = app.answer(200, r#"{"Response":[{"Id":{"id":77}}]}"#);
+    let mut slow_device = app.answer(200, DEVICE_SERVER_OK);
     slow_device.delay = Some(Duration::from_secs(2));
-    app.mount(
-        "device-server",
-        Some("tok-lost-device"),
-        slow_device,
-        Some(1),
-    )
-    .await;
-    app.mount_device_server_ok().await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
+    app.device_server()
+        .for_credential("tok-lost-device")
+        .first_calls(1)
+        .responds_with(slow_device)
+        .await;
+    app.bunq_registers_every_device().await;
+    app.session_server()
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
     app.start_worker().await;
     for (id, token) in [(2, "tok-plain-refusal"), (3, "tok-lost-device")] {
         app.publish_json(&slim(id, token)).await;

@@ -54,7 +54,7 @@ async fn two_replicas_and_a_cut_connection_settle_each_credential_once() {
     app.settings.bunq.register_device = false;
     let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
     slow.delay = Some(Duration::from_millis(1500));
-    app.mount("session-server", None, slow, None).await;
+    app.session_server().responds_with(slow).await;
 
     // Replica B talks to the broker directly; replica A through a proxy that will be cut.
     let b_settings = app.settings.clone();
@@ -111,7 +111,7 @@ async fn two_replicas_and_a_cut_connection_settle_each_credential_once() {
 async fn a_credential_settled_by_one_replica_is_acked_by_another_without_a_call() {
     let mut app = TestApp::new().await;
     let prefix = use_redis(&mut app, &redis_url());
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "settled-once")).await;
     assert_eq!(type_of(&app.next_output().await), "session.created");
@@ -145,7 +145,7 @@ async fn with_redis_down_no_call_is_made_nothing_is_lost_and_work_resumes() {
     )
     .await;
     let prefix = use_redis(&mut app, &format!("redis://{}", redis_proxy.addr()));
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     redis_proxy.black_hole();
     app.start_worker().await;
     app.publish_json(&slim(1, "while-redis-is-down")).await;

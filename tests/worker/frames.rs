@@ -25,7 +25,7 @@ fn big_header(key: &str, n: usize) -> FieldTable {
 #[tokio::test]
 async fn a_traceparent_that_fills_the_frame_is_not_carried_onto_the_event() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     // The input's properties: 2 flags + 4 table + 17 entry header + n, and 20 in the frame.
     let n = FRAME_MAX as usize - 43 - 60;
@@ -51,20 +51,13 @@ async fn a_delayed_copy_keeps_room_for_the_headers_the_broker_adds() {
     app.settings.bunq.register_device = false;
     app.settings.retry.max_attempts = 2;
     app.settings.topology.delayed_retry_delays = DelayTiers(vec![Duration::from_secs(1)]);
-    app.mount(
-        "session-server",
-        None,
-        app.answer(503, r#"{"Error":[{"error_description":"down"}]}"#),
-        Some(2),
-    )
-    .await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .first_calls(2)
+        .answers(503, r#"{"Error":[{"error_description":"down"}]}"#)
+        .await;
+    app.session_server()
+        .answers(200, &fixture("session-server.user-person.json"))
+        .await;
     app.start_worker().await;
     // The copy is the input plus about 330 bytes of sealed bookkeeping: about 150 bytes under
     // the frame, less than what the delay queue's dead-lettering adds.

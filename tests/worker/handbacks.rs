@@ -37,16 +37,12 @@ async fn waiting_app() -> TestApp {
     app.settings.retry.max_delay = Duration::from_secs(60);
     app.settings.retry.max_attempts = 100;
     app.settings.retry.max_elapsed = Duration::from_secs(600);
-    app.mount(
-        "session-server",
-        None,
-        app.answer(
+    app.session_server()
+        .answers(
             503,
             r#"{"Error":[{"error_description":"Service unavailable"}]}"#,
-        ),
-        None,
-    )
-    .await;
+        )
+        .await;
     app
 }
 
@@ -96,7 +92,7 @@ async fn an_input_handed_back_delivery_limit_times_is_dead_lettered_with_its_rea
 #[tokio::test]
 async fn bookkeeping_headers_a_producer_sets_are_ignored() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     // Forged: a 429 window until 2098, the limit long passed, rounds and calls made up.
     let forged = props(
@@ -183,19 +179,10 @@ async fn an_input_waiting_to_retry_bunq_at_shutdown_is_handed_back_as_a_counted_
     let calls_before = app.requests("session-server").await.len();
 
     // A worker started later, with bunq back, opens the session.
-    app.bunq.reset().await;
-    wiremock::Mock::given(wiremock::matchers::method("POST"))
-        .and(wiremock::matchers::path("/v1/installation"))
-        .respond_with(Installation(app.state.clone()))
-        .mount(&app.bunq)
+    app.reset_bunq().await;
+    app.session_server()
+        .answers(200, &fixture("session-server.user-person.json"))
         .await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-    )
-    .await;
     app.settings.retry.initial_delay = Duration::from_millis(10);
     app.settings.retry.max_delay = Duration::from_millis(50);
     app.start_worker().await;
@@ -218,7 +205,7 @@ async fn an_input_waiting_to_retry_bunq_at_shutdown_is_handed_back_as_a_counted_
 #[tokio::test]
 async fn an_input_queue_declared_without_a_delivery_limit_is_used_as_it_is() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     // As an earlier version declared it: quorum, dead-letter exchange, no x-delivery-limit.
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text("quorum"));

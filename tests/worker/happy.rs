@@ -11,7 +11,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn every_input_shape_opens_a_session() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
 
     let ready = fixture("partner-user-provision.ready.json");
@@ -65,7 +65,7 @@ async fn every_input_shape_opens_a_session() {
 #[tokio::test]
 async fn session_created_has_the_documented_body_and_properties() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
 
     let event = slim(42, "token-props");
@@ -199,35 +199,26 @@ async fn session_created_has_the_documented_body_and_properties() {
 #[tokio::test]
 async fn every_user_object_variant() {
     let mut app = TestApp::new().await;
-    app.mount_device_server_ok().await;
-    app.mount(
-        "session-server",
-        Some("t-key"),
-        app.answer(200, &fixture("session-server.user-api-key.json")),
-        None,
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("t-person"),
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("t-company"),
-        app.answer(200, &fixture("session-server.user-company.json")),
-        None,
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("t-psp"),
-        app.answer(200, r#"{"Response":[{"Id":{"id":3303}},{"Token":{"token":"psp-session-token"}},{"UserPaymentServiceProvider":{"id":4412,"session_timeout":1800}}]}"#),
-        None,
-    )
-    .await;
+    app.bunq_registers_every_device().await;
+    app.session_server()
+        .for_credential("t-key")
+        .answers(200, &fixture("session-server.user-api-key.json"))
+        .await;
+    app.session_server()
+        .for_credential("t-person")
+        .answers(200, &fixture("session-server.user-person.json"))
+        .await;
+    app.session_server()
+        .for_credential("t-company")
+        .answers(200, &fixture("session-server.user-company.json"))
+        .await;
+    app.session_server()
+        .for_credential("t-psp")
+        .answers(
+            200,
+            r#"{"Response":[{"Id":{"id":3303}},{"Token":{"token":"psp-session-token"}},{"UserPaymentServiceProvider":{"id":4412,"session_timeout":1800}}]}"#,
+        )
+        .await;
     app.start_worker().await;
     let cases = [
         ("t-key", 2173, 1363, json!(1364), "UserPerson", 604800),
@@ -259,7 +250,7 @@ async fn every_user_object_variant() {
 #[tokio::test]
 async fn not_ready_provisions_are_skipped_without_bunq_calls() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish(
         fixture("partner-user-provision.not-ready.json").as_bytes(),
@@ -292,7 +283,7 @@ async fn not_ready_provisions_are_skipped_without_bunq_calls() {
 #[tokio::test]
 async fn a_context_file_is_reused_and_a_device_registration_can_be_turned_off() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-1")).await;
     app.next_output().await;

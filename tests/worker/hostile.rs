@@ -13,20 +13,20 @@ use crate::helpers::*;
 async fn absurd_numbers_from_bunq_do_not_strand_a_session() {
     let mut app = TestApp::new().await;
     app.settings.bunq.register_device = false;
-    app.mount(
-        "session-server",
-        Some("t-timeout"),
-        app.answer(200, r#"{"Response":[{"Id":{"id":1}},{"Token":{"token":"s1","created":"2026-11-29 09:25:11.000000"}},{"UserPerson":{"id":2,"session_timeout":1000000000000000}}]}"#),
-        None,
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("t-date"),
-        app.answer(200, r#"{"Response":[{"Id":{"id":3}},{"Token":{"token":"s2","created":"9999-12-31 23:00:00.000000"}},{"UserPerson":{"id":4}}]}"#),
-        None,
-    )
-    .await;
+    app.session_server()
+        .for_credential("t-timeout")
+        .answers(
+            200,
+            r#"{"Response":[{"Id":{"id":1}},{"Token":{"token":"s1","created":"2026-11-29 09:25:11.000000"}},{"UserPerson":{"id":2,"session_timeout":1000000000000000}}]}"#,
+        )
+        .await;
+    app.session_server()
+        .for_credential("t-date")
+        .answers(
+            200,
+            r#"{"Response":[{"Id":{"id":3}},{"Token":{"token":"s2","created":"9999-12-31 23:00:00.000000"}},{"UserPerson":{"id":4}}]}"#,
+        )
+        .await;
     app.start_worker().await;
     for (i, token, session_id) in [(1, "t-timeout", 1), (2, "t-date", 3)] {
         app.publish_json(&slim(i, token)).await;
@@ -51,7 +51,7 @@ async fn a_rate_limit_window_past_the_credentials_expiry_ends_as_credential_expi
         r#"{"Error":[{"error_description":"Too many requests. You can do a maximum of 1 calls per 18446744073709551615 second to this endpoint."}]}"#,
     );
     slow.delay = Some(Duration::from_millis(1200));
-    app.mount("session-server", None, slow, None).await;
+    app.session_server().responds_with(slow).await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok")).await;
     let b = body_json(&app.next_output().await);
@@ -111,27 +111,18 @@ async fn an_unroutable_session_failed_does_not_hold_the_worker() {
     app.settings.broker.prefetch = NonZeroU16::new(2).unwrap();
     app.settings.retry.max_elapsed = Duration::from_secs(1);
     app.settings.bunq.register_device = false;
-    app.mount(
-        "session-server",
-        Some("bad-1"),
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("bad-2"),
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("good"),
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .for_credential("bad-1")
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
+    app.session_server()
+        .for_credential("bad-2")
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
+    app.session_server()
+        .for_credential("good")
+        .answers(200, &fixture("session-server.user-person.json"))
+        .await;
     app.start_worker().await;
     app.publish_json(&slim(1, "bad-1")).await;
     app.publish_json(&slim(2, "bad-2")).await;
@@ -179,7 +170,7 @@ async fn an_installation_token_no_header_can_carry_stops_start_up() {
 #[tokio::test]
 async fn a_multibyte_provision_id_at_the_limit_round_trips() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     let id = "é".repeat(64); // 128 bytes: the limit, and it becomes the correlation_id
     app.publish_json(&json!({"provision_id": id, "token_value": "tok"}))
@@ -198,13 +189,9 @@ async fn a_deleted_dead_letter_queue_is_declared_again_without_calling_bunq_twic
     let mut app = TestApp::new().await;
     app.settings.bunq.register_device = false;
     app.settings.retry.max_elapsed = Duration::from_secs(1);
-    app.mount(
-        "session-server",
-        None,
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
     app.start_worker().await;
     app.channel
         .queue_delete(
@@ -235,7 +222,7 @@ async fn a_deleted_dead_letter_queue_is_declared_again_without_calling_bunq_twic
 #[tokio::test]
 async fn the_same_credential_in_another_shape_is_not_sent_to_bunq_twice() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     let token = "tok-two-shapes";
     app.publish_json(&json!({"provision_id": 7, "token_value": token}))
@@ -278,15 +265,10 @@ async fn the_same_credential_in_another_shape_is_not_sent_to_bunq_twice() {
 async fn a_replayed_dead_letter_is_processed_again() {
     let mut app = TestApp::new_with_binding(Some("session.#")).await;
     app.settings.bunq.register_device = false;
-    app.mount("session-server", None, app.answer(503, "{}"), Some(1))
+    app.session_server().first_calls(1).answers(503, "{}").await;
+    app.session_server()
+        .answers(200, &fixture("session-server.user-person.json"))
         .await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-    )
-    .await;
     app.settings.retry.max_attempts = 1;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-replay")).await;
@@ -308,7 +290,7 @@ async fn a_replayed_dead_letter_is_processed_again() {
 async fn without_a_consumer_timeout_sessions_still_open() {
     let mut app = TestApp::new().await;
     app.settings.broker.consumer_timeout = Duration::ZERO;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-no-timeout")).await;
     assert_eq!(type_of(&app.next_output().await), "session.created");

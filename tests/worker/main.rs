@@ -1,6 +1,7 @@
 //! Integration tests: the worker against a real RabbitMQ (`AMQP_URL`) and a wiremock bunq.
 
 mod bad_input;
+mod binary;
 mod breaker;
 mod bunq_errors;
 mod contract;

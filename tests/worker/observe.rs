@@ -34,14 +34,11 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 async fn every_outcome_is_counted_and_read_back_from_metrics() {
     let mut app = TestApp::new().await;
     // Mounted first: wiremock answers with the first mock that matches.
-    app.mount(
-        "session-server",
-        Some("rejected-metrics"),
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
-    app.mount_happy_path().await;
+    app.session_server()
+        .for_credential("rejected-metrics")
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     let (_, before) = get(&app, "/metrics").await;
     let deliveries = "bunq_session_worker_deliveries_total";

@@ -7,7 +7,7 @@ use std::{
 };
 
 use bunq_session_worker::{config::DelayTiers, rate_limit::RateLimit};
-use wiremock::{Mock, Request, Respond, ResponseTemplate, matchers};
+use wiremock::{Request, Respond, ResponseTemplate};
 
 use crate::helpers::*;
 
@@ -33,29 +33,12 @@ impl<R: Respond> Respond for Timed<R> {
     }
 }
 
-async fn mount_timed(
-    app: &TestApp,
-    token: Option<&str>,
-    resp: Signed,
-    times: Option<u64>,
-    at: &Arc<Mutex<Vec<(Instant, String)>>>,
-) {
-    let mut m = Mock::given(matchers::method("POST"))
-        .and(matchers::path("/v1/session-server"))
-        .and(ValidBunqRequest(app.state.clone()));
-    if let Some(t) = token {
-        m = m.and(matchers::body_partial_json(
-            serde_json::json!({ "secret": t }),
-        ));
-    }
-    let mut m = m.respond_with(Timed {
-        inner: resp,
+/// `answer`, recording in `at` when each call arrives and with which credential.
+fn timed(answer: Signed, at: &Arc<Mutex<Vec<(Instant, String)>>>) -> Timed<Signed> {
+    Timed {
+        inner: answer,
         at: at.clone(),
-    });
-    if let Some(n) = times {
-        m = m.up_to_n_times(n);
     }
-    m.mount(&app.bunq).await;
 }
 
 /// Pacing is wired end to end: one session-server call per second for the process, across
@@ -70,14 +53,12 @@ async fn session_server_calls_are_paced_across_deliveries() {
         per: Duration::from_secs(1),
     });
     let at = Arc::new(Mutex::new(Vec::new()));
-    mount_timed(
-        &app,
-        None,
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-        &at,
-    )
-    .await;
+    app.session_server()
+        .responds_with(timed(
+            app.answer(200, &fixture("session-server.user-person.json")),
+            &at,
+        ))
+        .await;
     app.start_worker().await;
     for i in 0..3 {
         app.publish_json(&slim(i, &format!("tok-paced-{i}"))).await;
@@ -114,22 +95,19 @@ async fn a_spent_retry_budget_parks_the_delivery_and_it_comes_back() {
     app.settings.topology.delayed_retry_delays = tiers(&[1, 2]);
     let at = Arc::new(Mutex::new(Vec::new()));
     // Two failures spend the in-process budget; the call after the delay succeeds.
-    mount_timed(
-        &app,
-        None,
-        app.answer(503, r#"{"Error":[{"error_description":"down"}]}"#),
-        Some(2),
-        &at,
-    )
-    .await;
-    mount_timed(
-        &app,
-        None,
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-        &at,
-    )
-    .await;
+    app.session_server()
+        .first_calls(2)
+        .responds_with(timed(
+            app.answer(503, r#"{"Error":[{"error_description":"down"}]}"#),
+            &at,
+        ))
+        .await;
+    app.session_server()
+        .responds_with(timed(
+            app.answer(200, &fixture("session-server.user-person.json")),
+            &at,
+        ))
+        .await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-delayed")).await;
     let out = app.next_output().await;
@@ -150,8 +128,7 @@ async fn delayed_retries_end_in_the_dead_letter_queue_when_every_tier_is_spent()
     app.settings.bunq.register_device = false;
     app.settings.retry.max_attempts = 2;
     app.settings.topology.delayed_retry_delays = tiers(&[1, 1]);
-    app.mount("session-server", None, app.answer(500, "{}"), None)
-        .await;
+    app.session_server().answers(500, "{}").await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-never")).await;
     let b = body_json(&app.next_output().await);
@@ -190,8 +167,7 @@ async fn no_delayed_retry_when_the_credential_expires_first() {
     app.settings.bunq.register_device = false;
     app.settings.retry.max_attempts = 1;
     app.settings.topology.delayed_retry_delays = tiers(&[3600]);
-    app.mount("session-server", None, app.answer(500, "{}"), None)
-        .await;
+    app.session_server().answers(500, "{}").await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-expiring")).await; // expires in 1 h, the tier is 1 h
     let b = body_json(&app.next_output().await);
@@ -213,15 +189,10 @@ async fn delayed_retries_return_to_the_input_queue_only() {
     app.settings.topology.delayed_retry_delays = tiers(&[1]);
     // Declared by the test itself, so `cleanup` does not know it from the settings.
     app.extra_queues = vec![format!("{}.audit", app.names.input_queue)];
-    app.mount("session-server", None, app.answer(503, "{}"), Some(1))
+    app.session_server().first_calls(1).answers(503, "{}").await;
+    app.session_server()
+        .answers(200, &fixture("session-server.user-person.json"))
         .await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-    )
-    .await;
     app.start_worker().await;
     // Someone else listens on the input exchange too.
     let audit = app.extra_queues[0].clone();

@@ -1,98 +1,11 @@
 //! The binary as an operator runs it: exit codes, signals, and logs without secrets.
 
-use std::{
-    io::Read,
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use lapin::types::FieldTable;
 use secrecy::SecretString;
 
-use crate::{helpers::*, proxy::*};
-
-const BIN: &str = env!("CARGO_BIN_EXE_bunq-session-worker");
-
-struct Running {
-    child: Child,
-    output: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Running {
-    fn start(args: &[String], envs: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env_remove("RUST_LOG")
-            .env("LOG_FORMAT", "text")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("the worker binary starts");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        for mut pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
-        ] {
-            let output = output.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    output.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            }));
-        }
-        Self {
-            child,
-            output,
-            readers,
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
-    }
-
-    async fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // The pipes close with the process: the readers end once they have drained them.
-                for r in self.readers.drain(..) {
-                    r.join().unwrap();
-                }
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "worker did not exit; output:\n{}",
-                self.text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
+use crate::{binary::Running, helpers::*, proxy::*};
 
 async fn consumers(app: &TestApp) -> u32 {
     app.consumer_count(&app.names.input_queue).await
@@ -103,39 +16,28 @@ async fn logs_hold_no_secret_and_sigterm_exits_zero() {
     // session.created starts out unroutable, so a returned message (which lapin itself would
     // log, body and token included) is part of the run.
     let mut app = TestApp::new_with_binding(Some("session.failed")).await;
-    app.mount_device_server_ok().await;
-    app.mount(
-        "session-server",
-        Some("SECRET-TOKEN-OK-1111"),
-        app.answer(200, &fixture("session-server.user-api-key.json")),
-        None,
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("SECRET-TOKEN-ECHO-2222"),
-        // A misbehaving server that echoes the credential back in its error.
-        app.answer(
+    app.bunq_registers_every_device().await;
+    app.session_server()
+        .for_credential("SECRET-TOKEN-OK-1111")
+        .answers(200, &fixture("session-server.user-api-key.json"))
+        .await;
+    // A misbehaving server that echoes the credential back in its error.
+    app.session_server()
+        .for_credential("SECRET-TOKEN-ECHO-2222")
+        .answers(
             400,
             r#"{"Error":[{"error_description":"API key SECRET-TOKEN-ECHO-2222 is not valid"}]}"#,
-        ),
-        None,
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("SECRET-TOKEN-FLAKY-3333"),
-        app.answer(500, "<html>oops</html>"),
-        Some(1),
-    )
-    .await;
-    app.mount(
-        "session-server",
-        Some("SECRET-TOKEN-FLAKY-3333"),
-        app.answer(200, &fixture("session-server.user-person.json")),
-        None,
-    )
-    .await;
+        )
+        .await;
+    app.session_server()
+        .for_credential("SECRET-TOKEN-FLAKY-3333")
+        .first_calls(1)
+        .answers(500, "<html>oops</html>")
+        .await;
+    app.session_server()
+        .for_credential("SECRET-TOKEN-FLAKY-3333")
+        .answers(200, &fixture("session-server.user-person.json"))
+        .await;
     // Every level of every crate: a dependency that dumps bodies or headers would show here.
     let mut w = Running::start(&app.args(), &[("RUST_LOG", "trace")]);
     eventually("the worker consumes", || async {
@@ -282,10 +184,10 @@ async fn sigterm_under_load_loses_nothing() {
 /// `message_id`, nothing stays queued or is dead-lettered.
 async fn stop_mid_stream(signal: &str) {
     let mut app = TestApp::new().await;
-    app.mount_device_server_ok().await;
+    app.bunq_registers_every_device().await;
     let mut slow = app.answer(200, &fixture("session-server.user-person.json"));
     slow.delay = Some(Duration::from_millis(100));
-    app.mount("session-server", None, slow, None).await;
+    app.session_server().responds_with(slow).await;
     const N: i64 = 24;
 
     // Four deliveries in flight at once, so a stop finds work under way.
@@ -385,19 +287,18 @@ async fn sigterm_while_start_up_waits_for_the_broker_exits_zero_at_once() {
 async fn duplicate_keys_and_an_unknown_outcome_keep_every_token_out_of_logs_and_headers() {
     let mut app = TestApp::new().await;
     app.settings.bunq.http_timeout = Duration::from_millis(300);
-    app.mount_device_server_ok().await;
+    app.bunq_registers_every_device().await;
     // The first session-server answer for this credential comes too late; the retry is refused.
     let mut lost = app.answer(200, &fixture("session-server.user-person.json"));
     lost.delay = Some(Duration::from_secs(2));
-    app.mount("session-server", Some("SECRET-LOST-5555"), lost, Some(1))
+    app.session_server()
+        .for_credential("SECRET-LOST-5555")
+        .first_calls(1)
+        .responds_with(lost)
         .await;
-    app.mount(
-        "session-server",
-        None,
-        app.answer(400, &fixture("error.credentials-incorrect.json")),
-        None,
-    )
-    .await;
+    app.session_server()
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
     let mut w = Running::start(&app.args(), &[("RUST_LOG", "trace")]);
     eventually("the worker consumes", || async {
         consumers(&app).await == 1

@@ -28,7 +28,7 @@ async fn app_behind_proxy() -> (TestApp, TcpProxy) {
 #[tokio::test]
 async fn the_worker_reconnects_and_resumes_after_the_connection_is_cut() {
     let (mut app, proxy) = app_behind_proxy().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-before")).await;
     let first = app.next_output().await;
@@ -71,7 +71,7 @@ async fn the_worker_reconnects_and_resumes_after_the_connection_is_cut() {
 #[tokio::test]
 async fn a_half_open_connection_is_noticed_by_heartbeats_and_replaced() {
     let (mut app, proxy) = app_behind_proxy().await; // heartbeat 2 s
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-before-stall")).await;
     let first = app.next_output().await;
@@ -100,7 +100,7 @@ async fn a_delivery_in_flight_when_the_connection_dies_is_not_spent_twice() {
     app.settings.bunq.register_device = false;
     let mut slow = app.answer(200, &fixture("session-server.user-api-key.json"));
     slow.delay = Some(Duration::from_millis(1000));
-    app.mount("session-server", None, slow, None).await;
+    app.session_server().responds_with(slow).await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-in-flight")).await;
     app.wait_for_session_server_call().await;
@@ -138,7 +138,7 @@ async fn a_delivery_in_flight_when_the_connection_dies_is_not_spent_twice() {
 #[tokio::test]
 async fn a_deleted_input_queue_is_declared_again_and_consumed() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.channel
         .queue_delete(
@@ -162,7 +162,7 @@ async fn a_deleted_input_queue_is_declared_again_and_consumed() {
 #[tokio::test]
 async fn a_deleted_output_exchange_is_declared_again_and_nothing_is_lost() {
     let mut app = TestApp::new().await;
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.channel
         .exchange_delete(
@@ -273,7 +273,7 @@ async fn a_broker_that_never_answers_fails_start_up_in_bounded_time() {
 #[tokio::test]
 async fn shutdown_is_bounded_while_the_broker_is_a_black_hole() {
     let (mut app, proxy) = app_behind_proxy().await; // heartbeat 2 s, shutdown timeout 5 s
-    app.mount_happy_path().await;
+    app.bunq_opens_every_session().await;
     app.start_worker().await;
     app.publish_json(&slim(1, "tok-hole")).await;
     assert_eq!(body_json(&app.next_output().await)["provision_id"], 1);
