@@ -34,8 +34,6 @@ pub mod broker;
 pub mod bunq;
 pub mod config;
 pub mod decide;
-pub mod demo;
-pub mod emulator;
 pub mod events;
 pub mod failure;
 pub mod fleet;
@@ -50,6 +48,7 @@ pub mod retry;
 pub mod session;
 pub mod settle;
 pub mod telemetry;
+pub mod tools;
 pub mod worker;
 
 pub use config::Settings;

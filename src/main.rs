@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use bunq_session_worker::{
     Settings, Worker,
     config::{Cli, Command, LoadError},
-    demo, emulator, telemetry,
+    telemetry,
     telemetry::Chain,
+    tools::{demo, emulator},
 };
 use tokio_util::sync::CancellationToken;
 

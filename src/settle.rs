@@ -16,7 +16,7 @@ use tracing::{error, warn};
 
 use crate::{
     broker::{PublishError, Publisher, Topology},
-    decide::Lease,
+    fleet::Lease,
     ledger::KnownOutcomes,
     plan::{IfUnconfirmed, Message, Patience, Plan, Settled},
     retry::{Retry, RetryPolicy},

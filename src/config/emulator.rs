@@ -1,7 +1,7 @@
 //! The `emulator` subcommand's settings.
 //!
-//! They live here, not in [`crate::emulator`], so that the configuration (which builds the
-//! command line) does not depend on a tool module above it; `crate::emulator` re-exports them.
+//! They live here, not in [`crate::tools::emulator`], so that the configuration (which builds the
+//! command line) does not depend on a tool module above it; `crate::tools::emulator` re-exports them.
 
 use std::net::SocketAddr;
 

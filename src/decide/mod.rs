@@ -3,7 +3,7 @@
 //! The [`Decider`] owns every policy a decision needs, and asks in this order:
 //! 1. what this process already knows of the input's round ([`crate::ledger`]): a repeat of a
 //!    settled input is acked, a failure whose dead letter was not confirmed is settled again;
-//! 2. for a ready credential, with `REDIS_URL`, the fleet's claim ([`claim`]);
+//! 2. for a ready credential, with `REDIS_URL`, the fleet's claim ([`fleet::hold`]);
 //! 3. the delivery limit (`DELIVERY_LIMIT`, hand-backs and redeliveries together);
 //! 4. for a ready credential, the breaker's admission ([`crate::breaker`]);
 //! 5. the input itself: a decoding error is dead-lettered, a provision not ready is skipped, a
@@ -14,8 +14,6 @@
 //! Makes no broker call and names no lapin type: [`crate::plan`] and [`crate::settle`] carry the
 //! outcome out.
 
-mod claim;
-
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use futures_util::FutureExt;
@@ -23,14 +21,12 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-pub use claim::Lease;
-
 use crate::{
     breaker::{Admission, Breaker, Fault, fault_of},
     broker::{Inbound, bookkeeping::History},
     events::{self, Decoded, ProvisionReady, SCHEMA_VERSION, SessionCreated},
     failure::{Failure, FailureReason},
-    fleet::Fleet,
+    fleet::{self, Fleet, Lease, Verdict},
     ledger::{Known, KnownOutcomes},
     outcome::{Delayed, Outcome},
     session::{FlowError, Opened, SessionFlow},
@@ -91,15 +87,15 @@ impl Decider {
             _ => {}
         }
         let lease = match (&self.fleet, inbound.credential()) {
-            (Some(fleet), Some(_)) => {
-                match claim::claim(fleet, inbound.identity, self.flow.max_hold, live).await {
-                    claim::Verdict::Go(lease) => Some(lease),
-                    claim::Verdict::Settled => return already_settled(),
-                    claim::Verdict::HeldElsewhere => return self.held_elsewhere(inbound).into(),
-                    claim::Verdict::Unavailable => {
+            (Some(redis), Some(_)) => {
+                match fleet::hold(redis, inbound.identity, self.flow.max_hold, live).await {
+                    Verdict::Go(lease) => Some(lease),
+                    Verdict::Settled => return already_settled(),
+                    Verdict::HeldElsewhere => return self.held_elsewhere(inbound).into(),
+                    Verdict::Unavailable => {
                         return Outcome::Returned { counted: false }.into();
                     }
-                    claim::Verdict::Cancelled => return self.stopped(inbound).into(),
+                    Verdict::Cancelled => return self.stopped(inbound).into(),
                 }
             }
             _ => None,

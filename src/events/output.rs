@@ -4,8 +4,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
 
-use super::{ProvisionId, rfc3339};
-use crate::failure::FailureReason;
+use super::{ProvisionId, ProvisionReady, rfc3339};
+use crate::failure::Failure;
 
 fn expose<S: Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {
     ser.serialize_str(s.expose_secret())
@@ -54,29 +54,37 @@ pub struct SessionCreated {
     pub installation_key_sha256: String,
 }
 
-/// Body of `session.failed`. Holds no secret.
-#[derive(Clone, Debug, Serialize)]
-pub struct SessionFailed {
-    /// Always [`SCHEMA_VERSION`](super::SCHEMA_VERSION).
-    pub schema_version: u32,
-    /// From the input.
-    pub provision_id: ProvisionId,
-    /// From the input, or null.
-    pub external_uuid: Option<String>,
-    /// From the input, or null.
-    pub credential_id: Option<i64>,
-    /// The reason code, as in the dead-letter header `x-error-reason`.
-    pub reason: FailureReason,
-    /// The HTTP status of bunq's last answer, when there was one.
-    pub http_status: Option<u16>,
-    /// bunq's `error_description` or the worker's own explanation.
-    pub error_description: Option<String>,
-    /// bunq calls made for this delivery (0 when none was made).
-    pub attempts: u32,
-    /// When the first bunq call started (RFC 3339), or when the delivery was handled if none.
-    #[serde(serialize_with = "as_rfc3339")]
-    pub first_attempt_at: OffsetDateTime,
-    /// When the last bunq call ended (RFC 3339).
-    #[serde(serialize_with = "as_rfc3339")]
-    pub last_attempt_at: OffsetDateTime,
+/// Body of `session.failed` (`content_type: application/json`): a ready credential's provision
+/// and its [`Failure`], read where they are, not copied. Fields, in order: `schema_version`
+/// (always [`SCHEMA_VERSION`](super::SCHEMA_VERSION)); `provision_id`, `external_uuid` (or
+/// null), `credential_id` (or null) from the input; `reason` (as in the dead letter's
+/// `x-error-reason`); `http_status` of bunq's last answer, or null; `error_description`
+/// (bunq's, or the worker's own explanation); `attempts` (bunq calls for this input, all rounds;
+/// 0 when none was made); `first_attempt_at` and `last_attempt_at` (RFC 3339). The failure's
+/// `detail` stays in the dead letter.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionFailed<'a> {
+    /// The provision that failed.
+    pub provision: &'a ProvisionReady,
+    /// Why.
+    pub failure: &'a Failure,
+}
+
+impl Serialize for SessionFailed<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let (p, f) = (self.provision, self.failure);
+        let mut s = ser.serialize_struct("SessionFailed", 10)?;
+        s.serialize_field("schema_version", &super::SCHEMA_VERSION)?;
+        s.serialize_field("provision_id", &p.provision_id)?;
+        s.serialize_field("external_uuid", &p.external_uuid)?;
+        s.serialize_field("credential_id", &p.credential_id)?;
+        s.serialize_field("reason", &f.reason)?;
+        s.serialize_field("http_status", &f.http_status)?;
+        s.serialize_field("error_description", &f.error_description)?;
+        s.serialize_field("attempts", &f.attempts)?;
+        s.serialize_field("first_attempt_at", &rfc3339(f.first_attempt_at))?;
+        s.serialize_field("last_attempt_at", &rfc3339(f.last_attempt_at))?;
+        s.end()
+    }
 }

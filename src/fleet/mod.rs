@@ -14,7 +14,10 @@
 //! nothing is dead-lettered for it. A Redis restart that loses its data costs at most one extra
 //! session-server call per credential then in flight (enable persistence to avoid even that).
 
+mod claim;
 mod scripts;
+
+pub use claim::{Lease, Verdict, hold};
 
 use std::time::Duration;
 

@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 
 use crate::{
     broker::{Inbound, Seal, Topology, bookkeeping::History},
-    events::{SCHEMA_VERSION, SessionFailed},
+    events::SessionFailed,
     failure::Failure,
     identity::Key,
     ledger::Known,
@@ -270,16 +270,8 @@ fn session_failed<'a>(
 ) -> Option<Message<'a>> {
     let ready = inbound.credential()?;
     let event = SessionFailed {
-        schema_version: SCHEMA_VERSION,
-        provision_id: ready.provision_id.clone(),
-        external_uuid: ready.external_uuid.clone(),
-        credential_id: ready.credential_id,
-        reason: f.reason,
-        http_status: f.http_status,
-        error_description: f.error_description.clone(),
-        attempts: f.attempts,
-        first_attempt_at: f.first_attempt_at,
-        last_attempt_at: f.last_attempt_at,
+        provision: ready,
+        failure: f,
     };
     let provision_id = ready.provision_id.to_string();
     Some(Message {

@@ -11,7 +11,7 @@ use crate::{
         Route,
         headers::{int_header, long, str_header},
     },
-    events::{self, NotReady, ProvisionId, SessionCreated},
+    events::{self, NotReady, ProvisionId, SCHEMA_VERSION, SessionCreated},
     failure::FailureReason,
     outcome::Delayed,
 };
@@ -237,7 +237,9 @@ fn a_failed_credential_is_dead_lettered_with_its_reason_then_reported() {
     );
     assert!(matches!(event.if_unconfirmed, IfUnconfirmed::GoOn));
     let body = json(event);
+    assert_eq!(body["schema_version"], 1);
     assert_eq!(body["reason"], "credential_rejected");
+    assert_eq!(body["first_attempt_at"], "2026-12-05T12:00:00Z");
     assert_eq!(body["provision_id"], 7);
     assert_eq!(body["http_status"], 400);
     assert_eq!(body["attempts"], 2);

@@ -73,8 +73,8 @@ async fn the_demo_gets_every_expected_outcome_and_leaves_nothing_behind() {
     });
 
     let ok = tokio::time::timeout(
-        bunq_session_worker::demo::DEADLINE + Duration::from_secs(30),
-        bunq_session_worker::demo::run(settings),
+        bunq_session_worker::tools::demo::DEADLINE + Duration::from_secs(30),
+        bunq_session_worker::tools::demo::run(settings),
     )
     .await
     .expect("the demo ends")

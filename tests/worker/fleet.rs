@@ -176,7 +176,7 @@ async fn fleet_against_a_rate_limited_bunq(
     configured: Option<&str>,
     inputs: i64,
 ) -> Vec<Duration> {
-    use bunq_session_worker::emulator;
+    use bunq_session_worker::tools::emulator;
     let stop = CancellationToken::new();
     let emu = emulator::start(
         &emulator::EmulatorSettings {

@@ -20,12 +20,8 @@ use lapin::{
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    Settings, Worker,
-    emulator::{self, EmulatorSettings},
-    plan::Settled,
-    telemetry::Chain,
-};
+use super::emulator::{self, EmulatorSettings};
+use crate::{config::Settings, plan::Settled, telemetry::Chain, worker::Worker};
 use samples::{Expect, Sample, Seen};
 
 /// How long the demo waits for all outcomes.

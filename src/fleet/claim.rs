@@ -1,5 +1,6 @@
-//! The claim on a credential, with `REDIS_URL`: one replica at a time works on a credential, and
-//! a credential whose session some replica confirmed is never sent to bunq again.
+//! Taking and holding the claim on a credential: one replica at a time works on a credential, and
+//! a credential whose session some replica confirmed is never sent to bunq again. What a verdict
+//! means for the delivery is [`crate::decide`]'s to say.
 
 use std::time::Duration;
 
@@ -7,8 +8,8 @@ use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::{Claim, Fleet, LEASE};
 use crate::{
-    fleet::{Claim, Fleet, LEASE},
     identity::Key,
     retry::{Retry, RetryPolicy},
 };
@@ -17,7 +18,7 @@ use crate::{
 const HELD_POLL: Duration = Duration::from_millis(500);
 
 /// What the claim allows.
-pub(super) enum Verdict {
+pub enum Verdict {
     /// Go ahead; the lease is renewed until it is settled, released or dropped.
     Go(Lease),
     /// Some replica's `session.created` for this credential is confirmed: no bunq call.
@@ -91,10 +92,10 @@ impl Drop for Lease {
     }
 }
 
-/// Takes the claim on `credential` before any bunq call. Another replica's live claim is waited
+/// Takes the claim on `credential` (before any bunq call) and starts renewing it. Another replica's live claim is waited
 /// for, at most `max_hold` (half the consumer timeout). While Redis is unreachable, waits with
 /// backoff for as long. `live` ends the wait.
-pub(super) async fn claim(
+pub async fn hold(
     fleet: &Fleet,
     credential: Key,
     max_hold: Duration,
