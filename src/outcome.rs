@@ -4,8 +4,7 @@
 //! the messages to publish and the settlement to make; [`crate::settle`] carries that out
 //! (publish, wait for the publisher confirms, then ack), so the ordering rule lives in one place.
 
-use crate::events::{NotReady, SessionCreated};
-pub use crate::failure::{Failure, FailureReason};
+use crate::{events::SessionCreated, failure::Failure};
 
 /// The result of handling one delivery, before any broker action.
 #[derive(Debug)]
@@ -13,7 +12,7 @@ pub enum Outcome {
     /// A session exists: publish `session.created`, then ack.
     Created(Box<SessionCreated>),
     /// Valid but not ready: ack and count as skipped.
-    Skipped(NotReady),
+    Skipped,
     /// Permanent failure: publish the delivery to the dead-letter exchange with the reason
     /// headers, then `session.failed` when the input is a ready credential, then ack.
     Failed(Box<Failure>),

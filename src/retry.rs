@@ -251,8 +251,9 @@ pub async fn sleep_until_or_cancel(
 pub enum Stopped<E> {
     /// The caller's judge said the error is not worth retrying.
     Permanent(E),
-    /// Attempts or elapsed time ran out; the last error.
-    Spent(E, Spent),
+    /// Attempts or elapsed time ran out; the last error, and which budget ran out (for `Debug`
+    /// and tests: no caller reacts differently to either).
+    Spent(E, #[allow(dead_code)] Spent),
     /// Shutdown began.
     Cancelled,
 }

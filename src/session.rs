@@ -52,8 +52,6 @@ pub struct SessionFlow {
 pub struct Opened {
     /// What bunq returned.
     pub session: SessionServer,
-    /// Calls made, all endpoints together.
-    pub attempts: u32,
 }
 
 /// Why no session was opened.
@@ -368,11 +366,6 @@ impl<'a> Calls<'a> {
     fn retry_budget_s(&self) -> u64 {
         self.retry.max_elapsed().map_or(0, |d| d.as_secs())
     }
-
-    /// Calls made so far.
-    pub(crate) fn calls(&self) -> u32 {
-        self.calls
-    }
 }
 
 /// Stands for "no limit" without overflowing clocks: a year.
@@ -434,7 +427,6 @@ impl SessionFlow {
             .await?;
         Ok(Opened {
             session: answer.value,
-            attempts: calls.calls(),
         })
     }
 }

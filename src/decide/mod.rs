@@ -122,7 +122,7 @@ impl Decider {
             }
             Ok(Decoded::NotReady(n)) => {
                 info!(why = %n.why, "provision not ready; skipping");
-                return Outcome::Skipped(n.clone());
+                return Outcome::Skipped;
             }
             Ok(Decoded::Ready(r)) => r,
         };

@@ -51,7 +51,7 @@ pub enum Settled {
     /// `session.created` not confirmed before the drain ended: left unacked.
     Unfinished,
     /// A repeat of an input already settled: acked without a bunq call.
-    AlreadySettled,
+    Repeat,
 }
 
 impl Settled {
@@ -67,7 +67,7 @@ impl Settled {
             Settled::Requeued => "requeued",
             Settled::Abandoned => "abandoned",
             Settled::Unfinished => "unfinished",
-            Settled::AlreadySettled => "already_settled",
+            Settled::Repeat => "already_settled",
         }
     }
 }
@@ -193,8 +193,8 @@ pub fn plan<'a>(
                 ..done(Settled::Created, Some(Known::Settled))
             }
         }
-        Outcome::Skipped(_) => done(Settled::Skipped, None),
-        Outcome::AlreadySettled => done(Settled::AlreadySettled, None),
+        Outcome::Skipped => done(Settled::Skipped, None),
+        Outcome::AlreadySettled => done(Settled::Repeat, None),
         Outcome::Abandoned => Plan {
             ack: false,
             ..done(Settled::Abandoned, None)

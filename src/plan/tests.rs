@@ -11,7 +11,7 @@ use crate::{
         Route,
         headers::{int_header, long, str_header},
     },
-    events::{self, NotReady, ProvisionId, SCHEMA_VERSION, SessionCreated},
+    events::{self, ProvisionId, SCHEMA_VERSION, SessionCreated},
     failure::FailureReason,
     outcome::Delayed,
 };
@@ -161,13 +161,9 @@ fn created_publishes_the_session_until_confirmed_then_remembers_and_acks() {
 fn skipped_and_already_settled_only_ack_and_abandoned_leaves_the_delivery() {
     let i = inbound(SLIM, FieldTable::default());
     let seal = Seal::new(&[7; 32]);
-    let not_ready = NotReady {
-        provision_id: None,
-        why: "status is PENDING".into(),
-    };
     for (outcome, settled, ack) in [
-        (Outcome::Skipped(not_ready), Settled::Skipped, true),
-        (Outcome::AlreadySettled, Settled::AlreadySettled, true),
+        (Outcome::Skipped, Settled::Skipped, true),
+        (Outcome::AlreadySettled, Settled::Repeat, true),
         (Outcome::Abandoned, Settled::Abandoned, false),
     ] {
         let p = plan_of(&i, &outcome, &seal, 0);

@@ -37,7 +37,7 @@ use crate::{
     settle::Settler,
 };
 
-pub use crate::plan::properties::APP_ID;
+pub use crate::plan::properties::{APP_ID, PRODUCER_HEADERS_DROPPED_HEADER};
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]

@@ -198,9 +198,7 @@ async fn inputs_and_dead_letters_of_several_frames_or_large_headers_arrive_whole
 /// goes out without them, saying so, instead of the broker closing the connection on every try.
 #[tokio::test]
 async fn a_copy_whose_headers_would_not_fit_in_a_frame_goes_out_without_the_producers() {
-    use bunq_session_worker::{
-        broker::link::FRAME_MAX, plan::properties::PRODUCER_HEADERS_DROPPED_HEADER,
-    };
+    use bunq_session_worker::{broker::link::FRAME_MAX, worker::PRODUCER_HEADERS_DROPPED_HEADER};
     let mut app = TestApp::new().await;
     app.bunq_opens_every_session().await;
     app.start_worker().await;
