@@ -5,28 +5,30 @@
 //! retries) with its own installation, and publishes `session.created` with the session id and
 //! token, or `session.failed` plus a dead-letter copy that says why.
 //!
-//! Map of the crate, lowest first (a module uses only those above it):
-//! - [`failure`]: the reason codes (`credential_rejected`, …).
-//! - [`retry`]: the one retry helper and its policies; every wait ends on shutdown.
-//! - [`fleet`]: state shared by replicas in Redis: claims on credentials, one rate budget.
-//! - [`pacing`]: spacing and 429 pauses of session-server, per process or per fleet scope.
-//! - [`events`]: input shapes → [`events::ProvisionReady`]; output event bodies.
-//! - [`outcome`]: what became of a delivery, before any broker action.
-//! - [`bunq`]: API context, signing, the calls and their error classes.
-//! - [`session`]: the bunq calls for one credential with their budget; knows nothing of AMQP.
-//! - [`ledger`]: input identity, output message ids, outcomes already settled, inputs in flight.
-//! - [`broker`]: connection, topology, the envelope read once from a delivery, the consumer
-//!   supervisor, confirmed publishing.
-//! - [`process`]: `(&Inbound, &SessionFlow) -> Outcome`, the business decision, no broker call.
-//! - [`settle`]: the only code that publishes, acks and nacks.
-//! - [`breaker`]: stops taking work when bunq refuses the worker's own set-up.
-//! - [`config`]: the only module that reads the environment.
+//! Map of the crate, lowest first: a module names only those listed before it (a test keeps
+//! this true, so the import graph has no cycle).
+//! - [`failure`]: the reason codes and the one [`failure::Failure`], from bunq's answer to the dead letter.
+//! - [`rate_limit`]: `N` calls per `W` s, as bunq states it and `BUNQ_SESSION_RATE_LIMIT` sets it.
+//! - `retry`: the one retry helper and its policies; every wait ends on shutdown.
 //! - [`telemetry`]: tracing set-up, text or JSON; error cause chains.
-//! - [`worker`]: start-up wiring and the delivery path.
-//! - [`observe`]: Prometheus metrics, `/healthz` and `/readyz` on `METRICS_ADDR`.
-//! - [`emulator`]: a bunq emulator (installation, device-server, session-server) for trying
-//!   the worker without bunq credentials.
-//! - [`demo`]: `demo` (emulator + worker + one sample of each kind) and `samples`.
+//! - `observe`: Prometheus metrics, `/healthz` and `/readyz` on `METRICS_ADDR`, read through a probe.
+//! - [`events`]: input shapes → [`events::ProvisionReady`]; output event bodies.
+//! - [`bunq`]: API context, signing, the calls and their error classes.
+//! - [`identity`]: an input's identity (its credential) and the ids derived from it.
+//! - `outcome`: what becomes of a delivery, decided and not yet carried out.
+//! - `fleet`: state shared by replicas in Redis: claims on credentials, one rate budget.
+//! - [`breaker`]: stops taking work when bunq refuses the worker's own set-up.
+//! - `ledger`: outcomes this process settled, inputs in flight.
+//! - [`broker`]: connection, topology, the envelope read once from a delivery, the sealed
+//!   bookkeeping headers, the consumer supervisor, confirmed publishing.
+//! - `pacing`: spacing and 429 pauses of session-server, per process or per fleet scope.
+//! - [`config`]: the only module that reads the environment.
+//! - `plan`: `Outcome` + `Inbound` → the messages to publish and the settlement; pure.
+//! - `session`: the bunq calls for one credential with their budget; knows nothing of AMQP.
+//! - `settle`: the only code that publishes, acks and nacks: carries out a plan.
+//! - `decide`: the one place an `Outcome` is made: `Inbound` → `Outcome`.
+//! - [`worker`]: start-up wiring and the delivery path: read → decide → plan → settle.
+//! - [`tools`]: beside the product: the bunq emulator, `demo` and `samples`.
 #![warn(missing_docs)]
 
 pub mod breaker;
@@ -50,6 +52,9 @@ mod settle;
 pub mod telemetry;
 pub mod tools;
 pub mod worker;
+
+#[cfg(test)]
+mod crate_map_tests;
 
 pub use config::Settings;
 pub use worker::Worker;
