@@ -37,7 +37,7 @@ impl Failure {
     /// A failure decided at `now` without a bunq call of this round: the input itself (not
     /// JSON, wrong shape, …), the worker's own limits or a bug. `attempts` are the calls of
     /// earlier rounds, the first of which started at `first_attempt_at` (`now` when none).
-    pub fn decided(
+    pub fn without_call(
         reason: FailureReason,
         detail: String,
         attempts: u32,

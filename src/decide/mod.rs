@@ -112,7 +112,7 @@ impl Decider {
         let ready = match &inbound.decoded {
             Err(e) => {
                 let now = OffsetDateTime::now_utc();
-                return Outcome::Failed(Box::new(Failure::decided(
+                return Outcome::Failed(Box::new(Failure::without_call(
                     e.reason(),
                     e.to_string(),
                     0,
@@ -141,7 +141,7 @@ impl Decider {
             Ok(None) => return self.told(admission, false, self.stopped(inbound)),
             Err(_) => {
                 error!("internal error while handling the delivery; dead-lettering it");
-                let failure = Failure::decided(
+                let failure = Failure::without_call(
                     FailureReason::UnexpectedResponse,
                     "internal error in the worker while handling this delivery (a bug: please report it with the worker's logs)".into(),
                     0,
@@ -232,7 +232,7 @@ impl Decider {
             inbound.handed_back(),
             inbound.history.calls_before
         );
-        Some(Outcome::Failed(Box::new(Failure::decided(
+        Some(Outcome::Failed(Box::new(Failure::without_call(
             FailureReason::RedeliveryLimit,
             detail,
             inbound.history.calls_before,

@@ -245,7 +245,7 @@ fn a_failed_credential_is_dead_lettered_with_its_reason_then_reported() {
 #[test]
 fn input_that_is_no_credential_is_dead_lettered_without_an_event() {
     let i = inbound("not json", FieldTable::default());
-    let f = Failure::decided(
+    let f = Failure::without_call(
         FailureReason::MalformedJson,
         "not JSON".into(),
         0,
