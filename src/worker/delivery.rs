@@ -59,7 +59,7 @@ pub(super) async fn handle(
         let settled = settler
             .settle(&delivery.acker, planned, decision.lease)
             .await;
-        report(&decision.outcome, settled, started);
+        report(&decision.outcome, settled, &settler.topology, started);
         let _ = shared.handled.send(super::Handled {
             message_id: inbound.message_id.clone(),
             outcome: settled,
@@ -71,7 +71,7 @@ pub(super) async fn handle(
 
 /// The delivery's metrics and its one INFO line (with a WARN before it for a dead letter or a
 /// delayed retry, saying why).
-fn report(outcome: &Outcome, settled: Settled, started: Instant) {
+fn report(outcome: &Outcome, settled: Settled, t: &crate::broker::Topology, started: Instant) {
     let mut reason = "";
     match (outcome, settled) {
         (Outcome::Created(event), Settled::Created) => {
@@ -84,9 +84,10 @@ fn report(outcome: &Outcome, settled: Settled, started: Instant) {
         }
         (Outcome::Failed(f), Settled::DeadLettered) => {
             reason = f.reason.as_str();
-            warn!(reason, detail = %f.detail, attempts = f.attempts, "dead-lettered");
+            warn!(reason = %f.reason, detail = %f.detail, attempts = f.attempts, "dead-lettered");
         }
         (Outcome::Delayed(d), Settled::Delayed) => warn!(
+            queue = %t.delay_queue_name(d.delay),
             delay_s = d.delay.as_secs(),
             delayed_retry = d.retries,
             calls = d.calls,

@@ -32,12 +32,14 @@ use crate::{
     fleet::Fleet,
     ledger::{InFlight, KnownOutcomes},
     pacing::{Budget, Pacer},
-    plan::Settled,
     session::SessionFlow,
     settle::Settler,
 };
 
-pub use crate::plan::properties::{APP_ID, PRODUCER_HEADERS_DROPPED_HEADER};
+pub use crate::plan::{
+    Settled,
+    properties::{APP_ID, PRODUCER_HEADERS_DROPPED_HEADER},
+};
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
