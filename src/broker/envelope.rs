@@ -57,11 +57,6 @@ pub struct Inbound {
     /// [`TRACEPARENT_MAX_BYTES`]: an arbitrary value from the producer could make an output
     /// event's properties too large for a frame.
     pub traceparent: Option<String>,
-    /// The input's headers as its producer set them: without the worker's own bookkeeping
-    /// (`x-bunq-*`), the broker's redelivery count and its dead-lettering history (`x-death`,
-    /// `x-first-death-*`, `x-last-death-*`, from a delay queue), so a copy tells its own story
-    /// and a dead letter can be replayed as a fresh input.
-    pub producer_headers: FieldTable,
     /// The input's properties, as received (a copy keeps most of them).
     pub properties: BasicProperties,
 }
@@ -103,7 +98,6 @@ impl Inbound {
                 .unwrap_or_default(),
             traceparent: str_header(p, "traceparent")
                 .filter(|tp| tp.len() <= TRACEPARENT_MAX_BYTES),
-            producer_headers: producer_headers(p),
             properties: p.clone(),
             body,
         }
@@ -116,6 +110,25 @@ impl Inbound {
             Ok(Decoded::Ready(r)) => Some(r),
             _ => None,
         }
+    }
+
+    /// The input's headers as its producer set them: without the worker's own bookkeeping
+    /// (`x-bunq-*`), the broker's redelivery count and its dead-lettering history (`x-death`,
+    /// `x-first-death-*`, `x-last-death-*`, from a delay queue), so a copy tells its own story
+    /// and a dead letter can be replayed as a fresh input.
+    /// Built only for a copy the worker publishes, not on every delivery.
+    pub fn producer_headers(&self) -> FieldTable {
+        let mut out = FieldTable::default();
+        if let Some(h) = self.properties.headers() {
+            for (k, v) in h.inner() {
+                let name = k.as_str();
+                if is_bookkeeping(name) || name == DELIVERY_COUNT_HEADER || is_death(name) {
+                    continue;
+                }
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        out
     }
 
     /// Times this input was handed back without an outcome: the worker's own hand-backs and
@@ -136,20 +149,6 @@ impl Inbound {
             .or_else(|| input.message_id().clone())
             .unwrap_or_else(|| ShortString::from(provision_id.to_owned()))
     }
-}
-
-fn producer_headers(props: &BasicProperties) -> FieldTable {
-    let mut out = FieldTable::default();
-    if let Some(h) = props.headers() {
-        for (k, v) in h.inner() {
-            let name = k.as_str();
-            if is_bookkeeping(name) || name == DELIVERY_COUNT_HEADER || is_death(name) {
-                continue;
-            }
-            out.insert(k.clone(), v.clone());
-        }
-    }
-    out
 }
 
 /// The broker's dead-lettering history headers.

@@ -106,7 +106,7 @@ pub fn bookkept(
 /// fit beside the worker's, every try would fail the same way. They are then left out, and
 /// `x-producer-headers-dropped` says how large they were. `frame_max` 0 means no limit.
 fn copy(inbound: &Inbound, own: FieldTable, frame_max: u32) -> BasicProperties {
-    let whole = copy_with(inbound, inbound.producer_headers.clone(), &own);
+    let whole = copy_with(inbound, inbound.producer_headers(), &own);
     let size = encoded_size(&whole);
     let room = (frame_max as usize).saturating_sub(HEADER_FRAME_OVERHEAD + BROKER_HEADERS_RESERVE);
     if frame_max == 0 || size.is_some_and(|s| s <= room) {

@@ -42,7 +42,7 @@ fn inbound(body: &str, headers: FieldTable) -> Inbound {
         .with_message_id("m-1".into())
         .with_content_type("application/json".into())
         .with_user_id("partner".into())
-        .with_headers(headers.clone());
+        .with_headers(headers);
     Inbound {
         round_key: crate::identity::round_key(&identity, 0),
         identity,
@@ -58,7 +58,6 @@ fn inbound(body: &str, headers: FieldTable) -> Inbound {
         delivery_count: None,
         message_id: "m-1".into(),
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
-        producer_headers: headers,
         properties,
     }
 }
@@ -267,9 +266,7 @@ fn input_that_is_no_credential_is_dead_lettered_without_an_event() {
 fn a_delayed_copy_carries_sealed_bookkeeping_that_reads_back() {
     let mut headers = producer_headers();
     headers.insert("x-death".into(), AMQPValue::LongLongInt(1));
-    let mut i = inbound(SLIM, headers.clone());
-    // What Inbound::read keeps of a producer's headers.
-    i.producer_headers = producer_headers();
+    let i = inbound(SLIM, headers);
     let seal = Seal::new(&[7; 32]);
     let d = Delayed {
         delay: std::time::Duration::from_secs(60),
