@@ -102,8 +102,30 @@ pub struct Stops {
 /// Why a consumer stopped delivering.
 enum ConsumerEnd {
     Shutdown,
-    Failed(lapin::Error),
+    Failed(ChannelFault),
     CancelledByBroker,
+}
+
+/// Why the consumer's channel is given up.
+#[derive(Debug, thiserror::Error)]
+enum ChannelFault {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    /// lapin can leave a call unanswered when the connection dies under it: every call on the
+    /// consumer's channel is bounded by [`CHANNEL_OP_TIMEOUT`].
+    #[error("{0} not answered within {ms} ms", ms = CHANNEL_OP_TIMEOUT.as_millis())]
+    Unanswered(&'static str),
+}
+
+/// `op` within [`CHANNEL_OP_TIMEOUT`].
+async fn bounded<T>(
+    what: &'static str,
+    op: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, ChannelFault> {
+    tokio::time::timeout(CHANNEL_OP_TIMEOUT, op)
+        .await
+        .map_err(|_| ChannelFault::Unanswered(what))?
+        .map_err(ChannelFault::Amqp)
 }
 
 impl Consumer {
@@ -261,7 +283,7 @@ impl Consumer {
                         Some(Ok(delivery)) => {
                             tasks.spawn(handle(delivery, channel_live.clone()));
                         }
-                        Some(Err(e)) => break ConsumerEnd::Failed(e),
+                        Some(Err(e)) => break ConsumerEnd::Failed(e.into()),
                         None if draining => draining = false,
                         None => break ConsumerEnd::CancelledByBroker,
                     },
@@ -302,10 +324,9 @@ impl Consumer {
     }
 
     /// Pauses consuming: `basic.cancel` of `tag` (the breaker is open).
-    async fn cancel(&self, channel: &Channel, tag: &str) -> Result<(), lapin::Error> {
-        channel
-            .basic_cancel(tag.into(), BasicCancelOptions::default())
-            .await?;
+    async fn cancel(&self, channel: &Channel, tag: &str) -> Result<(), ChannelFault> {
+        let cancel = channel.basic_cancel(tag.into(), BasicCancelOptions::default());
+        bounded("basic.cancel", cancel).await?;
         self.set_consuming(false);
         warn!(queue = %self.topology.input_queue, "consuming paused by the breaker");
         Ok(())
@@ -313,15 +334,14 @@ impl Consumer {
 
     /// Consumes again under `tag` on the same channel, so deliveries in flight can still be
     /// settled on it.
-    async fn resume(&self, channel: &Channel, tag: &str) -> Result<lapin::Consumer, lapin::Error> {
-        let consumer = channel
-            .basic_consume(
-                self.topology.input_queue.as_str().into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+    async fn resume(&self, channel: &Channel, tag: &str) -> Result<lapin::Consumer, ChannelFault> {
+        let consume = channel.basic_consume(
+            self.topology.input_queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        let consumer = bounded("basic.consume", consume).await?;
         self.set_consuming(true);
         info!(queue = %self.topology.input_queue, "consuming again (the breaker lets one delivery try)");
         Ok(consumer)

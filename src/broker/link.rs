@@ -62,7 +62,9 @@ pub fn redact_url_password(url: &str) -> String {
 /// Longest wait for one connection attempt (TCP, TLS and the AMQP handshake): a broker that
 /// accepts TCP but never answers must not hang the worker.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait for closing a channel or the connection: a hung broker must not hold a stop.
+/// Longest wait for closing a channel or the connection, for an ack or a nack, and for pausing
+/// or resuming the consumer: a hung broker must not hold a stop, and a call lapin leaves
+/// unanswered when the connection dies under it must not hold a delivery.
 pub const CHANNEL_OP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The AMQP frame size the worker asks for, in bytes, unless `AMQP_URL` sets `frame_max`
