@@ -135,6 +135,47 @@ async fn a_delivery_in_flight_when_the_connection_dies_is_not_spent_twice() {
     app.cleanup().await;
 }
 
+/// The connection dies while many deliveries are being settled (publishing, confirming,
+/// acking): every input still gets its one session, bunq is called once per credential, and
+/// nothing waits for ever behind an ack the dead connection never answered.
+#[tokio::test]
+async fn a_connection_cut_while_deliveries_are_settled_loses_nothing_and_spends_nothing_twice() {
+    let (mut app, proxy) = app_behind_proxy().await;
+    app.settings.bunq.register_device = false;
+    // Spread the answers so that settlements are under way when the cut comes.
+    let mut answer = app.answer(200, &fixture("session-server.user-api-key.json"));
+    answer.delay = Some(Duration::from_millis(20));
+    app.session_server().responds_with(answer).await;
+    app.start_worker().await;
+    const N: i64 = 40;
+    for i in 0..N {
+        app.publish_json(&slim(i, &format!("tok-settling-{i}")))
+            .await;
+    }
+    let first = app.next_output().await;
+    proxy.cut();
+    proxy.restore();
+    let mut created = std::collections::BTreeSet::new();
+    created.insert(body_json(&first)["provision_id"].as_i64().unwrap());
+    while created.len() < N as usize {
+        let out = app.next_output().await;
+        assert_eq!(type_of(&out), "session.created", "{}", body_json(&out));
+        created.insert(body_json(&out)["provision_id"].as_i64().unwrap());
+    }
+    let q = app.names.input_queue.clone();
+    eventually("every input is settled", || async {
+        app.ready_count(&q).await == 0 && app.status.as_ref().unwrap().in_flight() == 0
+    })
+    .await;
+    assert_eq!(
+        app.requests("session-server").await.len(),
+        N as usize,
+        "each credential was used once"
+    );
+    assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_deleted_input_queue_is_declared_again_and_consumed() {
     let mut app = TestApp::new().await;
