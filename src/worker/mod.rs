@@ -25,6 +25,7 @@ use crate::{
     breaker::Breaker,
     broker::{
         ConnectError, Consumer, Link, Publisher, Stops, SubscribeFailed, TopologyError, declare,
+        link::CONNECT_TIMEOUT,
     },
     bunq::{BunqClient, CallError, context::ContextError},
     config::Settings,
@@ -300,7 +301,11 @@ impl Worker {
         );
         let connection = link.connect().await.map_err(connect_error)?;
         let topology = settings.topology.topology();
-        declare(&connection, &topology).await?;
+        // Bounded like every other broker call: a broker that dies under the start-up must
+        // fail it, not hang it.
+        tokio::time::timeout(CONNECT_TIMEOUT, declare(&connection, &topology))
+            .await
+            .unwrap_or(Err(TopologyError::Timeout(CONNECT_TIMEOUT.as_secs())))?;
 
         let bunq = &settings.bunq;
         let client = BunqClient::new(
