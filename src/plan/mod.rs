@@ -101,8 +101,9 @@ pub enum IfUnconfirmed {
     GoOn,
 }
 
-/// One message to publish with a publisher confirm.
-#[derive(Debug)]
+/// One message to publish with a publisher confirm. Its `Debug` shows neither the body (a
+/// `session.created` holds the session token, a copy the input's `token_value`) nor the
+/// properties (the producer's headers).
 pub struct Message<'a> {
     /// What it is, for logs: `session.created`, `the dead-letter copy`, ….
     pub what: &'static str,
@@ -118,6 +119,19 @@ pub struct Message<'a> {
     pub patience: Patience,
     /// And if it is not confirmed.
     pub if_unconfirmed: IfUnconfirmed,
+}
+
+impl std::fmt::Debug for Message<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("what", &self.what)
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("body_bytes", &self.body.len())
+            .field("patience", &self.patience)
+            .field("if_unconfirmed", &self.if_unconfirmed)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A settlement, planned: publish `messages` in order, each confirmed before the next; then

@@ -92,6 +92,12 @@ fn failure(reason: FailureReason) -> Failure {
     }
 }
 
+/// Whether `shown` (a `Debug` rendering) holds `secret` as text or as a list of its bytes.
+fn leaks(shown: &str, secret: &str) -> bool {
+    let bytes = format!("{:?}", secret.as_bytes());
+    shown.contains(secret) || shown.contains(bytes.trim_matches(['[', ']']))
+}
+
 fn json(m: &Message<'_>) -> serde_json::Value {
     serde_json::from_slice(&m.body).expect("a JSON body")
 }
@@ -154,6 +160,9 @@ fn created_publishes_the_session_until_confirmed_then_remembers_and_acks() {
     );
     // An event carries no producer header but the trace context.
     assert_eq!(str_header(props, "tenant"), None);
+    let shown = format!("{p:?}");
+    assert!(!leaks(&shown, "session-token"), "{shown}");
+    assert!(shown.contains("session.created"), "{shown}");
 }
 
 #[test]
@@ -192,6 +201,11 @@ fn a_failed_credential_is_dead_lettered_with_its_reason_then_reported() {
         ("dlx", "provision.ready")
     );
     assert_eq!(&dl.body[..], SLIM.as_bytes());
+    let shown = format!("{p:?}");
+    assert!(
+        !leaks(&shown, "tok-123"),
+        "the input's token_value: {shown}"
+    );
     match &dl.if_unconfirmed {
         IfUnconfirmed::Requeue(Some(Known::Failed(kept))) => assert_eq!(**kept, f),
         other => panic!("the failure is kept for the requeue: {other:?}"),
