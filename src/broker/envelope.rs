@@ -29,8 +29,8 @@ pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// (<https://www.w3.org/TR/trace-context/#traceparent-header>).
 pub const TRACEPARENT_MAX_BYTES: usize = 512;
 
-/// A delivery as the worker reads it, once.
-#[derive(Debug)]
+/// A delivery as the worker reads it, once. Its `Debug` shows neither the body (it holds the
+/// credential's `token_value`) nor the properties (the producer's headers).
 pub struct Inbound {
     /// The body, as received.
     pub body: Vec<u8>,
@@ -59,6 +59,22 @@ pub struct Inbound {
     pub traceparent: Option<String>,
     /// The input's properties, as received (a copy keeps most of them).
     pub properties: BasicProperties,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("body_bytes", &self.body.len())
+            .field("decoded", &self.decoded)
+            .field("history", &self.history)
+            .field("original_route", &self.original_route)
+            .field("routing_key", &self.routing_key)
+            .field("redelivered", &self.redelivered)
+            .field("delivery_count", &self.delivery_count)
+            .field("message_id", &self.message_id)
+            .field("traceparent", &self.traceparent)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inbound {
