@@ -33,7 +33,10 @@ pub enum Known {
 /// A failure whose dead letter could not be published yet is kept so the retry does not call
 /// bunq again; a confirmed failure is remembered for redeliveries only, so an operator can replay
 /// its dead letter.
-/// Bounded: entries live [`KnownOutcomes::TTL`], at most [`KnownOutcomes::CAPACITY`] are kept.
+/// Bounded: entries live [`KnownOutcomes::TTL`], at most [`KnownOutcomes::CAPACITY`] are kept;
+/// when it is full a new outcome evicts the oldest one (counted in
+/// `bunq_session_worker_outcome_memory_evictions_total`, and a WARN at most once a minute): it
+/// never refuses one. Only credentials' outcomes are remembered ([`crate::plan`]).
 /// Expired entries are dropped oldest first from a queue in insertion order, so remembering
 /// costs the same with 10 entries or 10,000 (a sweep of the whole map on every outcome was a
 /// tenth of the worker's CPU in the benchmark).
@@ -48,9 +51,33 @@ struct Entries {
     /// When each key was remembered, oldest first; a key remembered again appears once more,
     /// and only its newest stamp removes it.
     order: VecDeque<(Instant, Key)>,
+    /// When an eviction was last logged.
+    warned_at: Option<Instant>,
 }
 
 impl Entries {
+    /// Forgets the oldest outcome still remembered, and says so.
+    fn evict_oldest(&mut self, now: Instant) {
+        while let Some((at, key)) = self.order.pop_front() {
+            if self.by_key.get(&key).is_some_and(|(stamp, _)| *stamp == at) {
+                self.by_key.remove(&key);
+                break;
+            }
+        }
+        metrics::counter!("bunq_session_worker_outcome_memory_evictions_total").increment(1);
+        if self
+            .warned_at
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60))
+        {
+            self.warned_at = Some(now);
+            tracing::warn!(
+                capacity = KnownOutcomes::CAPACITY,
+                ttl_s = KnownOutcomes::TTL.as_secs(),
+                "the in-process memory of outcomes is full: the oldest are forgotten before their time, so a repeat of one is worked on again (with REDIS_URL the fleet's record still holds a created session)"
+            );
+        }
+    }
+
     fn expire(&mut self, now: Instant) {
         while let Some(&(at, key)) = self.order.front() {
             if now.duration_since(at) < KnownOutcomes::TTL {
@@ -76,15 +103,16 @@ impl KnownOutcomes {
     /// Most outcomes remembered at once.
     pub const CAPACITY: usize = 10_000;
 
-    /// Remembers `known` for `key` (when full, only an existing key is updated).
+    /// Remembers `known` for `key`; when full, the oldest outcome is forgotten to make room.
     pub fn remember(&self, key: Key, known: Known) {
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         e.expire(now);
-        if e.by_key.len() < Self::CAPACITY || e.by_key.contains_key(&key) {
-            e.by_key.insert(key, (now, known));
-            e.order.push_back((now, key));
+        if e.by_key.len() >= Self::CAPACITY && !e.by_key.contains_key(&key) {
+            e.evict_oldest(now);
         }
+        e.by_key.insert(key, (now, known));
+        e.order.push_back((now, key));
     }
 
     /// What is remembered for `key`, if it is younger than [`Self::TTL`].
@@ -178,20 +206,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn when_full_only_known_keys_are_updated_until_entries_expire() {
-        let known = KnownOutcomes::default();
-        for i in 0..KnownOutcomes::CAPACITY as u32 {
+    async fn when_full_the_oldest_outcome_is_evicted_and_a_new_one_is_kept() {
+        let key = |i: u32| {
             let mut k = [0u8; 32];
             k[..4].copy_from_slice(&i.to_be_bytes());
-            known.remember(k, Known::Settled);
+            k
+        };
+        let known = KnownOutcomes::default();
+        for i in 0..KnownOutcomes::CAPACITY as u32 {
+            known.remember(key(i), Known::Settled);
+            tokio::time::advance(Duration::from_millis(1)).await;
         }
-        known.remember([0xff; 32], Known::Settled);
-        assert!(known.recall(&[0xff; 32]).is_none());
-        known.remember([0; 32], Known::Finished);
-        assert!(matches!(known.recall(&[0; 32]), Some(Known::Finished)));
-        tokio::time::advance(KnownOutcomes::TTL).await;
+        // Updating a key already there evicts nothing, and makes it the youngest.
+        known.remember(key(0), Known::Finished);
+        assert!(known.recall(&key(1)).is_some());
         known.remember([0xff; 32], Known::Settled);
         assert!(matches!(known.recall(&[0xff; 32]), Some(Known::Settled)));
+        assert!(known.recall(&key(1)).is_none(), "the oldest is forgotten");
+        assert!(matches!(known.recall(&key(0)), Some(Known::Finished)));
+        assert!(known.recall(&key(2)).is_some());
+        let e = known.entries.lock().unwrap();
+        assert_eq!(e.by_key.len(), KnownOutcomes::CAPACITY);
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@
 //! | abandoned        | none                                                 | nothing (redelivered)|
 //!
 //! When a message is not confirmed in time, [`IfUnconfirmed`] says what becomes of the delivery.
+//! Only a credential's outcome is remembered: an input that is no credential never reaches bunq.
 
 pub mod properties;
 
@@ -189,7 +190,7 @@ pub fn plan<'a>(
         ack: true,
         settled,
     };
-    match outcome {
+    let mut plan = match outcome {
         Outcome::Created(event) => {
             let provision_id = event.provision_id.to_string();
             Plan {
@@ -271,7 +272,19 @@ pub fn plan<'a>(
                 ..done(Settled::Returned, None)
             }
         }
+    };
+    if inbound.credential().is_none() {
+        // An input that is no credential never reaches bunq, so working on it again costs
+        // nothing: it takes no slot of the in-process memory, and a burst of junk cannot push
+        // out what the worker knows of credentials.
+        plan.remember = None;
+        for m in &mut plan.messages {
+            if let IfUnconfirmed::Requeue(known) = &mut m.if_unconfirmed {
+                *known = None;
+            }
+        }
     }
+    plan
 }
 
 /// `session.failed`, for a ready credential: tried within the budget; if it cannot be routed

@@ -274,6 +274,9 @@ fn input_that_is_no_credential_is_dead_lettered_without_an_event() {
         str_header(&dl.properties, "x-error-reason").as_deref(),
         Some("malformed_json")
     );
+    // It never reaches bunq: nothing of it takes a slot of the in-process memory.
+    assert!(p.remember.is_none(), "{:?}", p.remember);
+    assert!(matches!(dl.if_unconfirmed, IfUnconfirmed::Requeue(None)));
 }
 
 #[test]
