@@ -15,6 +15,7 @@ use lapin::{
 use super::{
     bookkeeping::{History, Route, Seal, is_bookkeeping},
     headers::{int_header, str_header},
+    topology::QueueType,
 };
 use crate::{
     events::{self, Decoded, InputError, ProvisionReady},
@@ -83,8 +84,15 @@ impl Inbound {
     ///
     /// The worker's bookkeeping headers count only when `seal` verifies them (they were written
     /// by a replica of this installation); otherwise the input is fresh, whatever its producer
-    /// set. The broker's `x-delivery-count` counts only on a redelivery.
-    pub fn read(delivery: &mut Delivery, max_bytes: usize, seal: &Seal) -> Self {
+    /// set. `x-delivery-count` counts only on a redelivery from a quorum queue (`queue_type`),
+    /// where the broker writes it; a classic queue never does, so there it can only be a
+    /// producer's.
+    pub fn read(
+        delivery: &mut Delivery,
+        max_bytes: usize,
+        seal: &Seal,
+        queue_type: QueueType,
+    ) -> Self {
         let body = std::mem::take(&mut delivery.data);
         let decoded = events::decode(&body, max_bytes);
         let identity = identity::identity(&body, &decoded);
@@ -102,7 +110,7 @@ impl Inbound {
             original_route,
             routing_key: delivery.routing_key.to_string(),
             redelivered: delivery.redelivered,
-            delivery_count: if delivery.redelivered {
+            delivery_count: if delivery.redelivered && queue_type == QueueType::Quorum {
                 int_header(p, DELIVERY_COUNT_HEADER)
             } else {
                 None

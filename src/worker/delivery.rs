@@ -25,7 +25,12 @@ pub(super) async fn handle(
     mut delivery: Delivery,
     channel_live: CancellationToken,
 ) {
-    let inbound = Inbound::read(&mut delivery, shared.max_message_bytes, &shared.seal);
+    let inbound = Inbound::read(
+        &mut delivery,
+        shared.max_message_bytes,
+        &shared.seal,
+        shared.settler.topology.queue_type,
+    );
     let provision_id = match &inbound.decoded {
         Ok(Decoded::Ready(r)) => Some(&r.provision_id),
         Ok(Decoded::NotReady(n)) => n.provision_id.as_ref(),

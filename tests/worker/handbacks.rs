@@ -261,3 +261,35 @@ async fn an_input_queue_declared_without_a_delivery_limit_is_used_as_it_is() {
     assert!(app.worker_is_running());
     app.cleanup().await;
 }
+
+/// A classic queue never writes `x-delivery-count`, so a producer's (say, a message forwarded
+/// from a quorum queue elsewhere) is not believed even on a redelivery: the input goes to bunq,
+/// not to the dead-letter queue as `redelivery_limit`.
+#[tokio::test]
+async fn a_producers_delivery_count_is_not_believed_on_a_classic_queue() {
+    let mut app = TestApp::new().await;
+    app.settings.topology.queue_type = bunq_session_worker::broker::QueueType::Classic;
+    app.bunq_opens_every_session().await;
+    let dead_letters = tap_dead_letters(&mut app).await;
+    // The worker declares the topology, then stops: the input waits in the queue.
+    app.start_worker().await;
+    let q = app.names.input_queue.clone();
+    eventually("the worker consumes", || async {
+        app.consumer_count(&q).await == 1
+    })
+    .await;
+    app.stop_worker().await.unwrap();
+    let forwarded = props(
+        "in-forwarded",
+        &[("x-delivery-count", AMQPValue::LongInt(100))],
+    );
+    app.publish(slim(1, "tok-forwarded").to_string().as_bytes(), forwarded)
+        .await;
+    // Taken and put back: the worker gets it with the redelivered flag.
+    assert!(!peek(&app, &q).await.redelivered);
+    app.start_worker().await;
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created", "{}", body_json(&out));
+    assert_eq!(app.ready_count(&dead_letters).await, 0);
+    app.cleanup().await;
+}
