@@ -15,6 +15,8 @@
 //!   `bunq_session_worker_publish_failures_total{exchange}`;
 //! - `bunq_session_worker_outcome_memory_evictions_total`: outcomes the full in-process memory
 //!   forgot before their 15 min ([`crate::ledger::KnownOutcomes`]);
+//! - `bunq_session_worker_foreign_seals_total`: inputs whose bookkeeping seal this replica could
+//!   not verify ([`crate::broker::bookkeeping`]);
 //! - `bunq_session_worker_build_info{version}` (always 1).
 //!
 //! Probes: `/healthz` answers 200 while the worker's loops run. `/readyz` answers 200 only when

@@ -141,12 +141,20 @@ impl Seal {
                 .as_deref()
                 .and_then(events::parse_time),
         };
-        let sealed = str_header(props, SEAL_HEADER)
-            .is_some_and(|tag| self.verifies(identity, &claimed, &claimed_route, &tag));
-        if sealed {
-            (claimed, claimed_route)
-        } else {
-            (History::default(), own)
+        match str_header(props, SEAL_HEADER) {
+            Some(tag) if self.verifies(identity, &claimed, &claimed_route, &tag) => {
+                (claimed, claimed_route)
+            }
+            Some(_) => {
+                // Never silently fresh: a fleet whose replicas cannot read each other's seals
+                // loses its rounds, calls, hand-backs and 429 windows at every hop.
+                metrics::counter!("bunq_session_worker_foreign_seals_total").increment(1);
+                tracing::warn!(
+                    "this input carries worker bookkeeping (x-bunq-seal) this replica cannot verify, so it counts as fresh: either a replica with another API context wrote it (every replica of a fleet must use the same bunq installation: share BUNQ_CONTEXT_FILE or the BUNQ_CLIENT_PRIVATE_KEY / BUNQ_INSTALLATION_TOKEN / BUNQ_SERVER_PUBLIC_KEY set), or its producer forged it"
+                );
+                (History::default(), own)
+            }
+            None => (History::default(), own),
         }
     }
 }

@@ -30,6 +30,29 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// An input whose `x-bunq-seal` does not verify (another API context wrote it, or a producer
+/// forged it) counts as fresh, and is counted: never silently.
+#[tokio::test]
+async fn a_seal_this_replica_cannot_verify_is_counted() {
+    let mut app = TestApp::new().await;
+    app.bunq_opens_every_session().await;
+    app.start_worker().await;
+    let name = "bunq_session_worker_foreign_seals_total";
+    let before = sample(&get(&app, "/metrics").await.1, name, &[]);
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-bunq-seal".into(),
+        lapin::types::AMQPValue::LongString("00ff".into()),
+    );
+    let props = lapin::BasicProperties::default().with_headers(headers);
+    app.publish(slim(1, "tok-foreign-seal").to_string().as_bytes(), props)
+        .await;
+    assert_eq!(type_of(&app.next_output().await), "session.created");
+    let after = sample(&get(&app, "/metrics").await.1, name, &[]);
+    assert!(after >= before + 1.0, "{before} → {after}");
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn every_outcome_is_counted_and_read_back_from_metrics() {
     let mut app = TestApp::new().await;
