@@ -16,7 +16,7 @@ use lapin::{
 use tokio::sync::Mutex;
 
 use super::{
-    link::{CHANNEL_OP_TIMEOUT, CONNECT_TIMEOUT, Link},
+    link::{CHANNEL_OP_TIMEOUT, Link},
     topology::{Topology, TopologyError, declare},
 };
 
@@ -174,9 +174,7 @@ impl Publisher {
         let Some(connection) = self.link.current().await else {
             return Ok(()); // reconnecting: the supervisor declares the topology on the new one
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, declare(&connection, topology))
-            .await
-            .unwrap_or(Err(TopologyError::Timeout(CONNECT_TIMEOUT.as_secs())))
+        declare(&connection, topology).await
     }
 
     /// Closes the channel, if open, waiting at most [`CHANNEL_OP_TIMEOUT`].

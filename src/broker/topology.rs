@@ -11,7 +11,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-use super::headers::long;
+use super::{headers::long, link::CONNECT_TIMEOUT};
 
 /// The type of the input, dead-letter and delay queues (RabbitMQ `x-queue-type`).
 ///
@@ -121,10 +121,20 @@ fn classify(object: String, e: lapin::Error) -> TopologyError {
 /// argument is declared again without it and a WARN says how to move to it; the worker reads
 /// `x-delivery-count` and keeps its own count either way.
 ///
+/// Every call is bounded: the whole declaration takes at most [`CONNECT_TIMEOUT`], so a broker
+/// that dies or stalls under it fails it instead of hanging it.
+///
 /// # Errors
 /// [`TopologyError::Inequivalent`] when an object exists with other arguments;
+/// [`TopologyError::Timeout`] when it takes longer than [`CONNECT_TIMEOUT`];
 /// [`TopologyError::Other`] otherwise.
 pub async fn declare(connection: &Connection, t: &Topology) -> Result<(), TopologyError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, declare_unbounded(connection, t))
+        .await
+        .unwrap_or(Err(TopologyError::Timeout(CONNECT_TIMEOUT.as_secs())))
+}
+
+async fn declare_unbounded(connection: &Connection, t: &Topology) -> Result<(), TopologyError> {
     let open = || async {
         connection
             .create_channel()

@@ -25,7 +25,6 @@ use crate::{
     breaker::Breaker,
     broker::{
         ConnectError, Consumer, Link, Publisher, Stops, SubscribeFailed, TopologyError, declare,
-        link::CONNECT_TIMEOUT,
     },
     bunq::{BunqClient, CallError, context::ContextError},
     config::Settings,
@@ -301,11 +300,7 @@ impl Worker {
         );
         let connection = link.connect().await.map_err(connect_error)?;
         let topology = settings.topology.topology();
-        // Bounded like every other broker call: a broker that dies under the start-up must
-        // fail it, not hang it.
-        tokio::time::timeout(CONNECT_TIMEOUT, declare(&connection, &topology))
-            .await
-            .unwrap_or(Err(TopologyError::Timeout(CONNECT_TIMEOUT.as_secs())))?;
+        declare(&connection, &topology).await?;
 
         let bunq = &settings.bunq;
         let client = BunqClient::new(
