@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::{
-    broker::{PublishError, Publisher, Topology, link::CHANNEL_OP_TIMEOUT},
+    broker::{
+        PublishError, Publisher, Topology,
+        link::{CHANNEL_OP_TIMEOUT, ChannelFault, bounded},
+    },
     fleet::Lease,
     ledger::KnownOutcomes,
     plan::{IfUnconfirmed, Message, Patience, Plan, Settled},
@@ -161,44 +164,21 @@ impl Settler {
     }
 }
 
-/// What became of an ack or a nack.
-enum Sent {
-    Yes,
-    /// lapin answered `Ok(false)`: the delivery's channel is gone.
-    ChannelGone,
-    Failed(lapin::Error),
-    /// No answer within [`CHANNEL_OP_TIMEOUT`].
-    Unanswered,
-}
-
-/// Sends an ack or a nack within [`CHANNEL_OP_TIMEOUT`]. lapin 4 can leave one unanswered for
-/// ever when the channel dies while it is being sent (its internal RPC drops the promise of a
-/// channel it already counts as closed; amqp-rs/lapin#409 is the same kind for publishes), and a
-/// settlement that never ends holds the input's in-process lock, so every redelivered copy of
-/// that input would wait behind it.
-async fn send(op: impl Future<Output = lapin::Result<bool>>) -> Sent {
-    match tokio::time::timeout(CHANNEL_OP_TIMEOUT, op).await {
-        Ok(Ok(true)) => Sent::Yes,
-        Ok(Ok(false)) => Sent::ChannelGone,
-        Ok(Err(e)) => Sent::Failed(e),
-        Err(_) => Sent::Unanswered,
-    }
-}
-
 async fn nack_requeue(acker: &Acker) {
     let requeue = BasicNackOptions {
         requeue: true,
         ..Default::default()
     };
-    match send(acker.nack(requeue)).await {
-        Sent::Yes => {}
-        Sent::ChannelGone => {
+    match bounded("basic.nack", acker.nack(requeue)).await {
+        Ok(true) => {}
+        // lapin answers Ok(false) when the delivery's channel is gone.
+        Ok(false) => {
             warn!("nack impossible: the delivery's channel is gone; the broker redelivers it")
         }
-        Sent::Failed(e) => {
+        Err(ChannelFault::Amqp(e)) => {
             warn!(error = %crate::telemetry::Chain(&e), "nack failed; the broker redelivers when the channel closes")
         }
-        Sent::Unanswered => warn!(
+        Err(ChannelFault::Unanswered(_)) => warn!(
             timeout_ms = CHANNEL_OP_TIMEOUT.as_millis() as u64,
             "nack not sent in time (the channel is presumably gone); the broker redelivers when the channel closes"
         ),
@@ -209,32 +189,18 @@ async fn nack_requeue(acker: &Acker) {
 async fn ack(acker: &Acker) {
     const REDELIVERED: &str =
         "the broker will redeliver it and it will be acked without a second bunq call";
-    match send(acker.ack(BasicAckOptions::default())).await {
-        Sent::Yes => {}
-        // Not an ack: the channel is gone.
-        Sent::ChannelGone => error!(
+    match bounded("basic.ack", acker.ack(BasicAckOptions::default())).await {
+        Ok(true) => {}
+        // lapin answers Ok(false) when the delivery's channel is gone: that is not an ack.
+        Ok(false) => error!(
             "ack impossible after a confirmed outcome: the delivery's channel is gone; {REDELIVERED}"
         ),
-        Sent::Failed(e) => {
+        Err(ChannelFault::Amqp(e)) => {
             error!(error = %crate::telemetry::Chain(&e), "ack failed after a confirmed outcome; {REDELIVERED}")
         }
-        Sent::Unanswered => error!(
+        Err(ChannelFault::Unanswered(_)) => error!(
             timeout_ms = CHANNEL_OP_TIMEOUT.as_millis() as u64,
             "ack not sent in time after a confirmed outcome (the channel is presumably gone); {REDELIVERED}"
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn an_ack_lapin_never_answers_ends_after_the_channel_timeout() {
-        let started = tokio::time::Instant::now();
-        let sent = send(std::future::pending()).await;
-        assert!(matches!(sent, Sent::Unanswered));
-        assert_eq!(started.elapsed(), CHANNEL_OP_TIMEOUT);
-        assert!(matches!(send(async { Ok(false) }).await, Sent::ChannelGone));
     }
 }

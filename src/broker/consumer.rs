@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::{
-    link::{CHANNEL_OP_TIMEOUT, CONNECT_TIMEOUT, Link},
+    link::{CHANNEL_OP_TIMEOUT, CONNECT_TIMEOUT, ChannelFault, Link, bounded},
     topology::{Topology, TopologyError, declare},
 };
 use crate::retry::{Retry, RetryPolicy};
@@ -104,28 +104,6 @@ enum ConsumerEnd {
     Shutdown,
     Failed(ChannelFault),
     CancelledByBroker,
-}
-
-/// Why the consumer's channel is given up.
-#[derive(Debug, thiserror::Error)]
-enum ChannelFault {
-    #[error(transparent)]
-    Amqp(#[from] lapin::Error),
-    /// lapin can leave a call unanswered when the connection dies under it: every call on the
-    /// consumer's channel is bounded by [`CHANNEL_OP_TIMEOUT`].
-    #[error("{0} not answered within {ms} ms", ms = CHANNEL_OP_TIMEOUT.as_millis())]
-    Unanswered(&'static str),
-}
-
-/// `op` within [`CHANNEL_OP_TIMEOUT`].
-async fn bounded<T>(
-    what: &'static str,
-    op: impl Future<Output = Result<T, lapin::Error>>,
-) -> Result<T, ChannelFault> {
-    tokio::time::timeout(CHANNEL_OP_TIMEOUT, op)
-        .await
-        .map_err(|_| ChannelFault::Unanswered(what))?
-        .map_err(ChannelFault::Amqp)
 }
 
 impl Consumer {

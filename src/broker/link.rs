@@ -67,6 +67,35 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// unanswered when the connection dies under it must not hold a delivery.
 pub const CHANNEL_OP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A call on a channel that failed or went unanswered.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelFault {
+    /// lapin's error.
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    /// No answer within [`CHANNEL_OP_TIMEOUT`]: the name of the AMQP method.
+    #[error("{0} not answered within {ms} ms", ms = CHANNEL_OP_TIMEOUT.as_millis())]
+    Unanswered(&'static str),
+}
+
+/// `op` (the AMQP method `what`) within [`CHANNEL_OP_TIMEOUT`]. lapin 4 can leave a call
+/// unanswered for ever when the connection dies while it is sent (its internal RPC drops the
+/// promise of a channel it already counts as closed; amqp-rs/lapin#409 is the same kind for
+/// publishes), and a call that never ends holds whatever waits on it: an ack holds the input's
+/// in-process lock, so every redelivered copy would wait behind it.
+///
+/// # Errors
+/// [`ChannelFault::Amqp`] when lapin fails the call, [`ChannelFault::Unanswered`] on timeout.
+pub async fn bounded<T>(
+    what: &'static str,
+    op: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, ChannelFault> {
+    tokio::time::timeout(CHANNEL_OP_TIMEOUT, op)
+        .await
+        .map_err(|_| ChannelFault::Unanswered(what))?
+        .map_err(ChannelFault::Amqp)
+}
+
 /// The AMQP frame size the worker asks for, in bytes, unless `AMQP_URL` sets `frame_max`
 /// (AMQP 0-9-1 §4.2.3; the broker's `frame_max` wins when it is lower): RabbitMQ's default.
 ///
@@ -228,6 +257,18 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_lapin_never_answers_ends_after_the_channel_timeout() {
+        let started = tokio::time::Instant::now();
+        let never = bounded("basic.ack", std::future::pending::<lapin::Result<bool>>()).await;
+        assert!(matches!(never, Err(ChannelFault::Unanswered("basic.ack"))));
+        assert_eq!(started.elapsed(), CHANNEL_OP_TIMEOUT);
+        assert!(matches!(
+            bounded("basic.ack", async { Ok(false) }).await,
+            Ok(false)
+        ));
+    }
 
     #[test]
     fn the_url_keeps_its_own_heartbeat_and_frame_max_and_gets_ours_otherwise() {
