@@ -190,7 +190,7 @@ pub fn plan<'a>(
         ack: true,
         settled,
     };
-    let mut plan = match outcome {
+    match outcome {
         Outcome::Created(event) => {
             let provision_id = event.provision_id.to_string();
             Plan {
@@ -221,17 +221,22 @@ pub fn plan<'a>(
                 &inbound.routing_key,
                 properties::dead_letter(inbound, failure, now, to.frame_max),
             );
+            // Only a credential's failure is remembered (of the outcomes an input that is no
+            // credential can have, this is the one that would be): such an input never reaches
+            // bunq, so working on it again costs nothing, and a burst of junk cannot push out
+            // what the worker knows of credentials.
+            let credential = inbound.credential().is_some();
             // Not confirmed: remembered, so the requeued delivery settles this failure again
             // without calling bunq.
             dead_letter.if_unconfirmed =
-                IfUnconfirmed::Requeue(Some(Known::Failed(failure.clone())));
+                IfUnconfirmed::Requeue(credential.then(|| Known::Failed(failure.clone())));
             let mut messages = vec![dead_letter];
             messages.extend(session_failed(inbound, failure, t, now));
             // A redelivery of this delivery is acked, not sent to bunq again; a replay of the
             // dead letter (a new message) is processed.
             Plan {
                 messages,
-                ..done(Settled::DeadLettered, Some(Known::Finished))
+                ..done(Settled::DeadLettered, credential.then_some(Known::Finished))
             }
         }
         Outcome::Delayed(d) => {
@@ -272,19 +277,7 @@ pub fn plan<'a>(
                 ..done(Settled::Returned, None)
             }
         }
-    };
-    if inbound.credential().is_none() {
-        // An input that is no credential never reaches bunq, so working on it again costs
-        // nothing: it takes no slot of the in-process memory, and a burst of junk cannot push
-        // out what the worker knows of credentials.
-        plan.remember = None;
-        for m in &mut plan.messages {
-            if let IfUnconfirmed::Requeue(known) = &mut m.if_unconfirmed {
-                *known = None;
-            }
-        }
     }
-    plan
 }
 
 /// `session.failed`, for a ready credential: tried within the budget; if it cannot be routed
