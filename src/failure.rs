@@ -6,12 +6,13 @@
 //! A low-level module on purpose: [`crate::events`], [`crate::bunq`] and [`crate::outcome`] all
 //! name these codes, and none of them depends on another for it.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 /// A permanent failure of one input: what its dead letter's headers and its `session.failed`
-/// report.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// report. Serialised (JSON, RFC 3339 times) only into the credential's record
+/// ([`crate::ledger::Settlement::Answered`]); it holds no secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
     /// The reason code (`x-error-reason`, `session.failed`'s `reason`).
     pub reason: FailureReason,
@@ -25,11 +26,14 @@ pub struct Failure {
     pub attempts: u32,
     /// When the first bunq call started, over all rounds (the decision's time when none was
     /// made).
+    #[serde(with = "time::serde::rfc3339")]
     pub first_attempt_at: OffsetDateTime,
     /// When the last call ended (the decision's time when none was made).
+    #[serde(with = "time::serde::rfc3339")]
     pub last_attempt_at: OffsetDateTime,
     /// When a pause bunq asked for (a 429) ends, if one is under way: a delayed retry makes no
     /// call before it.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub not_before: Option<OffsetDateTime>,
 }
 
@@ -59,7 +63,7 @@ impl Failure {
 
 /// Why a delivery ended in the dead-letter queue. The string forms are a public contract:
 /// they appear in the `x-error-reason` header and in `session.failed`'s `reason`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureReason {
     /// The body is not JSON (or is empty).

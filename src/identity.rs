@@ -37,15 +37,6 @@ pub fn input_identity(body: &[u8], max_bytes: usize) -> Key {
     identity(body, &crate::events::decode(body, max_bytes))
 }
 
-/// The key of one round of an input: its identity mixed with its delayed-retry round, so a copy
-/// back from a delay queue is the same input but a new round, to be processed, not recognised.
-pub fn round_key(identity: &Key, round: u32) -> Key {
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    ctx.update(identity);
-    ctx.update(&round.to_be_bytes());
-    digest(ctx)
-}
-
 fn digest(ctx: aws_lc_rs::digest::Context) -> Key {
     let mut k = [0u8; 32];
     k.copy_from_slice(ctx.finish().as_ref());
@@ -75,7 +66,6 @@ mod tests {
         let a = input_identity(slim, 1024);
         assert_eq!(a, input_identity(wrapped, 1024));
         assert_ne!(a, input_identity(b"not json", 1024));
-        assert_ne!(round_key(&a, 0), round_key(&a, 1));
         assert_eq!(
             output_message_id("session.created", &a),
             output_message_id("session.created", &a)

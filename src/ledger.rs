@@ -1,13 +1,33 @@
-//! What this process knows about inputs: the outcomes it already settled and the inputs under
-//! way (their identity is [`crate::identity`]).
+//! A credential's record, and the in-process book that keeps records without `REDIS_URL`.
 //!
-//! AMQP does not confirm acks, so after a connection loss the broker may redeliver an input
-//! whose session was already published, and the same credential may arrive twice (webhook and
-//! poller): a single-use credential must not go to bunq again. Memory only, per process.
+//! One record per credential, keyed by its identity ([`crate::identity`]), never by round,
+//! shape, delivery or process. It holds the credential's whole life:
+//!
+//! ```text
+//! free ──claim──▶ claimed(epoch, lease) ──settle──▶ created | failed | parked(round) | free
+//!                   │  ▲ fence (renews)                    answered(failure) = free + failure
+//!                   └──┘
+//! ```
+//!
+//! - A **claim** is taken by one delivery (two copies on one replica are two claimants) and
+//!   gets a fresh **epoch**; every later step names that epoch and is a compare-and-set on it,
+//!   so a holder whose lease ran out and was taken over can change nothing. A claim whose lease
+//!   ran out is free for the next claimant.
+//! - **created** and **failed** are final (kept [`KEEP`]): a copy that comes later, anywhere, is
+//!   acked without a bunq call. Only a replayed dead letter of the failure's generation
+//!   ([`Ask::replay_of`]) starts a new generation.
+//! - **parked(round)**: round `round` sits in a delay queue; a copy of an earlier round is stale.
+//! - **answered**: bunq's permanent refusal whose dead letter was not confirmed yet: the next
+//!   claimant settles it again without calling bunq.
+//! - **answer lost**: a session-server attempt's answer never arrived, in any round or replica;
+//!   sticky, so a later refusal reads `outcome_unknown`.
+//!
+//! [`Book`] is the in-process form: right for one replica. With `REDIS_URL` the same
+//! transitions run as Lua scripts on Redis's clock ([`crate::fleet`]).
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::Duration,
 };
 
@@ -15,55 +35,193 @@ use tokio::time::Instant;
 
 use crate::{failure::Failure, identity::Key};
 
-/// A remembered outcome.
-#[derive(Clone, Debug)]
-pub enum Known {
-    /// Its `session.created` was confirmed: just ack a repeat.
-    Settled,
-    /// Its dead letter or delayed-retry copy was confirmed: ack a redelivery of it; a new
-    /// message with the same credential (a replayed dead letter) is processed.
-    Finished,
-    /// bunq refused it permanently but the dead letter was not confirmed yet: settle this again
-    /// without calling bunq.
-    Failed(Box<Failure>),
+/// How long a record is kept after its last change: at least the 24 h the contract promises
+/// for recognising a repeat.
+pub const KEEP: Duration = Duration::from_secs(25 * 3600);
+
+/// What a claimant brings to [`Book::claim`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// The delayed-retry round of this copy (`x-bunq-delayed-retries`).
+    pub round: u32,
+    /// The generation named by a replayed dead letter (`x-credential-generation`), if this copy
+    /// is one: a replay of an older generation's dead letter starts nothing.
+    pub replay_of: Option<u64>,
+    /// Whether this copy is a new message: not redelivered by the broker, and no copy of the
+    /// worker's own (no bookkeeping headers). Only a new message may start a new generation of
+    /// a failed credential.
+    pub fresh: bool,
 }
 
-/// Outcomes this process settled, by [`crate::identity::round_key`].
-///
-/// A failure whose dead letter could not be published yet is kept so the retry does not call
-/// bunq again; a confirmed failure is remembered for redeliveries only, so an operator can replay
-/// its dead letter.
-/// Bounded: entries live [`KnownOutcomes::TTL`], at most [`KnownOutcomes::CAPACITY`] are kept;
-/// when it is full a new outcome evicts the oldest one (counted in
-/// `bunq_session_worker_outcome_memory_evictions_total`, and a WARN at most once a minute): it
-/// never refuses one. Only credentials' outcomes are remembered ([`crate::plan`]).
-/// Expired entries are dropped oldest first from a queue in insertion order, so remembering
-/// costs the same with 10 entries or 10,000 (a sweep of the whole map on every outcome was a
-/// tenth of the worker's CPU in the benchmark).
+/// A claim this delivery now holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    /// The fencing epoch: every later step of this claim names it.
+    pub epoch: u64,
+    /// The credential's generation (0, or the replays since).
+    pub generation: u64,
+    /// Some session-server attempt's answer was lost, in any round or replica.
+    pub answer_lost: bool,
+    /// bunq's permanent refusal, recorded when its dead letter could not be confirmed: settle
+    /// it again without calling bunq.
+    pub answered: Option<Box<Failure>>,
+}
+
+/// What a claim found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// This delivery holds the claim now.
+    Acquired(Claimed),
+    /// Another delivery (of this replica or another) holds a live claim.
+    Held,
+    /// Final: its `session.created` was confirmed.
+    Created,
+    /// Final: its dead letter was confirmed, in `generation`.
+    Failed {
+        /// The generation that failed: a replay of its dead letter names it.
+        generation: u64,
+    },
+    /// A later round than this copy's is parked for a delayed retry.
+    Parked {
+        /// The parked round.
+        round: u32,
+    },
+}
+
+/// What a fence (the proof, before a bunq call, that the claim is still this delivery's) found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fence {
+    /// Still held; the lease runs a full lease length from now.
+    Held,
+    /// The claim is no longer this delivery's: the record now says this.
+    Taken(Taken),
+}
+
+/// What took a credential out of a delivery's hands: what a claim or a fence found instead of
+/// the claim, and what becomes of the delivery then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Its `session.created` is confirmed: ack this copy.
+    Created,
+    /// Its dead letter is confirmed: ack this copy.
+    Failed,
+    /// A later round is parked for a delayed retry: ack this copy.
+    Parked,
+    /// Another delivery holds it, or it is free again: hand this copy back.
+    Elsewhere,
+}
+
+/// How a claim ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// `session.created` is confirmed: final. Recorded even when the claim was lost meanwhile,
+    /// since a session exists.
+    Created,
+    /// The dead letter is confirmed: final for this generation.
+    Failed,
+    /// The copy of round `round` is confirmed in a delay queue.
+    Parked {
+        /// The parked round.
+        round: u32,
+    },
+    /// bunq refused, the dead letter is not confirmed: the delivery is requeued and the next
+    /// claimant settles this failure again without calling bunq.
+    Answered(Box<Failure>),
+    /// No outcome (handed back, abandoned, stopped): free for the next claimant.
+    Released,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Free,
+    Claimed,
+    Parked,
+    Created,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Record {
+    state: State,
+    epoch: u64,
+    lease_end: Instant,
+    round: u32,
+    generation: u64,
+    answer_lost: bool,
+    answered: Option<Box<Failure>>,
+    /// When it last changed: its place in [`Entries::order`].
+    stamp: Instant,
+}
+
+/// The records of one process. Bounded: at most [`Book::CAPACITY`] records, each kept
+/// [`KEEP`] after its last change; when full, the oldest record not claimed is forgotten
+/// (counted in `bunq_session_worker_outcome_memory_evictions_total`, a WARN at most once a
+/// minute): a new record is never refused. Forgetting a record is what a restart does too: a
+/// repeat of it is worked on again.
 #[derive(Debug, Default)]
-pub struct KnownOutcomes {
+pub struct Book {
     entries: Mutex<Entries>,
 }
 
 #[derive(Debug, Default)]
 struct Entries {
-    by_key: HashMap<Key, (Instant, Known)>,
-    /// When each key was remembered, oldest first; a key remembered again appears once more,
-    /// and only its newest stamp removes it.
+    by_key: HashMap<Key, Record>,
+    /// Changes, oldest first; a key changed again appears once more, and only its newest stamp
+    /// removes it. Keeps expiry and eviction as cheap with 10 records as with 10,000.
     order: VecDeque<(Instant, Key)>,
-    /// When an eviction was last logged.
+    /// Epochs are unique in the process, so a record forgotten and made again never hands out
+    /// an epoch a stale holder still names.
+    last_epoch: u64,
     warned_at: Option<Instant>,
 }
 
 impl Entries {
-    /// Forgets the oldest outcome still remembered, and says so.
-    fn evict_oldest(&mut self, now: Instant) {
-        while let Some((at, key)) = self.order.pop_front() {
-            if self.by_key.get(&key).is_some_and(|(stamp, _)| *stamp == at) {
-                self.by_key.remove(&key);
+    fn touch(&mut self, key: Key, now: Instant) {
+        if let Some(r) = self.by_key.get_mut(&key) {
+            r.stamp = now;
+            self.order.push_back((now, key));
+        }
+    }
+
+    /// Forgets records older than [`KEEP`], and makes room for one more.
+    fn make_room(&mut self, now: Instant) {
+        while let Some(&(at, key)) = self.order.front() {
+            if now.duration_since(at) < KEEP {
                 break;
             }
+            self.order.pop_front();
+            self.forget_if_current(key, at);
         }
+        if self.by_key.len() >= Book::CAPACITY {
+            while let Some((at, key)) = self.order.pop_front() {
+                if self.forget_if_current(key, at) {
+                    self.evicted(now);
+                    break;
+                }
+            }
+        }
+        // Stale stamps of keys changed again: keep the queue within twice the map.
+        if self.order.len() > 2 * Book::CAPACITY {
+            let by_key = &self.by_key;
+            self.order
+                .retain(|(at, key)| by_key.get(key).is_some_and(|r| r.stamp == *at));
+        }
+    }
+
+    /// Removes `key` if `at` is its newest stamp and nobody holds it (a claim is renewed, so
+    /// it is never the oldest for long; a stale stamp of it is skipped).
+    fn forget_if_current(&mut self, key: Key, at: Instant) -> bool {
+        let current = self
+            .by_key
+            .get(&key)
+            .is_some_and(|r| r.stamp == at && r.state != State::Claimed);
+        if current {
+            self.by_key.remove(&key);
+        }
+        current
+    }
+
+    fn evicted(&mut self, now: Instant) {
         metrics::counter!("bunq_session_worker_outcome_memory_evictions_total").increment(1);
         if self
             .warned_at
@@ -71,101 +229,130 @@ impl Entries {
         {
             self.warned_at = Some(now);
             tracing::warn!(
-                capacity = KnownOutcomes::CAPACITY,
-                ttl_s = KnownOutcomes::TTL.as_secs(),
-                "the in-process memory of outcomes is full: the oldest are forgotten before their time, so a repeat of one is worked on again (with REDIS_URL the fleet's record still holds a created session)"
+                capacity = Book::CAPACITY,
+                keep_s = KEEP.as_secs(),
+                "the in-process book of credentials is full: the oldest settled records are forgotten before their time, so a repeat of one is worked on again (set REDIS_URL to keep them in Redis)"
             );
         }
     }
-
-    fn expire(&mut self, now: Instant) {
-        while let Some(&(at, key)) = self.order.front() {
-            if now.duration_since(at) < KnownOutcomes::TTL {
-                break;
-            }
-            self.order.pop_front();
-            if self.by_key.get(&key).is_some_and(|(stamp, _)| *stamp == at) {
-                self.by_key.remove(&key);
-            }
-        }
-        // Stale stamps of keys remembered again: keep the queue within twice the map.
-        if self.order.len() > 2 * KnownOutcomes::CAPACITY {
-            let by_key = &self.by_key;
-            self.order
-                .retain(|(at, key)| by_key.get(key).is_some_and(|(stamp, _)| stamp == at));
-        }
-    }
 }
 
-impl KnownOutcomes {
-    /// How long an outcome is remembered: 15 min.
-    pub const TTL: Duration = Duration::from_secs(900);
-    /// Most outcomes remembered at once.
+impl Book {
+    /// Most records kept at once.
     pub const CAPACITY: usize = 10_000;
 
-    /// Remembers `known` for `key`; when full, the oldest outcome is forgotten to make room.
-    pub fn remember(&self, key: Key, known: Known) {
-        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the claim on `key` for `lease`, or says why not (see [`Found`]).
+    pub fn claim(&self, key: Key, ask: Ask, lease: Duration) -> Found {
         let now = Instant::now();
-        e.expire(now);
-        if e.by_key.len() >= Self::CAPACITY && !e.by_key.contains_key(&key) {
-            e.evict_oldest(now);
+        let mut e = self.entries();
+        if !e.by_key.contains_key(&key) {
+            e.make_room(now);
         }
-        e.by_key.insert(key, (now, known));
-        e.order.push_back((now, key));
-    }
-
-    /// What is remembered for `key`, if it is younger than [`Self::TTL`].
-    pub fn recall(&self, key: &Key) -> Option<Known> {
-        let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        e.by_key
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < Self::TTL)
-            .map(|(_, k)| k.clone())
-    }
-}
-
-/// Per-input async locks: one copy of an input at a time in this process, so a copy redelivered
-/// while the first is still at bunq (its channel died) waits for it, then finds its outcome.
-/// Entries are removed when nobody holds or waits for them.
-#[derive(Debug, Default)]
-pub struct InFlight {
-    locks: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-/// Holds an input's lock; dropping it removes the map entry when it is the last user.
-#[derive(Debug)]
-pub struct InFlightGuard<'a> {
-    owner: &'a InFlight,
-    key: Key,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl InFlight {
-    /// Waits for and takes the lock of `key`.
-    pub async fn lock(&self, key: Key) -> InFlightGuard<'_> {
-        let m = {
-            let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(key).or_default().clone()
+        e.last_epoch += 1;
+        let epoch = e.last_epoch;
+        let r = e.by_key.entry(key).or_insert_with(|| Record {
+            state: State::Free,
+            epoch: 0,
+            lease_end: now,
+            round: 0,
+            generation: 0,
+            answer_lost: false,
+            answered: None,
+            stamp: now,
+        });
+        match r.state {
+            State::Created => return Found::Created,
+            State::Failed if ask.fresh && ask.replay_of.is_none_or(|g| g == r.generation) => {
+                r.generation += 1;
+                r.state = State::Free;
+            }
+            State::Failed => {
+                return Found::Failed {
+                    generation: r.generation,
+                };
+            }
+            State::Parked if ask.round < r.round => return Found::Parked { round: r.round },
+            State::Claimed if r.lease_end > now => return Found::Held,
+            _ => {}
+        }
+        r.state = State::Claimed;
+        r.epoch = epoch;
+        r.lease_end = now + lease;
+        let claimed = Claimed {
+            epoch,
+            generation: r.generation,
+            answer_lost: r.answer_lost,
+            answered: r.answered.clone(),
         };
-        InFlightGuard {
-            owner: self,
-            key,
-            guard: Some(m.lock_owned().await),
+        e.touch(key, now);
+        Found::Acquired(claimed)
+    }
+
+    /// Proves the claim of `epoch` is still held and renews it for `lease` from now.
+    pub fn fence(&self, key: Key, epoch: u64, lease: Duration) -> Fence {
+        let now = Instant::now();
+        let mut e = self.entries();
+        let Some(r) = e.by_key.get_mut(&key) else {
+            return Fence::Taken(Taken::Elsewhere);
+        };
+        if r.state == State::Claimed && r.epoch == epoch {
+            r.lease_end = now + lease;
+            e.touch(key, now);
+            return Fence::Held;
+        }
+        Fence::Taken(match r.state {
+            State::Created => Taken::Created,
+            State::Failed => Taken::Failed,
+            State::Parked => Taken::Parked,
+            State::Free | State::Claimed => Taken::Elsewhere,
+        })
+    }
+
+    /// Records that a session-server attempt's answer was lost: bunq may have opened a session.
+    pub fn answer_lost(&self, key: Key) {
+        let now = Instant::now();
+        let mut e = self.entries();
+        if let Some(r) = e.by_key.get_mut(&key) {
+            r.answer_lost = true;
+            e.touch(key, now);
         }
     }
-}
 
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        self.guard.take();
-        let mut map = self.owner.locks.lock().unwrap_or_else(|p| p.into_inner());
-        if map
-            .get(&self.key)
-            .is_some_and(|m| Arc::strong_count(m) == 1)
-        {
-            map.remove(&self.key);
+    /// Ends the claim of `epoch` as `how` says. A lost claim changes nothing, except that a
+    /// created session is always recorded. Returns whether the record changed.
+    pub fn settle(&self, key: Key, epoch: u64, how: &Settlement) -> bool {
+        let now = Instant::now();
+        let mut e = self.entries();
+        let Some(r) = e.by_key.get_mut(&key) else {
+            return false;
+        };
+        let holder = r.state == State::Claimed && r.epoch == epoch;
+        match how {
+            Settlement::Created => {
+                r.state = State::Created;
+                r.answered = None;
+            }
+            _ if !holder => return false,
+            Settlement::Failed => {
+                r.state = State::Failed;
+                r.answered = None;
+            }
+            Settlement::Parked { round } => {
+                r.state = State::Parked;
+                r.round = *round;
+            }
+            Settlement::Answered(f) => {
+                r.state = State::Free;
+                r.answered = Some(f.clone());
+            }
+            Settlement::Released => r.state = State::Free,
         }
+        e.touch(key, now);
+        true
     }
 }
 
@@ -173,69 +360,63 @@ impl Drop for InFlightGuard<'_> {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn outcomes_are_forgotten_after_the_ttl() {
-        let known = KnownOutcomes::default();
-        known.remember([1; 32], Known::Settled);
-        assert!(matches!(known.recall(&[1; 32]), Some(Known::Settled)));
-        tokio::time::advance(KnownOutcomes::TTL).await;
-        assert!(known.recall(&[1; 32]).is_none());
-    }
+    const LEASE: Duration = Duration::from_secs(30);
 
-    #[tokio::test(start_paused = true)]
-    async fn expiry_keeps_a_key_remembered_again_and_frees_room() {
-        let known = KnownOutcomes::default();
-        known.remember([1; 32], Known::Finished);
-        tokio::time::advance(KnownOutcomes::TTL / 2).await;
-        known.remember([1; 32], Known::Settled);
-        known.remember([2; 32], Known::Settled);
-        // The first stamp of [1] expires; its newer one keeps it.
-        tokio::time::advance(KnownOutcomes::TTL / 2).await;
-        known.remember([3; 32], Known::Settled);
-        assert!(matches!(known.recall(&[1; 32]), Some(Known::Settled)));
-        {
-            let e = known.entries.lock().unwrap();
-            assert_eq!(e.by_key.len(), 3);
-            assert_eq!(e.order.len(), 3);
+    fn acquired(f: Found) -> Claimed {
+        match f {
+            Found::Acquired(c) => c,
+            other => panic!("expected a claim, found {other:?}"),
         }
-        tokio::time::advance(KnownOutcomes::TTL).await;
-        known.remember([4; 32], Known::Settled);
-        let e = known.entries.lock().unwrap();
-        assert_eq!(e.by_key.keys().copied().collect::<Vec<_>>(), vec![[4; 32]]);
-        assert_eq!(e.order.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn when_full_the_oldest_outcome_is_evicted_and_a_new_one_is_kept() {
+    async fn records_are_forgotten_after_keep() {
+        let book = Book::default();
+        let c = acquired(book.claim([1; 32], Ask::default(), LEASE));
+        assert!(book.settle([1; 32], c.epoch, &Settlement::Created));
+        tokio::time::advance(KEEP).await;
+        assert!(matches!(
+            book.claim([2; 32], Ask::default(), LEASE),
+            Found::Acquired(_)
+        ));
+        assert!(matches!(
+            book.claim([1; 32], Ask::default(), LEASE),
+            Found::Acquired(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_full_the_oldest_settled_record_is_evicted_and_a_claim_never_is() {
         let key = |i: u32| {
             let mut k = [0u8; 32];
             k[..4].copy_from_slice(&i.to_be_bytes());
             k
         };
-        let known = KnownOutcomes::default();
-        for i in 0..KnownOutcomes::CAPACITY as u32 {
-            known.remember(key(i), Known::Settled);
+        let book = Book::default();
+        // The oldest record is a live claim: eviction passes it over.
+        let held = acquired(book.claim(key(0), Ask::default(), KEEP * 2));
+        for i in 1..Book::CAPACITY as u32 {
+            let c = acquired(book.claim(key(i), Ask::default(), LEASE));
+            book.settle(key(i), c.epoch, &Settlement::Created);
             tokio::time::advance(Duration::from_millis(1)).await;
         }
-        // Updating a key already there evicts nothing, and makes it the youngest.
-        known.remember(key(0), Known::Finished);
-        assert!(known.recall(&key(1)).is_some());
-        known.remember([0xff; 32], Known::Settled);
-        assert!(matches!(known.recall(&[0xff; 32]), Some(Known::Settled)));
-        assert!(known.recall(&key(1)).is_none(), "the oldest is forgotten");
-        assert!(matches!(known.recall(&key(0)), Some(Known::Finished)));
-        assert!(known.recall(&key(2)).is_some());
-        let e = known.entries.lock().unwrap();
-        assert_eq!(e.by_key.len(), KnownOutcomes::CAPACITY);
-    }
-
-    #[tokio::test]
-    async fn in_flight_entries_go_when_the_last_holder_leaves() {
-        let f = InFlight::default();
-        {
-            let _g = f.lock([2; 32]).await;
-            assert_eq!(f.locks.lock().unwrap().len(), 1);
-        }
-        assert!(f.locks.lock().unwrap().is_empty());
+        assert!(matches!(
+            book.claim([0xff; 32], Ask::default(), LEASE),
+            Found::Acquired(_)
+        ));
+        assert_eq!(book.fence(key(0), held.epoch, LEASE), Fence::Held);
+        assert!(
+            matches!(
+                book.claim(key(1), Ask::default(), LEASE),
+                Found::Acquired(_)
+            ),
+            "the oldest settled record is forgotten"
+        );
+        assert_eq!(
+            book.claim(key(3), Ask::default(), LEASE),
+            Found::Created,
+            "younger ones are kept"
+        );
+        assert!(book.entries().by_key.len() <= Book::CAPACITY);
     }
 }

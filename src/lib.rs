@@ -15,10 +15,12 @@
 //! - [`events`]: input shapes → [`events::ProvisionReady`]; output event bodies.
 //! - [`bunq`]: API context, signing, the calls and their error classes.
 //! - [`identity`]: an input's identity (its credential) and the ids derived from it.
+//! - `ledger`: a credential's record (free, claimed, created, failed, parked) and the
+//!   in-process book of records.
 //! - `outcome`: what becomes of a delivery, decided and not yet carried out.
-//! - `fleet`: state shared by replicas in Redis: claims on credentials, one rate budget.
+//! - `fleet`: state shared by replicas in Redis: the credentials' records and the claims on
+//!   them, one rate budget, the seal key.
 //! - [`breaker`]: stops taking work when bunq refuses the worker's own set-up.
-//! - `ledger`: outcomes this process settled, inputs in flight.
 //! - [`broker`]: connection, topology, the envelope read once from a delivery, the sealed
 //!   bookkeeping headers, the consumer supervisor, confirmed publishing.
 //! - `pacing`: spacing and 429 pauses of session-server, per process or per fleet scope.

@@ -4,7 +4,7 @@
 //! the messages to publish and the settlement to make; [`crate::settle`] carries that out
 //! (publish, wait for the publisher confirms, then ack), so the ordering rule lives in one place.
 
-use crate::{events::SessionCreated, failure::Failure};
+use crate::{events::SessionCreated, failure::Failure, ledger::Taken};
 
 /// The result of handling one delivery, before any broker action.
 #[derive(Debug)]
@@ -30,9 +30,9 @@ pub enum Outcome {
         /// that is no fault of the input's).
         counted: bool,
     },
-    /// A repeat of an input whose outcome is already safe at the broker (a redelivery, or the
-    /// same credential again after its `session.created`): ack, no bunq call, no event.
-    AlreadySettled,
+    /// A copy of a credential whose record says its outcome is already safe at the broker
+    /// (created or failed, or a later round parked): ack, no bunq call, no event.
+    AlreadySettled(Taken),
 }
 
 /// A delivery parked for a durable delayed retry.

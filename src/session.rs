@@ -22,6 +22,8 @@ use crate::{
     },
     events::{ProvisionReady, rfc3339},
     failure::{Failure, FailureReason},
+    fleet::{Fenced, Lease},
+    ledger::Taken,
     pacing::{Budget, Slot},
     retry::{Retry, RetryPolicy, Spent, sleep_until_or_cancel},
 };
@@ -64,12 +66,17 @@ pub enum FlowError {
     /// The fleet's shared state (Redis) stayed unreachable for as long as the delivery may be
     /// held: no call was made for it; hand it back.
     SharedStateUnavailable,
+    /// The delivery's claim on the credential was taken (its lease ran out and another delivery
+    /// took it, or the record was settled meanwhile): no further call was made.
+    Taken(Taken),
 }
 
 /// One delivery's calls: the retry state, the deadlines and what `session.failed` reports.
 pub(crate) struct Calls<'a> {
     retry: Retry,
     pacer: &'a Budget,
+    /// The delivery's claim, proven before every call.
+    lease: Option<&'a Lease>,
     cancel: &'a CancellationToken,
     /// The credential's `expiry_time` as a tokio instant, with its wall-clock form for messages.
     expires: Option<(Instant, OffsetDateTime)>,
@@ -79,7 +86,8 @@ pub(crate) struct Calls<'a> {
     first_attempt_at: Option<OffsetDateTime>,
     last_attempt_at: Option<OffsetDateTime>,
     last_error: Option<CallError>,
-    /// What an earlier session-server attempt whose answer was lost said, if one was.
+    /// What an earlier session-server attempt whose answer was lost said, if one was (in this
+    /// round, or, as the credential's record says, in an earlier one or on another replica).
     lost_answer: Option<String>,
     /// The end of a pause that ended this round, for the delayed-retry copy.
     not_before: Option<OffsetDateTime>,
@@ -92,6 +100,7 @@ impl<'a> Calls<'a> {
         pacer: &'a Budget,
         max_hold: Duration,
         expiry: Option<OffsetDateTime>,
+        lease: Option<&'a Lease>,
         cancel: &'a CancellationToken,
     ) -> Self {
         let now = Instant::now();
@@ -103,6 +112,7 @@ impl<'a> Calls<'a> {
         Self {
             retry: Retry::new(policy, cancel),
             pacer,
+            lease,
             cancel,
             expires,
             hold_until: now.checked_add(max_hold).unwrap_or(now + FAR),
@@ -110,7 +120,9 @@ impl<'a> Calls<'a> {
             first_attempt_at: None,
             last_attempt_at: None,
             last_error: None,
-            lost_answer: None,
+            lost_answer: lease.filter(|l| l.claimed.answer_lost).map(|_| {
+                "in an earlier round or on another replica, as the credential's record says".into()
+            }),
             not_before: None,
         }
     }
@@ -248,6 +260,14 @@ impl<'a> Calls<'a> {
             if endpoint == SESSION_SERVER {
                 self.pace(endpoint).await?;
             }
+            // Last thing before the call: the claim is still this delivery's, and renewed to
+            // outlast the call (bunq takes no fencing token, so this is as close as it gets).
+            if let Some(lease) = self.lease {
+                lease.fence().await.map_err(|f| match f {
+                    Fenced::Taken(t) => FlowError::Taken(t),
+                    Fenced::Unavailable => FlowError::SharedStateUnavailable,
+                })?;
+            }
             let attempt = self.retry.attempt();
             self.calls = self.calls.saturating_add(1);
             self.first_attempt_at
@@ -298,6 +318,9 @@ impl<'a> Calls<'a> {
             let summary = err.to_string();
             if endpoint == SESSION_SERVER && err.answer_lost && self.lost_answer.is_none() {
                 self.lost_answer = Some(summary.clone());
+                if let Some(lease) = self.lease {
+                    lease.answer_lost().await;
+                }
             }
             self.last_error = Some(err);
             let floor = match class {
@@ -380,12 +403,15 @@ impl SessionFlow {
     /// retry; `retries_exhausted` when transient failures outlast `max_attempts` for one call or
     /// `max_elapsed` for the delivery; the status table's reason for a permanent answer.
     /// [`FlowError::Cancelled`] when `cancel` fires during a wait.
+    /// [`FlowError::Taken`] when `lease`, proven before every call, is no longer this
+    /// delivery's; [`FlowError::SharedStateUnavailable`] when Redis cannot prove it.
     /// `not_before` is the end of a pause bunq asked for in an earlier round (carried by a
     /// delayed-retry copy): no session-server call starts before it.
     pub async fn open(
         &self,
         p: &ProvisionReady,
         not_before: Option<OffsetDateTime>,
+        lease: Option<&Lease>,
         cancel: &CancellationToken,
     ) -> Result<Opened, FlowError> {
         if let Some(t) = not_before
@@ -398,6 +424,7 @@ impl SessionFlow {
             &self.pacer,
             self.max_hold,
             p.expiry_time,
+            lease,
             cancel,
         );
         if let Some(expiry) = p.expiry_time

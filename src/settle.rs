@@ -5,7 +5,7 @@
 //! broker, i.e. after the publisher confirm of every message its plan must publish. Until then
 //! it stays unacked and a crash makes the broker redeliver it.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use lapin::{
     Acker,
@@ -20,7 +20,7 @@ use crate::{
         link::{CHANNEL_OP_TIMEOUT, ChannelFault, bounded},
     },
     fleet::Lease,
-    ledger::KnownOutcomes,
+    ledger::Settlement,
     plan::{IfUnconfirmed, Message, Patience, Plan, Settled},
     retry::{Retry, RetryPolicy},
 };
@@ -32,10 +32,8 @@ pub struct Settler {
     pub publisher: Publisher,
     /// What the worker declares, declared again when an exchange or queue of its own is gone.
     pub topology: Topology,
-    /// Outcomes already settled, shared with [`crate::decide::Decider`].
-    pub known: Arc<KnownOutcomes>,
     /// How long a message of [`Patience::Budget`] is retried (`RETRY_MAX_ELAPSED_S`), and a
-    /// session recorded in Redis.
+    /// final settlement recorded in Redis.
     pub publish_budget: Duration,
     /// Fires at the end of the drain: publish retries stop and the task is aborted.
     pub hard_stop: CancellationToken,
@@ -43,30 +41,49 @@ pub struct Settler {
 
 impl Settler {
     /// Publishes the plan's messages in order, each until confirmed or its patience ends; then
-    /// remembers the outcome of the input's round, records a created session on the claim
-    /// (`lease`, with `REDIS_URL`), and acks. A message not confirmed in time ends the
-    /// settlement as its [`IfUnconfirmed`] says (unfinished, or requeued). The claim is released
-    /// unless a session was created. Never acks before the outcome is confirmed at the broker.
+    /// ends the delivery's claim on its credential (`lease`) as the plan says, and acks. A
+    /// message not confirmed in time ends the settlement as its [`IfUnconfirmed`] says
+    /// (unfinished, or requeued) and the claim is released (or keeps bunq's refusal). Never
+    /// acks before the outcome is confirmed at the broker.
     pub async fn settle(&self, acker: &Acker, plan: Plan<'_>, lease: Option<Lease>) -> Settled {
-        let settled = self.carry_out(acker, plan, lease.as_ref()).await;
-        if let Some(lease) = lease
-            && settled != Settled::Created
-        {
-            lease.release().await;
+        let (record, settled) = self.carry_out(plan).await;
+        if let Some(lease) = lease {
+            let policy = RetryPolicy::publish_within(self.publish_budget);
+            lease.settle(record, policy, &self.hard_stop).await;
         }
-        settled
+        match settled {
+            Ok((settled, true)) => {
+                ack(acker).await;
+                settled
+            }
+            Ok((settled, false)) => {
+                warn!(
+                    "the delivery's channel is gone; the broker redelivers it and the redelivery takes the work over"
+                );
+                settled
+            }
+            Err(Unconfirmed::Requeue) => {
+                nack_requeue(acker).await;
+                Settled::Requeued
+            }
+            Err(Unconfirmed::LeaveUnacked) => Settled::Unfinished,
+        }
     }
 
-    async fn carry_out(&self, acker: &Acker, plan: Plan<'_>, lease: Option<&Lease>) -> Settled {
-        for m in &plan.messages {
-            if self.publish(m).await {
+    /// Publishes the plan's messages: how the claim ends and, once all are confirmed, the ack.
+    async fn carry_out(
+        &self,
+        plan: Plan<'_>,
+    ) -> (Settlement, Result<(Settled, bool), Unconfirmed>) {
+        for m in plan.messages {
+            if self.publish(&m).await {
                 continue;
             }
             let within = match m.patience {
                 Patience::UntilConfirmed => "before the drain ended (SHUTDOWN_TIMEOUT_S)",
                 Patience::Budget => "within RETRY_MAX_ELAPSED_S",
             };
-            match &m.if_unconfirmed {
+            match m.if_unconfirmed {
                 IfUnconfirmed::GoOn => {
                     error!(
                         "{} was not confirmed {within}; the messages before it record the outcome",
@@ -78,38 +95,18 @@ impl Settler {
                         "{} was not confirmed {within}; the delivery stays unacked and will be redelivered",
                         m.what
                     );
-                    return Settled::Unfinished;
+                    return (Settlement::Released, Err(Unconfirmed::LeaveUnacked));
                 }
-                IfUnconfirmed::Requeue(remember) => {
+                IfUnconfirmed::Requeue(record) => {
                     error!(
                         "{} was not confirmed {within}; requeueing the delivery",
                         m.what
                     );
-                    if let Some(known) = remember {
-                        self.known.remember(plan.key, known.clone());
-                    }
-                    nack_requeue(acker).await;
-                    return Settled::Requeued;
+                    return (record, Err(Unconfirmed::Requeue));
                 }
             }
         }
-        if let Some(known) = plan.remember {
-            self.known.remember(plan.key, known);
-        }
-        if plan.settled == Settled::Created
-            && let Some(lease) = lease
-        {
-            let policy = RetryPolicy::publish_within(self.publish_budget);
-            lease.settle(policy, &self.hard_stop).await;
-        }
-        if plan.ack {
-            ack(acker).await;
-        } else {
-            warn!(
-                "the delivery's channel is gone; the broker redelivers it and the redelivery takes the work over"
-            );
-        }
-        plan.settled
+        (plan.record, Ok((plan.settled, plan.ack)))
     }
 
     /// Publishes until the broker confirms, or until the message's patience runs out (returns
@@ -162,6 +159,14 @@ impl Settler {
             }
         }
     }
+}
+
+/// Why a settlement ended before its ack.
+enum Unconfirmed {
+    /// Nack with requeue.
+    Requeue,
+    /// Leave it unacked for the broker to redeliver.
+    LeaveUnacked,
 }
 
 async fn nack_requeue(acker: &Acker) {

@@ -13,7 +13,7 @@ use lapin::{
 };
 
 use super::{
-    bookkeeping::{History, Route, Seal, is_bookkeeping},
+    bookkeeping::{History, Route, SEAL_HEADER, Seal, is_bookkeeping},
     headers::{int_header, str_header},
     topology::QueueType,
 };
@@ -25,6 +25,11 @@ use crate::{
 /// Header a quorum queue sets on a redelivered message: how often it was returned
 /// (<https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling>).
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+/// Header of a dead letter naming the generation of the credential's record that failed
+/// ([`crate::ledger`]): a dead letter replayed into the input queue carries it back, which is
+/// how a replay is told from a mere repeat of a failed credential.
+pub const GENERATION_HEADER: &str = "x-credential-generation";
 
 /// Longest `traceparent` carried onto an output event, bytes; a W3C version-00 value is 55
 /// (<https://www.w3.org/TR/trace-context/#traceparent-header>).
@@ -39,11 +44,11 @@ pub struct Inbound {
     pub decoded: Result<Decoded, InputError>,
     /// The input's identity ([`identity::identity`]).
     pub identity: Key,
-    /// This round of the input ([`identity::round_key`] of the identity and the delayed-retry
-    /// round): what this process remembers its outcome by.
-    pub round_key: Key,
     /// Earlier rounds of this input (delayed retries).
     pub history: History,
+    /// Whether it carries the worker's bookkeeping headers (a seal, verified or not): a copy
+    /// the worker made, not a new message.
+    pub bookkept: bool,
     /// Where the producer published it (kept across delayed retries).
     pub original_route: Route,
     /// The routing key of this delivery (a copy back from a delay queue has the queue's name).
@@ -52,6 +57,9 @@ pub struct Inbound {
     pub redelivered: bool,
     /// The broker's `x-delivery-count`, when a quorum queue set it.
     pub delivery_count: Option<u32>,
+    /// The generation a replayed dead letter names ([`GENERATION_HEADER`], with its
+    /// `x-error-reason`): a copy that carries it asks for a fresh try of a failed credential.
+    pub replay_of: Option<u64>,
     /// The producer's `message_id`, shortened and escaped for logs.
     pub message_id: String,
     /// The input's W3C `traceparent` header, when it is a string of at most
@@ -68,10 +76,12 @@ impl std::fmt::Debug for Inbound {
             .field("body_bytes", &self.body.len())
             .field("decoded", &self.decoded)
             .field("history", &self.history)
+            .field("bookkept", &self.bookkept)
             .field("original_route", &self.original_route)
             .field("routing_key", &self.routing_key)
             .field("redelivered", &self.redelivered)
             .field("delivery_count", &self.delivery_count)
+            .field("replay_of", &self.replay_of)
             .field("message_id", &self.message_id)
             .field("traceparent", &self.traceparent)
             .finish_non_exhaustive()
@@ -103,7 +113,7 @@ impl Inbound {
         };
         let (history, original_route) = seal.read(p, &identity, own_route);
         Self {
-            round_key: identity::round_key(&identity, history.round),
+            bookkept: history != History::default() || str_header(p, SEAL_HEADER).is_some(),
             identity,
             decoded,
             history,
@@ -115,6 +125,9 @@ impl Inbound {
             } else {
                 None
             },
+            replay_of: str_header(p, "x-error-reason")
+                .and_then(|_| int_header(p, GENERATION_HEADER))
+                .map(u64::from),
             message_id: p
                 .message_id()
                 .as_ref()

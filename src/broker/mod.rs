@@ -11,7 +11,7 @@ pub mod topology;
 
 pub use bookkeeping::{History, Route, Seal};
 pub use consumer::{Consumer, Stops, SubscribeError, SubscribeFailed};
-pub use envelope::Inbound;
+pub use envelope::{GENERATION_HEADER, Inbound};
 pub use link::{ConnectError, Link};
 pub use publisher::{PublishError, Publisher};
 pub use topology::{QueueType, Topology, TopologyError, declare};

@@ -246,7 +246,7 @@ impl Settings {
             return Err(ConfigError("MAX_MESSAGE_BYTES must be at least 1".into()));
         }
         self.retry.validate()?;
-        self.redis.validate()
+        self.redis.validate(self.bunq.http_timeout)
     }
 
     /// The prefetch actually used, and a warning when it had to be lowered.

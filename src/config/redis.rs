@@ -1,10 +1,19 @@
 //! Redis for the fleet's shared state: where it is, the prefix of the worker's keys, and the
 //! session-server budget this replica shares.
 
+use std::time::Duration;
+
 use clap::Args;
 use secrecy::SecretString;
 
-use super::{ConfigError, parse::parse_secret};
+use super::{
+    ConfigError,
+    parse::{parse_ms, parse_secret},
+};
+
+/// What a claim's lease must have left beyond one bunq call (`HTTP_TIMEOUT_MS`) after the
+/// fence that renews it: room for signing, scheduling and the clocks' drift.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Redis for the fleet's shared state; the worker builds its [`crate::fleet::Fleet`] from these
 /// when `url` is set.
@@ -38,17 +47,39 @@ pub struct RedisSettings {
         default_value = "default"
     )]
     pub rate_limit_scope: String,
+
+    /// How long a delivery's claim on a credential lasts without renewal, in ms: a crashed or
+    /// frozen replica's claim is taken over after it. Renewed every third of it, and to its
+    /// whole length right before each bunq call, so it must exceed `HTTP_TIMEOUT_MS` by 2 s.
+    #[arg(long = "claim-lease-ms", env = "CLAIM_LEASE_MS", value_name = "CLAIM_LEASE_MS", default_value = "30000", value_parser = parse_ms)]
+    pub claim_lease: Duration,
 }
 
 impl RedisSettings {
     /// Checks what clap cannot check field by field.
     ///
     /// # Errors
-    /// [`ConfigError`] naming the variable when `BUNQ_RATE_LIMIT_SCOPE` is empty.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// [`ConfigError`] naming the variable when `BUNQ_RATE_LIMIT_SCOPE` is empty, or when
+    /// `CLAIM_LEASE_MS` does not exceed `http_timeout` (`HTTP_TIMEOUT_MS`) by [`LEASE_MARGIN`]
+    /// or is over a day.
+    pub fn validate(&self, http_timeout: Duration) -> Result<(), ConfigError> {
         if self.rate_limit_scope.trim().is_empty() {
             return Err(ConfigError(
                 "BUNQ_RATE_LIMIT_SCOPE must not be empty".into(),
+            ));
+        }
+        let least = http_timeout.saturating_add(LEASE_MARGIN);
+        if self.claim_lease < least {
+            return Err(ConfigError(format!(
+                "CLAIM_LEASE_MS ({} ms) must be at least HTTP_TIMEOUT_MS + {} ms = {} ms: a claim must outlast the bunq call it was renewed for",
+                self.claim_lease.as_millis(),
+                LEASE_MARGIN.as_millis(),
+                least.as_millis()
+            )));
+        }
+        if self.claim_lease > Duration::from_secs(86_400) {
+            return Err(ConfigError(
+                "CLAIM_LEASE_MS must be at most 86400000 (one day)".into(),
             ));
         }
         Ok(())

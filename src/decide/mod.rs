@@ -1,9 +1,11 @@
 //! Deciding what becomes of one delivery: `Inbound` → [`Outcome`], in one place.
 //!
 //! The [`Decider`] owns every policy a decision needs, and asks in this order:
-//! 1. what this process already knows of the input's round ([`crate::ledger`]): a repeat of a
-//!    settled input is acked, a failure whose dead letter was not confirmed is settled again;
-//! 2. for a ready credential, with `REDIS_URL`, the fleet's claim ([`fleet::hold`]);
+//! 1. for a ready credential, the credential's record ([`crate::ledger`], fleet-wide with
+//!    `REDIS_URL`): this delivery takes the claim ([`fleet::hold`]), or the record says the
+//!    credential is created, failed or parked already (the copy is acked), or another delivery
+//!    holds it (this one waits); a refusal whose dead letter was not confirmed is settled
+//!    again without calling bunq;
 //! 3. the delivery limit (`DELIVERY_LIMIT`, hand-backs and redeliveries together);
 //! 4. for a ready credential, the breaker's admission ([`crate::breaker`]);
 //! 5. the input itself: a decoding error is dead-lettered, a provision not ready is skipped, a
@@ -26,8 +28,8 @@ use crate::{
     broker::{Inbound, bookkeeping::History},
     events::{self, Decoded, ProvisionReady, SCHEMA_VERSION, SessionCreated},
     failure::{Failure, FailureReason},
-    fleet::{self, Fleet, Lease, Verdict},
-    ledger::{Known, KnownOutcomes},
+    fleet::{self, Lease, Records, Verdict},
+    ledger::{Ask, Taken},
     outcome::{Delayed, Outcome},
     session::{FlowError, Opened, SessionFlow},
 };
@@ -37,7 +39,7 @@ use crate::{
 pub struct Decision {
     /// What becomes of the delivery.
     pub outcome: Outcome,
-    /// The claim, with `REDIS_URL`, for a credential this replica worked on.
+    /// This delivery's claim on the credential it carries, while it is settled.
     pub lease: Option<Lease>,
 }
 
@@ -57,10 +59,10 @@ pub struct Decider {
     pub flow: SessionFlow,
     /// Stops the worker taking work when bunq refuses its own set-up.
     pub breaker: Arc<Breaker>,
-    /// The fleet's shared state (claims), with `REDIS_URL`.
-    pub fleet: Option<Fleet>,
-    /// Outcomes this process settled, shared with [`crate::settle::Settler`].
-    pub known: Arc<KnownOutcomes>,
+    /// The credentials' records: in Redis with `REDIS_URL`, else in this process.
+    pub records: Records,
+    /// `CLAIM_LEASE_MS`: how long a claim lasts without renewal.
+    pub claim_lease: Duration,
     /// `DELIVERY_LIMIT`: hand-backs without an outcome before the input is dead-lettered.
     pub delivery_limit: u32,
     /// `DELAYED_RETRY_DELAYS_S`: the delay of each delayed-retry round.
@@ -75,22 +77,25 @@ impl Decider {
     /// at shutdown): no new bunq call starts for it then. A panic while working on a credential
     /// becomes a dead letter.
     pub async fn decide(&self, inbound: &Inbound, live: &CancellationToken) -> Decision {
-        match self.known.recall(&inbound.round_key) {
-            Some(Known::Settled) => return already_settled(),
-            Some(Known::Finished) if inbound.redelivered => return already_settled(),
-            Some(Known::Failed(failure)) => {
-                info!(
-                    "this input already failed; settling that failure again without calling bunq"
-                );
-                return Outcome::Failed(failure).into();
-            }
-            _ => {}
-        }
-        let lease = match (&self.fleet, inbound.credential()) {
-            (Some(redis), Some(_)) => {
-                match fleet::hold(redis, inbound.identity, self.flow.max_hold, live).await {
+        let lease = match inbound.credential() {
+            Some(_) => {
+                let ask = Ask {
+                    round: inbound.history.round,
+                    replay_of: inbound.replay_of,
+                    fresh: !inbound.redelivered && !inbound.bookkept,
+                };
+                let verdict = fleet::hold(
+                    &self.records,
+                    inbound.identity,
+                    ask,
+                    self.claim_lease,
+                    self.flow.max_hold,
+                    live,
+                )
+                .await;
+                match verdict {
                     Verdict::Go(lease) => Some(lease),
-                    Verdict::Settled => return already_settled(),
+                    Verdict::Taken(t) => return self.taken(t).into(),
                     Verdict::HeldElsewhere => return self.held_elsewhere(inbound).into(),
                     Verdict::Unavailable => {
                         return Outcome::Returned { counted: false }.into();
@@ -98,14 +103,53 @@ impl Decider {
                     Verdict::Cancelled => return self.stopped(inbound).into(),
                 }
             }
-            _ => None,
+            None => None,
         };
-        let outcome = self.claimed(inbound, live).await;
+        if let Some(failure) = lease.as_ref().and_then(|l| l.claimed.answered.clone()) {
+            info!(
+                "bunq already refused this credential and its dead letter was not confirmed; settling that failure again without calling bunq"
+            );
+            return Decision {
+                outcome: Outcome::Failed(failure),
+                lease,
+            };
+        }
+        let outcome = self.claimed(inbound, lease.as_ref(), live).await;
         Decision { outcome, lease }
     }
 
-    /// The outcome of an input this replica may work on.
-    async fn claimed(&self, inbound: &Inbound, live: &CancellationToken) -> Outcome {
+    /// What becomes of a copy whose credential the record says was taken: acked when it is
+    /// created, failed or parked (another copy's outcome is safe at the broker), handed back
+    /// when another delivery holds it.
+    fn taken(&self, t: Taken) -> Outcome {
+        match t {
+            Taken::Created => info!(
+                "this credential's session.created is already confirmed (a redelivery or a repeat); acking without a bunq call"
+            ),
+            Taken::Failed => info!(
+                "this credential already failed and its dead letter is confirmed; acking without a bunq call (replay that dead letter to try again)"
+            ),
+            Taken::Parked => info!(
+                "a later round of this credential is parked for a delayed retry and carries the work on; acking this copy"
+            ),
+            Taken::Elsewhere => {
+                // Not the input's fault: not counted toward DELIVERY_LIMIT.
+                info!("another delivery took this credential over; handing this copy back");
+                return Outcome::Returned { counted: false };
+            }
+        }
+        Outcome::AlreadySettled(t)
+    }
+
+    /// The outcome of an input this delivery may work on (`lease`: its claim, for a
+    /// credential).
+    async fn claimed(
+        &self,
+        inbound: &Inbound,
+        lease: Option<&Lease>,
+        live: &CancellationToken,
+    ) -> Outcome {
+        let work = lease.map_or(live, Lease::work);
         if let Some(over) = self.over_limit(inbound, 0) {
             return over;
         }
@@ -128,17 +172,19 @@ impl Decider {
         };
         let admission = tokio::select! {
             a = self.breaker.admit() => a,
-            _ = live.cancelled() => return self.stopped(inbound),
+            _ = work.cancelled() => return self.stopped_or_taken(inbound, lease),
         };
         if let Admission::Refused(reason) = admission {
             info!(%reason, "the breaker is open; handing the delivery back unprocessed");
             return Outcome::Returned { counted: false };
         }
         // A bug must not strand a delivery unacked with its prefetch slot held.
-        let opened = AssertUnwindSafe(self.open(inbound, ready, live)).catch_unwind();
+        let opened = AssertUnwindSafe(self.open(inbound, ready, lease, work)).catch_unwind();
         let outcome = match opened.await {
             Ok(Some(outcome)) => outcome,
-            Ok(None) => return self.told(admission, false, self.stopped(inbound)),
+            Ok(None) => {
+                return self.told(admission, false, self.stopped_or_taken(inbound, lease));
+            }
             Err(_) => {
                 error!("internal error while handling the delivery; dead-lettering it");
                 let failure = Failure::without_call(
@@ -154,21 +200,32 @@ impl Decider {
         self.feedback(inbound, admission, outcome)
     }
 
+    /// The work stopped: because the claim was taken (see [`Self::taken`]), or the channel
+    /// went, or shutdown ([`Self::stopped`]).
+    fn stopped_or_taken(&self, inbound: &Inbound, lease: Option<&Lease>) -> Outcome {
+        match lease.and_then(Lease::taken) {
+            Some(t) => self.taken(t),
+            None => self.stopped(inbound),
+        }
+    }
+
     /// bunq's answer for a ready credential; `None` when the work stopped first.
     async fn open(
         &self,
         inbound: &Inbound,
         ready: &ProvisionReady,
-        live: &CancellationToken,
+        lease: Option<&Lease>,
+        work: &CancellationToken,
     ) -> Option<Outcome> {
         Some(
             match self
                 .flow
-                .open(ready, inbound.history.not_before, live)
+                .open(ready, inbound.history.not_before, lease, work)
                 .await
             {
                 Ok(opened) => Outcome::Created(Box::new(created_event(ready, opened, &self.flow))),
                 Err(FlowError::Cancelled) => return None,
+                Err(FlowError::Taken(t)) => self.taken(t),
                 // Nothing is dead-lettered or published because the fleet's Redis is down.
                 Err(FlowError::SharedStateUnavailable) => Outcome::Returned { counted: false },
                 Err(FlowError::Failed(f)) => after_failure(
@@ -309,11 +366,6 @@ fn after_failure(
         }
     }
     Outcome::Failed(Box::new(f))
-}
-
-fn already_settled() -> Decision {
-    info!("this input's outcome is already safe at the broker (a redelivery or a repeat); acking");
-    Outcome::AlreadySettled.into()
 }
 
 fn created_event(ready: &ProvisionReady, opened: Opened, flow: &SessionFlow) -> SessionCreated {

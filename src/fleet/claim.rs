@@ -1,29 +1,39 @@
-//! Taking and holding the claim on a credential: one replica at a time works on a credential, and
-//! a credential whose session some replica confirmed is never sent to bunq again. What a verdict
-//! means for the delivery is [`crate::decide`]'s to say.
+//! Taking and holding one delivery's claim on a credential ([`crate::ledger`]): one delivery at
+//! a time works on a credential, fleet-wide with `REDIS_URL`, and proves it still holds the
+//! claim before every bunq call. What a verdict means for the delivery is [`crate::decide`]'s
+//! to say.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{Claim, Fleet, LEASE};
+use super::{Records, Unavailable};
 use crate::{
     identity::Key,
+    ledger::{Ask, Claimed, Fence, Found, Settlement, Taken},
     retry::{Retry, RetryPolicy},
 };
 
-/// How often a held claim is looked at again while another replica works on it.
+/// How often a claim held by another delivery is looked at again.
 const HELD_POLL: Duration = Duration::from_millis(500);
 
+/// Woken whenever a delivery of this process ends its claim: a copy waiting on it looks again
+/// at once instead of at its next poll (another replica's claim is only polled).
+static CLAIM_ENDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// What the claim allows.
+#[derive(Debug)]
 pub enum Verdict {
-    /// Go ahead; the lease is renewed until it is settled, released or dropped.
+    /// Go ahead; the lease is renewed until it is settled or dropped.
     Go(Lease),
-    /// Some replica's `session.created` for this credential is confirmed: no bunq call.
-    Settled,
-    /// Another replica held the credential for as long as this delivery may be held.
+    /// The record already says what became of the credential (never [`Taken::Elsewhere`]).
+    Taken(Taken),
+    /// Another delivery held the credential for as long as this one may be held.
     HeldElsewhere,
     /// Redis stayed unreachable for as long as this delivery may be held.
     Unavailable,
@@ -31,57 +41,147 @@ pub enum Verdict {
     Cancelled,
 }
 
-/// This replica's claim on a credential, renewed every third of [`LEASE`] until settled,
-/// released or dropped.
+/// Why a fence refused a bunq call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced {
+    /// The claim is no longer this delivery's.
+    Taken(Taken),
+    /// Redis did not answer: the claim is unproven, so no call.
+    Unavailable,
+}
+
+/// One delivery's claim on a credential. Renewed every third of its length while held; the
+/// renewal that finds the claim taken stops the work ([`Lease::work`]) at once.
 #[derive(Debug)]
 pub struct Lease {
-    fleet: Fleet,
-    credential: Key,
+    records: Records,
+    id: Key,
+    /// The lease length (`CLAIM_LEASE_MS`).
+    length: Duration,
+    /// What the claim found: the epoch, the generation, what earlier claimants left.
+    pub claimed: Claimed,
+    work: CancellationToken,
+    taken: Arc<Mutex<Option<Taken>>>,
     renewal: JoinHandle<()>,
 }
 
 impl Lease {
-    fn start(fleet: &Fleet, credential: Key) -> Self {
-        let renewing = fleet.clone();
-        let renewal = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LEASE / 3).await;
-                if renewing.claim(&credential).await == Ok(Claim::Settled) {
-                    return;
+    fn start(
+        records: &Records,
+        id: Key,
+        claimed: Claimed,
+        length: Duration,
+        live: &CancellationToken,
+    ) -> Self {
+        let work = live.child_token();
+        let taken = Arc::new(Mutex::new(None));
+        let renewal = tokio::spawn({
+            let (records, work, taken, epoch) =
+                (records.clone(), work.clone(), taken.clone(), claimed.epoch);
+            async move {
+                loop {
+                    tokio::time::sleep(length / 3).await;
+                    // Unreachable Redis: tried again next time; the fence before a call
+                    // refuses the call meanwhile.
+                    if let Ok(Fence::Taken(t)) = records.fence(&id, epoch, length).await {
+                        warn!(
+                            now = t.as_str(),
+                            "this delivery's claim on the credential was taken over (its lease ran out: a pause, or Redis unreachable); stopping its work"
+                        );
+                        *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+                        work.cancel();
+                        return;
+                    }
                 }
             }
         });
         Self {
-            fleet: fleet.clone(),
-            credential,
+            records: records.clone(),
+            id,
+            length,
+            claimed,
+            work,
+            taken,
             renewal,
         }
     }
 
-    /// Records the credential's confirmed session in Redis, retrying by `policy` until `stop`:
-    /// a replica that gets this credential later then acks it without calling bunq.
-    pub async fn settle(&self, policy: RetryPolicy, stop: &CancellationToken) {
-        let recorded = crate::retry::retry(
-            policy,
-            stop,
-            |_| self.fleet.settle(&self.credential),
-            |_| false,
-            |_, _, _| {},
-        )
-        .await;
-        if recorded.is_err() {
-            error!(
-                "the session is confirmed but could not be recorded in Redis (REDIS_URL); another replica that gets this credential within the lease would call bunq again"
+    /// The token the delivery's work runs under: fires when its channel is gone, at shutdown,
+    /// or when the claim is taken.
+    pub fn work(&self) -> &CancellationToken {
+        &self.work
+    }
+
+    /// What took the claim, once a renewal or a fence found it taken.
+    pub fn taken(&self) -> Option<Taken> {
+        *self.taken.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Proves, immediately before a bunq call, that this delivery still holds the claim, and
+    /// renews it for a whole lease length (`CLAIM_LEASE_MS`, validated to exceed
+    /// `HTTP_TIMEOUT_MS` by a margin), so the call ends before the lease does.
+    ///
+    /// # Errors
+    /// [`Fenced::Taken`] when another delivery took the claim or the record was settled;
+    /// [`Fenced::Unavailable`] when Redis does not answer.
+    pub async fn fence(&self) -> Result<(), Fenced> {
+        match self
+            .records
+            .fence(&self.id, self.claimed.epoch, self.length)
+            .await
+        {
+            Ok(Fence::Held) => Ok(()),
+            Ok(Fence::Taken(t)) => {
+                *self.taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+                Err(Fenced::Taken(t))
+            }
+            Err(Unavailable) => Err(Fenced::Unavailable),
+        }
+    }
+
+    /// Records on the credential that a session-server answer was lost, so a refusal in any
+    /// later round, on any replica, reads `outcome_unknown`.
+    pub async fn answer_lost(&self) {
+        if self.records.answer_lost(&self.id).await.is_err() {
+            warn!(
+                "could not record the lost answer in Redis; a later round on another replica would report a refusal as credential_rejected"
             );
         }
     }
 
-    /// Drops the claim (the input was parked, handed back or dead-lettered, or its work
-    /// stopped), so another replica, or a replay, may take it.
-    pub async fn release(self) {
+    /// Ends the claim as `how` says. A final settlement (created, failed, parked) is retried by
+    /// `policy` until `stop`, since the fleet relies on it; a release is tried once (the lease
+    /// expires by itself).
+    pub async fn settle(self, how: Settlement, policy: RetryPolicy, stop: &CancellationToken) {
         self.renewal.abort();
-        if self.fleet.release(&self.credential).await.is_err() {
-            warn!("could not release the claim in Redis; it expires by itself");
+        let _wake = WakeWaiters;
+        let epoch = self.claimed.epoch;
+        let settled = match how {
+            Settlement::Released | Settlement::Answered(_) => {
+                self.records.settle(&self.id, epoch, &how).await
+            }
+            _ => crate::retry::retry(
+                policy,
+                stop,
+                |_| self.records.settle(&self.id, epoch, &how),
+                |_| false,
+                |_, _, _| {},
+            )
+            .await
+            .map_err(|_| Unavailable),
+        };
+        match (settled, &how) {
+            (Ok(true), _) => {}
+            (Ok(false), _) => info!(
+                "the claim was taken over before this delivery settled; the record keeps what the new holder says"
+            ),
+            (Err(_), Settlement::Created) => error!(
+                "the session is confirmed but could not be recorded in Redis (REDIS_URL); another replica that gets this credential would call bunq again"
+            ),
+            (Err(_), Settlement::Failed | Settlement::Parked { .. }) => error!(
+                "the outcome is confirmed but could not be recorded in Redis (REDIS_URL); a redelivered copy would be worked on again"
+            ),
+            (Err(_), _) => warn!("could not release the claim in Redis; it expires by itself"),
         }
     }
 }
@@ -92,12 +192,36 @@ impl Drop for Lease {
     }
 }
 
-/// Takes the claim on `credential` (before any bunq call) and starts renewing it. Another replica's live claim is waited
-/// for, at most `max_hold` (half the consumer timeout). While Redis is unreachable, waits with
-/// backoff for as long. `live` ends the wait.
+/// Wakes the copies waiting in [`hold`] when dropped, i.e. once the record has changed.
+struct WakeWaiters;
+
+impl Drop for WakeWaiters {
+    fn drop(&mut self) {
+        CLAIM_ENDED.notify_waiters();
+    }
+}
+
+impl Taken {
+    /// `created`, `failed`, `parked` or `elsewhere`, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Taken::Created => "created",
+            Taken::Failed => "failed",
+            Taken::Parked => "parked",
+            Taken::Elsewhere => "elsewhere",
+        }
+    }
+}
+
+/// Takes the claim on the credential `id` (before any bunq call) for `length`, and starts
+/// renewing it. Another delivery's live claim is waited for, at most `max_hold` (half the
+/// consumer timeout); while Redis is unreachable, waits with backoff for as long. `live` ends
+/// the wait, and the lease's work token is its child.
 pub async fn hold(
-    fleet: &Fleet,
-    credential: Key,
+    records: &Records,
+    id: Key,
+    ask: Ask,
+    length: Duration,
     max_hold: Duration,
     live: &CancellationToken,
 ) -> Verdict {
@@ -107,12 +231,20 @@ pub async fn hold(
     let mut unavailable = Retry::new(RetryPolicy::SHARED_STATE, live);
     let mut told = false;
     loop {
-        let wait = match fleet.claim(&credential).await {
-            Ok(Claim::Acquired) => return Verdict::Go(Lease::start(fleet, credential)),
-            Ok(Claim::Settled) => return Verdict::Settled,
-            Ok(Claim::Held) => {
+        // Armed before looking, so an end of claim between the look and the wait is not missed.
+        let ended = CLAIM_ENDED.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        let wait = match records.claim(&id, ask, length).await {
+            Ok(Found::Acquired(claimed)) => {
+                return Verdict::Go(Lease::start(records, id, claimed, length, live));
+            }
+            Ok(Found::Created) => return Verdict::Taken(Taken::Created),
+            Ok(Found::Failed { .. }) => return Verdict::Taken(Taken::Failed),
+            Ok(Found::Parked { .. }) => return Verdict::Taken(Taken::Parked),
+            Ok(Found::Held) => {
                 if !told {
-                    info!("another replica is working on this credential; waiting for it");
+                    info!("another delivery is working on this credential; waiting for it");
                     told = true;
                 }
                 if Instant::now() + HELD_POLL >= hold_until {
@@ -134,8 +266,11 @@ pub async fn hold(
                 wait
             }
         };
-        if crate::retry::sleep_or_cancel(wait, live).await.is_err() {
-            return Verdict::Cancelled;
+        tokio::select! {
+            r = crate::retry::sleep_or_cancel(wait, live) => if r.is_err() {
+                return Verdict::Cancelled;
+            },
+            () = &mut ended => {}
         }
     }
 }

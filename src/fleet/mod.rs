@@ -1,13 +1,13 @@
 //! State shared by the replicas of a fleet, in Redis (`REDIS_URL`): a claim on each credential
 //! and one session-server budget per `BUNQ_RATE_LIMIT_SCOPE`.
 //!
-//! Without `REDIS_URL` each process keeps this in memory ([`crate::ledger`], [`crate::pacing`]),
+//! Without `REDIS_URL` each process keeps this in memory ([`crate::ledger::Book`], [`crate::pacing`]),
 //! which is right for one replica. With it, every step that must hold for the whole fleet is one
 //! Lua script (atomic in Redis), and time is Redis's `TIME`, so replicas whose clocks differ
-//! still agree. Keys (under `REDIS_KEY_PREFIX`): `claim:<hex SHA-256 of the credential>` (a
-//! replica's lease, or `settled` for 25 h once its `session.created` was confirmed; the token
-//! itself is never stored) and `rate:<scope>` (a hash: next slot, pause end, learned interval,
-//! all ms of Redis time).
+//! still agree. Keys (under `REDIS_KEY_PREFIX`): `credential:<hex identity>` (the credential's
+//! record, [`crate::ledger`]: a hash kept 25 h after its last change; never the token),
+//! `rate:<scope>` (a hash: next slot, pause end, learned interval, all ms of Redis time) and
+//! `seal` (the fleet's key for sealing bookkeeping headers).
 //!
 //! Redis unreachable: every call here answers [`Unavailable`], and no session-server call
 //! starts, since neither a claim nor a slot can be taken; deliveries wait and are handed back,
@@ -15,11 +15,13 @@
 //! session-server call per credential then in flight (enable persistence to avoid even that).
 
 mod claim;
+mod record;
 mod scripts;
 
-pub use claim::{Lease, Verdict, hold};
+pub use claim::{Fenced, Lease, Verdict, hold};
+pub use record::Records;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use redis::{Client, aio::ConnectionManager, aio::ConnectionManagerConfig};
 use secrecy::{ExposeSecret, SecretString};
@@ -36,24 +38,46 @@ pub struct Unavailable;
 #[error("REDIS_URL is not a redis:// or rediss:// URL")]
 pub struct BadUrl(#[source] redis::RedisError);
 
-/// What a claim on a credential found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Claim {
-    /// This replica holds it now (a lease, renewed while the work goes on).
-    Acquired,
-    /// Its `session.created` was confirmed by some replica: ack without calling bunq.
-    Settled,
-    /// Another replica holds a live lease on it.
-    Held,
-}
-
 /// The fleet's shared state.
 #[derive(Clone)]
 pub struct Fleet {
-    conn: ConnectionManager,
+    link: Arc<RedisLink>,
     prefix: String,
     scope: String,
-    owner: String,
+}
+
+/// The connection, replaced after a timeout: redis-rs's `ConnectionManager` reconnects when a
+/// connection drops, not when it stops answering (a half-open TCP connection after a
+/// partition or a failover), and would wait on it for ever.
+struct RedisLink {
+    client: Client,
+    conn: std::sync::Mutex<ConnectionManager>,
+}
+
+impl RedisLink {
+    fn config() -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2))
+    }
+
+    fn get(&self) -> ConnectionManager {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Drops the connection after `e`, when it is a timeout: the next call makes a new one.
+    fn after(&self, e: &redis::RedisError) {
+        if !e.is_timeout() {
+            return;
+        }
+        if let Ok(fresh) =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), Self::config())
+        {
+            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        }
+    }
 }
 
 impl std::fmt::Debug for Fleet {
@@ -61,40 +85,31 @@ impl std::fmt::Debug for Fleet {
         f.debug_struct("Fleet")
             .field("prefix", &self.prefix)
             .field("scope", &self.scope)
-            .field("owner", &self.owner)
             .finish_non_exhaustive()
     }
 }
 
-/// How long a claim's lease lasts without renewal: a crashed replica's claim frees itself then.
-pub const LEASE: Duration = Duration::from_secs(30);
-/// How long a settled credential is remembered: at least the 24 h the contract promises.
-pub const SETTLED_FOR: Duration = Duration::from_secs(25 * 3600);
-
 impl Fleet {
     /// Prepares the connection (made on first use, so start-up does not wait for Redis).
-    /// `owner` names this replica in its claims (the consumer tag).
     ///
     /// # Errors
     /// [`BadUrl`] when `url` is not a Redis URL.
-    pub fn new(url: &SecretString, prefix: &str, scope: &str, owner: &str) -> Result<Self, BadUrl> {
+    pub fn new(url: &SecretString, prefix: &str, scope: &str) -> Result<Self, BadUrl> {
         let client = Client::open(url.expose_secret()).map_err(BadUrl)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(BadUrl)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), RedisLink::config())
+            .map_err(BadUrl)?;
         Ok(Self {
-            conn,
+            link: Arc::new(RedisLink {
+                client,
+                conn: std::sync::Mutex::new(conn),
+            }),
             prefix: prefix.to_owned(),
             scope: scope.to_owned(),
-            owner: owner.to_owned(),
         })
     }
 
-    fn claim_key(&self, id: &Key) -> String {
-        format!("{}claim:{}", self.prefix, hex::encode(id))
+    fn record_key(&self, id: &Key) -> String {
+        format!("{}credential:{}", self.prefix, hex::encode(id))
     }
 
     fn rate_key(&self) -> String {
@@ -111,69 +126,22 @@ impl Fleet {
         for a in args {
             inv.arg(a);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.get();
         inv.invoke_async(&mut conn).await.map_err(|e| {
             tracing::warn!(error = %crate::telemetry::Chain(&e), "Redis (REDIS_URL) did not answer");
+            self.link.after(&e);
             Unavailable
         })
     }
 
     /// Whether Redis answers (for readiness).
     pub async fn reachable(&self) -> bool {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .is_ok()
-    }
-
-    /// Takes (or renews) this replica's claim on the credential `id` for [`LEASE`].
-    ///
-    /// # Errors
-    /// [`Unavailable`] when Redis cannot be reached.
-    pub async fn claim(&self, id: &Key) -> Result<Claim, Unavailable> {
-        let found: String = self
-            .run(
-                &scripts::CLAIM,
-                self.claim_key(id),
-                &[self.owner.clone(), LEASE.as_millis().to_string()],
-            )
-            .await?;
-        Ok(match found.as_str() {
-            "settled" => Claim::Settled,
-            "held" => Claim::Held,
-            _ => Claim::Acquired,
-        })
-    }
-
-    /// Records the credential as settled (its `session.created` is confirmed), for
-    /// [`SETTLED_FOR`].
-    ///
-    /// # Errors
-    /// [`Unavailable`] when Redis cannot be reached.
-    pub async fn settle(&self, id: &Key) -> Result<(), Unavailable> {
-        self.run::<i64>(
-            &scripts::SETTLE,
-            self.claim_key(id),
-            &[SETTLED_FOR.as_secs().to_string()],
-        )
-        .await
-        .map(|_| ())
-    }
-
-    /// Drops this replica's claim (parked, handed back, or dead-lettered: a replay of the dead
-    /// letter is then processed).
-    ///
-    /// # Errors
-    /// [`Unavailable`] when Redis cannot be reached (the lease then expires by itself).
-    pub async fn release(&self, id: &Key) -> Result<(), Unavailable> {
-        self.run::<i64>(
-            &scripts::RELEASE,
-            self.claim_key(id),
-            std::slice::from_ref(&self.owner),
-        )
-        .await
-        .map(|_| ())
+        let mut conn = self.link.get();
+        let answer = redis::cmd("PING").query_async::<String>(&mut conn).await;
+        if let Err(e) = &answer {
+            self.link.after(e);
+        }
+        answer.is_ok()
     }
 
     /// Reserves the scope's next session-server slot if it comes within `max_wait`:

@@ -5,43 +5,106 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS[1] claim key; ARGV owner, lease ms. Returns `acquired`, `settled` or `held`.
+const CLOCK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// KEYS[1] credential record (a hash: `st` state, `ep` epoch, `le` lease end ms, `rd` parked
+/// round, `gen` generation, `lost` answer lost, `ans` answered failure JSON); ARGV lease ms,
+/// round, replayed generation (empty: none), keep ms, fresh (`1`: a new message). Returns {found, epoch or generation or
+/// round, generation, lost, answered} as strings; the transitions of [`crate::ledger::Book::claim`].
 pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{CLOCK}{}",
         r"
-local v = redis.call('GET', KEYS[1])
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 'acquired'
+local h = redis.call('HMGET', KEYS[1], 'st', 'ep', 'le', 'rd', 'gen', 'lost', 'ans')
+local st = h[1] or 'free'
+local gen = tonumber(h[5]) or 0
+if st == 'created' then return {'created', '0'} end
+if st == 'failed' then
+  if ARGV[5] == '1' and (ARGV[3] == '' or tonumber(ARGV[3]) == gen) then
+    gen = gen + 1
+    redis.call('HSET', KEYS[1], 'gen', gen)
+  else
+    return {'failed', tostring(gen)}
+  end
 end
-if v == 'settled' then return 'settled' end
-if v == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 'acquired'
-end
-return 'held'
-",
-    )
+local rd = tonumber(h[4]) or 0
+if st == 'parked' and tonumber(ARGV[2]) < rd then return {'parked', tostring(rd)} end
+if st == 'claimed' and (tonumber(h[3]) or 0) > now then return {'held', '0'} end
+local ep = (tonumber(h[2]) or 0) + 1
+redis.call('HSET', KEYS[1], 'st', 'claimed', 'ep', ep, 'le', now + tonumber(ARGV[1]))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {'acquired', tostring(ep), tostring(gen), h[6] or '', h[7] or ''}
+"
+    ))
 });
 
-/// KEYS[1] claim key; ARGV seconds to keep. Marks the credential settled.
-pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS[1] credential record; ARGV epoch, lease ms, keep ms. Renews the claim of that epoch
+/// and returns `held`, or returns the state that replaced it.
+pub static FENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{CLOCK}{}",
+        r"
+local h = redis.call('HMGET', KEYS[1], 'st', 'ep')
+if h[1] == 'claimed' and h[2] == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'le', now + tonumber(ARGV[2]))
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 'held'
+end
+return h[1] or 'free'
+"
+    ))
+});
+
+/// KEYS[1] credential record; ARGV keep ms. A session-server answer was lost.
+pub static ANSWER_LOST: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-redis.call('SET', KEYS[1], 'settled', 'EX', ARGV[1])
+redis.call('HSET', KEYS[1], 'lost', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 ",
     )
 });
 
-/// KEYS[1] claim key; ARGV owner. Deletes the claim if this owner holds it.
-pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS[1] credential record; ARGV epoch, how (`created`, `failed`, `parked`, `answered`,
+/// `released`), round, failure JSON, keep ms. Returns 1 when the record changed; only
+/// `created` changes it without holding the claim.
+pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local h = redis.call('HMGET', KEYS[1], 'st', 'ep')
+local how = ARGV[2]
+if how == 'created' then
+  redis.call('HSET', KEYS[1], 'st', 'created')
+  redis.call('HDEL', KEYS[1], 'ans')
+elseif not (h[1] == 'claimed' and h[2] == ARGV[1]) then
+  return 0
+elseif how == 'failed' then
+  redis.call('HSET', KEYS[1], 'st', 'failed')
+  redis.call('HDEL', KEYS[1], 'ans')
+elseif how == 'parked' then
+  redis.call('HSET', KEYS[1], 'st', 'parked', 'rd', ARGV[3])
+elseif how == 'answered' then
+  redis.call('HSET', KEYS[1], 'st', 'free', 'ans', ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'st', 'free')
 end
-return 0
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+",
+    )
+});
+
+/// KEYS[1] the fleet's seal key; ARGV a fresh random key (hex). The first replica's key wins;
+/// returns the fleet's.
+pub static SEAL_KEY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
 ",
     )
 });

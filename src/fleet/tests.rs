@@ -2,6 +2,10 @@
 //! prefix of its own, removed afterwards.
 
 use super::*;
+use crate::{
+    failure::Failure,
+    ledger::{Ask, Claimed, Fence, Found, Settlement, Taken},
+};
 
 fn url() -> SecretString {
     SecretString::from(
@@ -12,8 +16,8 @@ fn url() -> SecretString {
 /// Two replicas sharing one prefix and scope, and the prefix to clean up.
 async fn pair() -> (Fleet, Fleet, String) {
     let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
-    let a = Fleet::new(&url(), &prefix, "default", "replica-a").unwrap();
-    let b = Fleet::new(&url(), &prefix, "default", "replica-b").unwrap();
+    let a = Fleet::new(&url(), &prefix, "default").unwrap();
+    let b = Fleet::new(&url(), &prefix, "default").unwrap();
     assert!(
         a.reachable().await,
         "Redis is not reachable at TEST_REDIS_URL (default redis://127.0.0.1:6379): start it (redis-server --daemonize yes)"
@@ -22,7 +26,7 @@ async fn pair() -> (Fleet, Fleet, String) {
 }
 
 async fn cleanup(f: &Fleet, prefix: &str) {
-    let mut conn = f.conn.clone();
+    let mut conn = f.link.get();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
         .query_async(&mut conn)
@@ -37,53 +41,205 @@ async fn cleanup(f: &Fleet, prefix: &str) {
     }
 }
 
-#[tokio::test]
-async fn one_replica_at_a_time_holds_a_credential_and_settled_is_final() {
-    let (a, b, prefix) = pair().await;
-    let id = [7u8; 32];
-    assert_eq!(a.claim(&id).await, Ok(Claim::Acquired));
-    assert_eq!(a.claim(&id).await, Ok(Claim::Acquired), "the holder renews");
-    assert_eq!(b.claim(&id).await, Ok(Claim::Held));
-    // Only the holder can release.
-    b.release(&id).await.unwrap();
-    assert_eq!(b.claim(&id).await, Ok(Claim::Held));
-    a.release(&id).await.unwrap();
-    assert_eq!(b.claim(&id).await, Ok(Claim::Acquired));
-    b.settle(&id).await.unwrap();
-    assert_eq!(a.claim(&id).await, Ok(Claim::Settled));
-    let mut conn = a.conn.clone();
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(a.claim_key(&id))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(ttl > 24 * 3600, "settled is kept at least 24 h: {ttl}");
-    // The token is never stored: the key is the credential's digest.
-    assert!(a.claim_key(&id).ends_with(&hex::encode(id)));
-    cleanup(&a, &prefix).await;
+const LEASE: Duration = Duration::from_secs(30);
+
+/// A copy of `round`; a fresh message when it names a replayed generation.
+fn ask(round: u32, replay_of: Option<u64>) -> Ask {
+    Ask {
+        round,
+        replay_of,
+        fresh: replay_of.is_some(),
+    }
 }
 
-#[tokio::test]
-async fn a_crashed_replicas_claim_frees_itself_when_its_lease_ends() {
-    let (a, b, prefix) = pair().await;
-    let id = [8u8; 32];
-    assert_eq!(a.claim(&id).await, Ok(Claim::Acquired));
-    // Stand-in for 30 s without renewal.
-    let mut conn = a.conn.clone();
-    let _: i64 = redis::cmd("PEXPIRE")
-        .arg(a.claim_key(&id))
-        .arg(1)
-        .query_async(&mut conn)
+async fn acquired(r: &Records, id: &Key, a: Ask) -> Claimed {
+    match r.claim(id, a, LEASE).await.unwrap() {
+        Found::Acquired(c) => c,
+        other => panic!("expected the claim, found {other:?}"),
+    }
+}
+
+fn refusal() -> Failure {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    Failure::without_call(
+        crate::failure::FailureReason::CredentialRejected,
+        "bunq said no".into(),
+        1,
+        None,
+        now,
+    )
+}
+
+/// Every transition of a credential's record, as two replicas (`a`, `b`) see it: the same
+/// for the in-process book and for Redis.
+async fn a_records_whole_life(a: &Records, b: &Records) {
+    let id = [7u8; 32];
+    let first = acquired(a, &id, ask(0, None)).await;
+    assert_eq!(first.generation, 0);
+    assert!(!first.answer_lost && first.answered.is_none());
+    assert_eq!(b.claim(&id, ask(0, None), LEASE).await, Ok(Found::Held));
+    assert_eq!(a.fence(&id, first.epoch, LEASE).await, Ok(Fence::Held));
+    // Released: the next claimant gets a new epoch, and the old one is fenced out.
+    assert_eq!(
+        a.settle(&id, first.epoch, &Settlement::Released).await,
+        Ok(true)
+    );
+    let second = acquired(b, &id, ask(0, None)).await;
+    assert!(second.epoch > first.epoch);
+    assert_eq!(
+        a.fence(&id, first.epoch, LEASE).await,
+        Ok(Fence::Taken(Taken::Elsewhere))
+    );
+    assert_eq!(
+        a.settle(&id, first.epoch, &Settlement::Failed).await,
+        Ok(false),
+        "a stale holder changes nothing"
+    );
+    // Parked at round 1: a copy of round 0 is stale, the round-1 copy takes it.
+    b.settle(&id, second.epoch, &Settlement::Parked { round: 1 })
         .await
         .unwrap();
+    assert_eq!(
+        a.claim(&id, ask(0, None), LEASE).await,
+        Ok(Found::Parked { round: 1 })
+    );
+    let third = acquired(a, &id, ask(1, None)).await;
+    // A lost answer stays with the credential; an unconfirmed refusal is handed on.
+    a.answer_lost(&id).await.unwrap();
+    a.settle(&id, third.epoch, &Settlement::Answered(Box::new(refusal())))
+        .await
+        .unwrap();
+    let fourth = acquired(b, &id, ask(1, None)).await;
+    assert!(fourth.answer_lost);
+    assert_eq!(fourth.answered.as_deref(), Some(&refusal()));
+    b.settle(&id, fourth.epoch, &Settlement::Failed)
+        .await
+        .unwrap();
+    // Failed is final, for every round and shape; a replay of its generation starts the next.
+    for round in [0, 1, 5] {
+        assert_eq!(
+            a.claim(&id, ask(round, None), LEASE).await,
+            Ok(Found::Failed { generation: 0 })
+        );
+    }
+    let redelivered_replay = Ask {
+        fresh: false,
+        ..ask(0, Some(0))
+    };
+    assert_eq!(
+        a.claim(&id, redelivered_replay, LEASE).await,
+        Ok(Found::Failed { generation: 0 }),
+        "only a new message starts a generation"
+    );
+    let replay = acquired(a, &id, ask(0, Some(0))).await;
+    assert_eq!(replay.generation, 1);
+    assert!(replay.answer_lost, "the lost answer outlives the replay");
+    assert!(replay.answered.is_none());
+    a.settle(&id, replay.epoch, &Settlement::Failed)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.claim(&id, ask(0, Some(0)), LEASE).await,
+        Ok(Found::Failed { generation: 1 }),
+        "the same dead letter replayed twice is worked on once"
+    );
+    // The credential published anew (no dead-letter headers) starts the next generation too.
+    let anew = acquired(
+        b,
+        &id,
+        Ask {
+            fresh: true,
+            ..Ask::default()
+        },
+    )
+    .await;
+    assert_eq!(anew.generation, 2);
+    b.settle(&id, anew.epoch, &Settlement::Failed)
+        .await
+        .unwrap();
+    // Created is final whatever a copy names.
+    let fifth = acquired(b, &id, ask(0, Some(2))).await;
+    b.settle(&id, fifth.epoch, &Settlement::Created)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.claim(&id, ask(0, Some(2)), LEASE).await,
+        Ok(Found::Created)
+    );
+    assert_eq!(
+        a.fence(&id, fifth.epoch, LEASE).await,
+        Ok(Fence::Taken(Taken::Created))
+    );
+}
+
+/// A holder whose lease ran out (frozen, or cut off from Redis) is taken over and fenced out;
+/// a session it made anyway is still recorded.
+async fn a_lapsed_lease_is_taken_over(a: &Records, b: &Records) {
+    let id = [8u8; 32];
+    let short = Duration::from_millis(50);
+    let Ok(Found::Acquired(old)) = a.claim(&id, ask(0, None), short).await else {
+        panic!("not acquired");
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while b.claim(&id).await != Ok(Claim::Acquired) {
+    let new = loop {
+        if let Ok(Found::Acquired(c)) = b.claim(&id, ask(0, None), LEASE).await {
+            break c;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the lease never ended"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    };
+    assert_eq!(
+        a.fence(&id, old.epoch, LEASE).await,
+        Ok(Fence::Taken(Taken::Elsewhere))
+    );
+    assert_eq!(b.fence(&id, new.epoch, LEASE).await, Ok(Fence::Held));
+    assert_eq!(
+        a.settle(&id, old.epoch, &Settlement::Created).await,
+        Ok(true),
+        "a session exists: recorded even by a fenced-out holder"
+    );
+    assert_eq!(
+        b.fence(&id, new.epoch, LEASE).await,
+        Ok(Fence::Taken(Taken::Created))
+    );
+}
+
+#[tokio::test]
+async fn the_in_process_book_makes_every_transition() {
+    let book = Records::Memory(std::sync::Arc::new(crate::ledger::Book::default()));
+    a_records_whole_life(&book, &book).await;
+    a_lapsed_lease_is_taken_over(&book, &book).await;
+}
+
+#[tokio::test]
+async fn redis_makes_the_same_transitions_for_the_fleet() {
+    let (a, b, prefix) = pair().await;
+    let (ra, rb) = (Records::Shared(a.clone()), Records::Shared(b));
+    a_records_whole_life(&ra, &rb).await;
+    a_lapsed_lease_is_taken_over(&ra, &rb).await;
+    let mut conn = a.link.get();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(a.record_key(&[7u8; 32]))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 24 * 3600, "a record is kept at least 24 h: {ttl}");
+    // The token is never stored: the key is the credential's digest.
+    assert!(a.record_key(&[7u8; 32]).ends_with(&hex::encode([7u8; 32])));
+    cleanup(&a, &prefix).await;
+}
+
+#[tokio::test]
+async fn replicas_get_one_seal_key() {
+    let (a, b, prefix) = pair().await;
+    let ka = a.seal_key().await.unwrap();
+    assert_eq!(ka.len(), 32);
+    assert_eq!(ka, b.seal_key().await.unwrap());
     cleanup(&a, &prefix).await;
 }
 
@@ -128,15 +284,14 @@ async fn replicas_share_one_session_server_budget_and_its_pauses() {
 
 #[tokio::test]
 async fn an_unreachable_redis_is_unavailable_not_an_error_of_the_input() {
-    let down = Fleet::new(
-        &SecretString::from("redis://127.0.0.1:1"),
-        "x:",
-        "default",
-        "me",
-    )
-    .unwrap();
-    assert_eq!(down.claim(&[1; 32]).await, Err(Unavailable));
+    let down = Fleet::new(&SecretString::from("redis://127.0.0.1:1"), "x:", "default").unwrap();
+    let records = Records::Shared(down.clone());
+    assert_eq!(
+        records.claim(&[1; 32], Ask::default(), LEASE).await,
+        Err(Unavailable)
+    );
+    assert_eq!(records.fence(&[1; 32], 1, LEASE).await, Err(Unavailable));
     assert_eq!(down.reserve(Duration::ZERO, None).await, Err(Unavailable));
     assert!(!down.reachable().await);
-    assert!(Fleet::new(&SecretString::from("http://x"), "x:", "d", "me").is_err());
+    assert!(Fleet::new(&SecretString::from("http://x"), "x:", "d").is_err());
 }

@@ -2,18 +2,19 @@
 //! the delivery then. A pure function: no broker, no clock of its own, no I/O; unit-tested
 //! without RabbitMQ.
 //!
-//! | outcome          | messages (in order)                                  | then                 |
-//! |------------------|------------------------------------------------------|----------------------|
-//! | created          | `session.created`, until confirmed                   | remember, ack        |
-//! | skipped          | none                                                 | ack                  |
-//! | failed           | dead-letter copy; `session.failed` for a credential  | remember, ack        |
-//! | delayed          | copy to the tier's delay queue                       | remember, ack        |
-//! | returned         | fresh copy to the input queue                        | ack                  |
-//! | already settled  | none                                                 | ack                  |
-//! | abandoned        | none                                                 | nothing (redelivered)|
+//! | outcome          | messages (in order)                                  | record   | then      |
+//! |------------------|------------------------------------------------------|----------|-----------|
+//! | created          | `session.created`, until confirmed                   | created  | ack       |
+//! | skipped          | none                                                 | –        | ack       |
+//! | failed           | dead-letter copy; `session.failed` for a credential  | failed   | ack       |
+//! | delayed          | copy to the tier's delay queue                       | parked   | ack       |
+//! | returned         | fresh copy to the input queue                        | released | ack       |
+//! | already settled  | none                                                 | –        | ack       |
+//! | abandoned        | none                                                 | released | – (redelivered) |
 //!
-//! When a message is not confirmed in time, [`IfUnconfirmed`] says what becomes of the delivery.
-//! Only a credential's outcome is remembered: an input that is no credential never reaches bunq.
+//! The record column is how the delivery's claim on its credential ends ([`Settlement`]), once
+//! the messages are confirmed and before the ack; only a ready credential has a claim. When a
+//! message is not confirmed in time, [`IfUnconfirmed`] says what becomes of the delivery.
 
 pub mod properties;
 
@@ -26,8 +27,7 @@ use crate::{
     broker::{Inbound, Seal, Topology, bookkeeping::History},
     events::SessionFailed,
     failure::Failure,
-    identity::Key,
-    ledger::Known,
+    ledger::Settlement,
     outcome::Outcome,
 };
 
@@ -95,9 +95,9 @@ pub enum IfUnconfirmed {
     /// Leave it unacked: the broker redelivers it when the channel closes
     /// ([`Settled::Unfinished`]).
     LeaveUnacked,
-    /// Remember this (so the redelivery does not call bunq again), then nack it with requeue
-    /// ([`Settled::Requeued`]): nothing is lost.
-    Requeue(Option<Known>),
+    /// End the claim so (an unconfirmed refusal is kept, so the redelivery does not call bunq
+    /// again), then nack it with requeue ([`Settled::Requeued`]): nothing is lost.
+    Requeue(Settlement),
     /// Log it and go on: the messages before it already record the outcome.
     GoOn,
 }
@@ -136,17 +136,15 @@ impl std::fmt::Debug for Message<'_> {
 }
 
 /// A settlement, planned: publish `messages` in order, each confirmed before the next; then
-/// remember the outcome, then ack (or not).
+/// end the claim on the credential, then ack (or not).
 #[derive(Debug)]
 pub struct Plan<'a> {
     /// Published in order.
     pub messages: Vec<Message<'a>>,
-    /// The input's round ([`Inbound::round_key`]), by which its outcome is remembered.
-    pub key: Key,
-    /// What this process remembers of the input's round once every
-    /// message that must be confirmed is, before the ack: AMQP does not confirm acks, so even a
-    /// sent ack may be lost with the connection and the input come back.
-    pub remember: Option<Known>,
+    /// How the delivery's claim on its credential ends once every message that must be
+    /// confirmed is, before the ack: AMQP does not confirm acks, so even a sent ack may be lost
+    /// with the connection and the input come back, to find this in the record.
+    pub record: Settlement,
     /// Whether the delivery is acked at the end (not when its channel is gone).
     pub ack: bool,
     /// What the settlement did, when every message was confirmed.
@@ -166,10 +164,12 @@ pub struct Addresses<'a> {
 }
 
 /// Plans the settlement of `outcome` for `inbound`, at the wall-clock time `now` (the events'
-/// `timestamp`, `x-failed-at`).
+/// `timestamp`, `x-failed-at`). `generation` is the credential record's generation the
+/// delivery worked in (0 without a claim), written on a dead letter so a replay names it.
 pub fn plan<'a>(
     inbound: &'a Inbound,
     outcome: &Outcome,
+    generation: u64,
     to: Addresses<'_>,
     now: OffsetDateTime,
 ) -> Plan<'a> {
@@ -181,12 +181,11 @@ pub fn plan<'a>(
         body: Cow::Borrowed(&inbound.body[..]),
         properties,
         patience: Patience::Budget,
-        if_unconfirmed: IfUnconfirmed::Requeue(None),
+        if_unconfirmed: IfUnconfirmed::Requeue(Settlement::Released),
     };
-    let done = |settled, remember| Plan {
+    let done = |settled, record| Plan {
         messages: Vec::new(),
-        key: inbound.round_key,
-        remember,
+        record,
         ack: true,
         settled,
     };
@@ -205,38 +204,33 @@ pub fn plan<'a>(
                     patience: Patience::UntilConfirmed,
                     if_unconfirmed: IfUnconfirmed::LeaveUnacked,
                 }],
-                ..done(Settled::Created, Some(Known::Settled))
+                ..done(Settled::Created, Settlement::Created)
             }
         }
-        Outcome::Skipped => done(Settled::Skipped, None),
-        Outcome::AlreadySettled => done(Settled::Repeat, None),
+        Outcome::Skipped => done(Settled::Skipped, Settlement::Released),
+        Outcome::AlreadySettled(_) => done(Settled::Repeat, Settlement::Released),
         Outcome::Abandoned => Plan {
             ack: false,
-            ..done(Settled::Abandoned, None)
+            ..done(Settled::Abandoned, Settlement::Released)
         },
         Outcome::Failed(failure) => {
             let mut dead_letter = copy(
                 "the dead-letter copy",
                 &t.dead_letter_exchange,
                 &inbound.routing_key,
-                properties::dead_letter(inbound, failure, now, to.frame_max),
+                properties::dead_letter(inbound, failure, generation, now, to.frame_max),
             );
-            // Only a credential's failure is remembered (of the outcomes an input that is no
-            // credential can have, this is the one that would be): such an input never reaches
-            // bunq, so working on it again costs nothing, and a burst of junk cannot push out
-            // what the worker knows of credentials.
-            let credential = inbound.credential().is_some();
-            // Not confirmed: remembered, so the requeued delivery settles this failure again
-            // without calling bunq.
+            // Not confirmed: kept in the record, so the requeued delivery settles this failure
+            // again without calling bunq.
             dead_letter.if_unconfirmed =
-                IfUnconfirmed::Requeue(credential.then(|| Known::Failed(failure.clone())));
+                IfUnconfirmed::Requeue(Settlement::Answered(failure.clone()));
             let mut messages = vec![dead_letter];
             messages.extend(session_failed(inbound, failure, t, now));
-            // A redelivery of this delivery is acked, not sent to bunq again; a replay of the
-            // dead letter (a new message) is processed.
+            // Final for this generation: a copy anywhere is acked without a call; a replay of
+            // the dead letter (it names the generation) starts the next one.
             Plan {
                 messages,
-                ..done(Settled::DeadLettered, credential.then_some(Known::Finished))
+                ..done(Settled::DeadLettered, Settlement::Failed)
             }
         }
         Outcome::Delayed(d) => {
@@ -257,7 +251,7 @@ pub fn plan<'a>(
             );
             Plan {
                 messages: vec![parked],
-                ..done(Settled::Delayed, Some(Known::Finished))
+                ..done(Settled::Delayed, Settlement::Parked { round: d.retries })
             }
         }
         Outcome::Returned { counted } => {
@@ -274,7 +268,7 @@ pub fn plan<'a>(
             );
             Plan {
                 messages: vec![returned],
-                ..done(Settled::Returned, None)
+                ..done(Settled::Returned, Settlement::Released)
             }
         }
     }

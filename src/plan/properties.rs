@@ -8,7 +8,7 @@ use lapin::{
 use time::OffsetDateTime;
 
 use crate::{
-    broker::{Inbound, Seal, bookkeeping::History, headers::long},
+    broker::{GENERATION_HEADER, Inbound, Seal, bookkeeping::History, headers::long},
     events,
     failure::Failure,
     identity,
@@ -58,11 +58,12 @@ pub fn event(
 }
 
 /// The dead-letter copy's properties: the input's plus `x-error-reason`, `x-error-detail`,
-/// `x-attempts`, `x-original-exchange`, `x-original-routing-key` and `x-failed-at` (RFC 3339,
-/// `now`).
+/// `x-attempts`, `x-original-exchange`, `x-original-routing-key`, `x-failed-at` (RFC 3339,
+/// `now`) and, for a credential, `x-credential-generation` (`generation`: a replay names it).
 pub fn dead_letter(
     inbound: &Inbound,
     failure: &Failure,
+    generation: u64,
     now: OffsetDateTime,
     frame_max: u32,
 ) -> BasicProperties {
@@ -77,6 +78,12 @@ pub fn dead_letter(
     headers.insert("x-original-exchange".into(), long(&route.exchange));
     headers.insert("x-original-routing-key".into(), long(&route.routing_key));
     headers.insert("x-failed-at".into(), long(&events::rfc3339(now)));
+    if inbound.credential().is_some() {
+        headers.insert(
+            GENERATION_HEADER.into(),
+            AMQPValue::LongLongInt(i64::try_from(generation).unwrap_or(i64::MAX)),
+        );
+    }
     copy(inbound, headers, frame_max)
 }
 

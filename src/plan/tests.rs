@@ -44,11 +44,11 @@ fn inbound(body: &str, headers: FieldTable) -> Inbound {
         .with_user_id("partner".into())
         .with_headers(headers);
     Inbound {
-        round_key: crate::identity::round_key(&identity, 0),
         identity,
         decoded,
         body,
         history: History::default(),
+        bookkept: false,
         original_route: Route {
             exchange: "in.x".into(),
             routing_key: "provision.ready".into(),
@@ -56,6 +56,7 @@ fn inbound(body: &str, headers: FieldTable) -> Inbound {
         routing_key: "provision.ready".into(),
         redelivered: false,
         delivery_count: None,
+        replay_of: None,
         message_id: "m-1".into(),
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         properties,
@@ -76,7 +77,7 @@ fn plan_of<'a>(i: &'a Inbound, outcome: &Outcome, seal: &Seal, frame_max: u32) -
         seal,
         frame_max,
     };
-    plan(i, outcome, to, NOW)
+    plan(i, outcome, 3, to, NOW)
 }
 
 fn failure(reason: FailureReason) -> Failure {
@@ -103,7 +104,7 @@ fn json(m: &Message<'_>) -> serde_json::Value {
 }
 
 #[test]
-fn created_publishes_the_session_until_confirmed_then_remembers_and_acks() {
+fn created_publishes_the_session_until_confirmed_then_records_it_and_acks() {
     let i = inbound(SLIM, producer_headers());
     let event = SessionCreated {
         schema_version: SCHEMA_VERSION,
@@ -128,8 +129,7 @@ fn created_publishes_the_session_until_confirmed_then_remembers_and_acks() {
     );
     assert_eq!(p.settled, Settled::Created);
     assert!(p.ack);
-    assert!(matches!(p.remember, Some(Known::Settled)));
-    assert_eq!(p.key, i.round_key);
+    assert_eq!(p.record, Settlement::Created);
     let [m] = &p.messages[..] else {
         panic!("one message: {:?}", p.messages);
     };
@@ -171,13 +171,17 @@ fn skipped_and_already_settled_only_ack_and_abandoned_leaves_the_delivery() {
     let seal = Seal::new(&[7; 32]);
     for (outcome, settled, ack) in [
         (Outcome::Skipped, Settled::Skipped, true),
-        (Outcome::AlreadySettled, Settled::Repeat, true),
+        (
+            Outcome::AlreadySettled(crate::ledger::Taken::Failed),
+            Settled::Repeat,
+            true,
+        ),
         (Outcome::Abandoned, Settled::Abandoned, false),
     ] {
         let p = plan_of(&i, &outcome, &seal, 0);
         assert!(p.messages.is_empty(), "{settled}");
         assert_eq!((p.settled, p.ack), (settled, ack));
-        assert!(p.remember.is_none(), "{settled}");
+        assert_eq!(p.record, Settlement::Released, "{settled}");
     }
 }
 
@@ -192,7 +196,7 @@ fn a_failed_credential_is_dead_lettered_with_its_reason_then_reported() {
         0,
     );
     assert_eq!(p.settled, Settled::DeadLettered);
-    assert!(matches!(p.remember, Some(Known::Finished)));
+    assert_eq!(p.record, Settlement::Failed);
     let [dl, event] = &p.messages[..] else {
         panic!("two messages: {:?}", p.messages);
     };
@@ -207,7 +211,7 @@ fn a_failed_credential_is_dead_lettered_with_its_reason_then_reported() {
         "the input's token_value: {shown}"
     );
     match &dl.if_unconfirmed {
-        IfUnconfirmed::Requeue(Some(Known::Failed(kept))) => assert_eq!(**kept, f),
+        IfUnconfirmed::Requeue(Settlement::Answered(kept)) => assert_eq!(**kept, f),
         other => panic!("the failure is kept for the requeue: {other:?}"),
     }
     let h = &dl.properties;
@@ -220,6 +224,11 @@ fn a_failed_credential_is_dead_lettered_with_its_reason_then_reported() {
         Some("bunq said no")
     );
     assert_eq!(int_header(h, "x-attempts"), Some(2));
+    assert_eq!(
+        int_header(h, crate::broker::GENERATION_HEADER),
+        Some(3),
+        "a replay names the generation that failed"
+    );
     assert_eq!(
         str_header(h, "x-original-exchange").as_deref(),
         Some("in.x")
@@ -274,9 +283,11 @@ fn input_that_is_no_credential_is_dead_lettered_without_an_event() {
         str_header(&dl.properties, "x-error-reason").as_deref(),
         Some("malformed_json")
     );
-    // It never reaches bunq: nothing of it takes a slot of the in-process memory.
-    assert!(p.remember.is_none(), "{:?}", p.remember);
-    assert!(matches!(dl.if_unconfirmed, IfUnconfirmed::Requeue(None)));
+    // No credential, no record, nothing to replay into.
+    assert_eq!(
+        int_header(&dl.properties, crate::broker::GENERATION_HEADER),
+        None
+    );
 }
 
 #[test]
@@ -295,7 +306,7 @@ fn a_delayed_copy_carries_sealed_bookkeeping_that_reads_back() {
     };
     let p = plan_of(&i, &Outcome::Delayed(Box::new(d)), &seal, 0);
     assert_eq!(p.settled, Settled::Delayed);
-    assert!(matches!(p.remember, Some(Known::Finished)));
+    assert_eq!(p.record, Settlement::Parked { round: 1 });
     let [m] = &p.messages[..] else {
         panic!("one copy: {:?}", p.messages);
     };
@@ -303,7 +314,10 @@ fn a_delayed_copy_carries_sealed_bookkeeping_that_reads_back() {
         (m.exchange.as_str(), m.routing_key.as_str()),
         ("", "in.q.retry-60s")
     );
-    assert!(matches!(m.if_unconfirmed, IfUnconfirmed::Requeue(None)));
+    assert!(matches!(
+        m.if_unconfirmed,
+        IfUnconfirmed::Requeue(Settlement::Released)
+    ));
     let (history, route) = seal.read(
         &m.properties,
         &i.identity,
@@ -335,7 +349,7 @@ fn a_counted_hand_back_adds_a_return_and_an_uncounted_one_does_not() {
     for (counted, returns) in [(true, 3), (false, 2)] {
         let p = plan_of(&i, &Outcome::Returned { counted }, &seal, 0);
         assert_eq!(p.settled, Settled::Returned);
-        assert!(p.remember.is_none());
+        assert_eq!(p.record, Settlement::Released);
         let [m] = &p.messages[..] else {
             panic!("one copy: {:?}", p.messages);
         };

@@ -83,7 +83,7 @@ async fn the_expiry_cuts_retries_before_the_wait_that_would_pass_it() {
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 503);
     // Delays 1, 2, 4, 8 s: attempts at 0, 1, 3, 7; the next would be at 15, past the expiry.
-    let mut calls = Calls::new(policy(300), &pacer, FAR, in_s(12), &cancel);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, in_s(12), None, &cancel);
     let f = failed(calls.run(DEVICE_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::CredentialExpired);
     assert!(f.detail.contains("before the next retry"), "{}", f.detail);
@@ -97,7 +97,7 @@ async fn the_elapsed_budget_ends_retries_with_retries_exhausted() {
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 502);
     // Attempts at 0, 1, 3; waiting 4 more would end at 7, past the 5 s budget.
-    let mut calls = Calls::new(policy(5), &pacer, FAR, None, &cancel);
+    let mut calls = Calls::new(policy(5), &pacer, FAR, None, None, &cancel);
     let f = failed(calls.run(DEVICE_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::RetriesExhausted);
     assert!(
@@ -116,7 +116,7 @@ async fn the_budget_is_shared_by_both_calls_but_attempts_are_per_call() {
         max_attempts: 3,
         ..policy(300)
     };
-    let mut calls = Calls::new(p, &pacer, FAR, None, &cancel);
+    let mut calls = Calls::new(p, &pacer, FAR, None, None, &cancel);
     let device = Script::new(vec![error(RetryClass::Transient, 503); 2]);
     calls.run(DEVICE_SERVER, || device.call()).await.unwrap();
     let session = Script::always(RetryClass::Transient, 503);
@@ -151,7 +151,7 @@ async fn a_429_pauses_every_session_server_call_then_they_go_at_bunqs_pace() {
     let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::new(vec![too_many(30)]);
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
     let t0 = Instant::now();
     let first = calls.run(SESSION_SERVER, || script.call());
     // Another delivery that wants a slot once the 429 has arrived waits out the same window.
@@ -181,7 +181,7 @@ async fn waiting_out_429s_is_charged_to_neither_attempts_nor_elapsed_time() {
         ..policy(5)
     };
     let script = Script::new(vec![too_many(10), too_many(10), too_many(10)]);
-    let mut calls = Calls::new(p, &pacer, FAR, None, &cancel);
+    let mut calls = Calls::new(p, &pacer, FAR, None, None, &cancel);
     calls.run(SESSION_SERVER, || script.call()).await.unwrap();
     assert_eq!(
         script.at().len(),
@@ -195,7 +195,14 @@ async fn a_window_past_the_hold_time_ends_the_round_with_the_window_carried() {
     let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::new(vec![too_many(600)]);
-    let mut calls = Calls::new(policy(30), &pacer, Duration::from_secs(60), None, &cancel);
+    let mut calls = Calls::new(
+        policy(30),
+        &pacer,
+        Duration::from_secs(60),
+        None,
+        None,
+        &cancel,
+    );
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::RetriesExhausted);
     assert_eq!(script.at(), vec![0], "no call inside bunq's window");
@@ -217,7 +224,7 @@ async fn pacing_waits_are_not_charged_to_the_elapsed_budget() {
     // Someone else took the first slot: this delivery waits 20 s, more than its 5 s budget.
     pacer.local.reserve_before(t0 + FAR).unwrap();
     let script = Script::new(vec![error(RetryClass::Transient, 503)]);
-    let mut calls = Calls::new(policy(5), &pacer, FAR, None, &cancel);
+    let mut calls = Calls::new(policy(5), &pacer, FAR, None, None, &cancel);
     calls.run(SESSION_SERVER, || script.call()).await.unwrap();
     assert_eq!(
         script.at(),
@@ -234,7 +241,14 @@ async fn a_slot_past_the_hold_time_or_the_expiry_fails_without_a_call() {
         .local
         .pause_until(Instant::now() + Duration::from_secs(100));
     let script = Script::new(vec![]);
-    let mut calls = Calls::new(policy(300), &pacer, Duration::from_secs(10), None, &cancel);
+    let mut calls = Calls::new(
+        policy(300),
+        &pacer,
+        Duration::from_secs(10),
+        None,
+        None,
+        &cancel,
+    );
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::RetriesExhausted);
     assert!(
@@ -242,7 +256,7 @@ async fn a_slot_past_the_hold_time_or_the_expiry_fails_without_a_call() {
         "{}",
         f.detail
     );
-    let mut calls = Calls::new(policy(300), &pacer, FAR, in_s(50), &cancel);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, in_s(50), None, &cancel);
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::CredentialExpired);
     assert!(script.at().is_empty(), "no call was made");
@@ -253,7 +267,7 @@ async fn shutdown_ends_a_retry_wait_at_once() {
     let pacer = Budget::from(Pacer::new(None));
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 503);
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
     let t0 = Instant::now();
     let stopper = cancel.clone();
     tokio::spawn(async move {
@@ -274,7 +288,7 @@ async fn a_permanent_answer_is_not_retried() {
         RetryClass::Permanent(FailureReason::CredentialRejected),
         400,
     );
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::CredentialRejected);
     assert_eq!(f.error_description.as_deref(), Some("from the test"));
@@ -296,14 +310,14 @@ async fn a_refusal_after_a_lost_answer_is_outcome_unknown() {
         400,
     );
     let script = Script::new(vec![lost, spent.clone()]);
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::OutcomeUnknown);
     assert!(f.detail.contains("token reset"), "{}", f.detail);
     assert!(f.detail.contains("timed out"), "{}", f.detail);
     // Without a lost answer before it, the same refusal is the credential's.
     let script = Script::new(vec![spent]);
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, &cancel);
+    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::CredentialRejected);
 }
@@ -314,7 +328,14 @@ async fn retries_past_the_hold_time_say_so_rather_than_blame_pacing() {
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 503);
     // Held at most 5 s: attempts at 0, 1, 3; the next at 7 is past the hold time.
-    let mut calls = Calls::new(policy(300), &pacer, Duration::from_secs(5), None, &cancel);
+    let mut calls = Calls::new(
+        policy(300),
+        &pacer,
+        Duration::from_secs(5),
+        None,
+        None,
+        &cancel,
+    );
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::RetriesExhausted);
     assert!(

@@ -86,6 +86,37 @@ pub async fn load_context(
     Ok(ctx)
 }
 
+/// How long start-up waits for Redis to hand out the fleet's seal key.
+const SEAL_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The fleet's key for sealing bookkeeping headers, from Redis (made by the first replica).
+///
+/// # Errors
+/// [`StartError::RedisAtStart`] when Redis does not answer within 30 s (the orchestrator
+/// restarts the worker, as for an unreachable broker).
+pub(super) async fn fleet_seal_key(fleet: &crate::fleet::Fleet) -> Result<Vec<u8>, StartError> {
+    let policy = RetryPolicy {
+        max_elapsed: Some(SEAL_KEY_WAIT),
+        ..RetryPolicy::SHARED_STATE
+    };
+    let never = CancellationToken::new();
+    crate::retry::retry(
+        policy,
+        &never,
+        |_| fleet.seal_key(),
+        |_| false,
+        |_, attempt, delay| {
+            warn!(
+                attempt,
+                retry_in_ms = delay.as_millis() as u64,
+                "Redis (REDIS_URL) did not answer; waiting for the fleet's seal key"
+            )
+        },
+    )
+    .await
+    .map_err(|_| StartError::RedisAtStart(SEAL_KEY_WAIT.as_secs()))
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;

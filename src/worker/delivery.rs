@@ -52,7 +52,6 @@ pub(super) async fn handle(
     async move {
         let started = Instant::now();
         let _counted = InFlightCount::new(&shared.gauges.in_flight);
-        let _one_copy = shared.in_flight.lock(inbound.round_key).await;
         let decision = shared.decider.decide(&inbound, &channel_live).await;
         let settler = &shared.settler;
         let to = Addresses {
@@ -60,7 +59,14 @@ pub(super) async fn handle(
             seal: &shared.seal,
             frame_max: settler.publisher.frame_max(),
         };
-        let planned = plan::plan(&inbound, &decision.outcome, to, OffsetDateTime::now_utc());
+        let generation = decision.lease.as_ref().map_or(0, |l| l.claimed.generation);
+        let planned = plan::plan(
+            &inbound,
+            &decision.outcome,
+            generation,
+            to,
+            OffsetDateTime::now_utc(),
+        );
         let settled = settler
             .settle(&delivery.acker, planned, decision.lease)
             .await;
@@ -87,6 +93,8 @@ fn report(outcome: &Outcome, settled: Settled, t: &crate::broker::Topology, star
                 span.record("user_id", user_id);
             }
         }
+        // Which record said so: created, failed or parked.
+        (Outcome::AlreadySettled(t), Settled::Repeat) => reason = t.as_str(),
         (Outcome::Failed(f), Settled::DeadLettered) => {
             reason = f.reason.as_str();
             warn!(reason = %f.reason, detail = %f.detail, attempts = f.attempts, "dead-lettered");

@@ -29,8 +29,8 @@ use crate::{
     bunq::{BunqClient, CallError, context::ContextError},
     config::Settings,
     decide::Decider,
-    fleet::Fleet,
-    ledger::{InFlight, KnownOutcomes},
+    fleet::{Fleet, Records},
+    ledger::Book,
     pacing::{Budget, Pacer},
     session::SessionFlow,
     settle::Settler,
@@ -74,6 +74,11 @@ pub enum StartError {
     /// `REDIS_URL` is not a Redis URL.
     #[error(transparent)]
     Redis(crate::fleet::BadUrl),
+    /// Redis (`REDIS_URL`) did not answer at start-up, so the fleet's seal key is unknown.
+    #[error(
+        "Redis (REDIS_URL) did not answer within {0} s at start-up: the replicas' shared seal key for bookkeeping headers is kept there"
+    )]
+    RedisAtStart(u64),
     /// `METRICS_ADDR` could not be served (the port is taken?).
     #[error(transparent)]
     Metrics(#[from] crate::observe::ServeError),
@@ -132,9 +137,6 @@ struct Shared {
     seal: Arc<crate::broker::Seal>,
     decider: Decider,
     settler: Settler,
-    /// One copy of an input at a time in this process: a copy redelivered while the first is
-    /// still at bunq (its channel died) waits for it, then finds its outcome.
-    in_flight: InFlight,
     /// What the probes read.
     gauges: Arc<Gauges>,
 }
@@ -316,7 +318,6 @@ impl Worker {
                     url,
                     &settings.redis.key_prefix,
                     &settings.redis.rate_limit_scope,
-                    &consumer_tag,
                 )
                 .map_err(StartError::Redis)?,
             ),
@@ -357,20 +358,27 @@ impl Worker {
         }
         let hard_stop = CancellationToken::new();
         let breaker = Arc::new(Breaker::new(settings.breaker_threshold));
-        let known = Arc::new(KnownOutcomes::default());
-        let seal = Arc::new(crate::broker::Seal::new(&flow.ctx.bookkeeping_key()));
+        // Replicas must read each other's seals: with Redis they share a key kept there (made
+        // by the first replica), so they need not share an installation; one replica alone
+        // derives its key from its installation.
+        let seal = Arc::new(crate::broker::Seal::new(&match &fleet {
+            Some(f) => bootstrap::fleet_seal_key(f).await?,
+            None => flow.ctx.bookkeeping_key().to_vec(),
+        }));
         let settler = Settler {
             publisher: Publisher::new(link.clone(), settings.broker.publish_confirm_timeout),
             topology: topology.clone(),
-            known: known.clone(),
             publish_budget: settings.retry.max_elapsed,
             hard_stop,
         };
         let decider = Decider {
             flow,
             breaker: breaker.clone(),
-            fleet: fleet.clone(),
-            known,
+            records: match &fleet {
+                Some(f) => Records::Shared(f.clone()),
+                None => Records::Memory(Arc::new(Book::default())),
+            },
+            claim_lease: settings.redis.claim_lease,
             delivery_limit: topology.delivery_limit,
             delay_tiers: topology.delay_tiers.clone(),
             stop_work: CancellationToken::new(),
@@ -392,7 +400,6 @@ impl Worker {
                 seal,
                 decider,
                 settler,
-                in_flight: InFlight::default(),
                 gauges: Arc::default(),
             }),
             first_connection: Some(connection),
@@ -417,7 +424,10 @@ impl Worker {
         WorkerStatus {
             link: self.consumer.link.clone(),
             breaker: self.shared.decider.breaker.clone(),
-            fleet: self.shared.decider.fleet.clone(),
+            fleet: match &self.shared.decider.records {
+                Records::Shared(f) => Some(f.clone()),
+                Records::Memory(_) => None,
+            },
             gauges: self.shared.gauges.clone(),
             consuming: self.consumer.consuming.clone(),
         }

@@ -146,8 +146,10 @@ async fn with_redis_down_no_call_is_made_nothing_is_lost_and_work_resumes() {
     .await;
     let prefix = use_redis(&mut app, &format!("redis://{}", redis_proxy.addr()));
     app.bunq_opens_every_session().await;
-    redis_proxy.black_hole();
+    // Start-up needs Redis (the fleet's seal key); it goes away afterwards.
     app.start_worker().await;
+    redis_proxy.stall();
+    redis_proxy.black_hole();
     app.publish_json(&slim(1, "while-redis-is-down")).await;
     eventually("the worker holds the delivery", || async {
         app.ready_count(&app.names.input_queue).await == 0

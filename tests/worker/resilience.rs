@@ -113,7 +113,7 @@ async fn a_delivery_in_flight_when_the_connection_dies_is_not_spent_twice() {
     let q = app.names.input_queue.clone();
     // The redelivered input is settled with the same event, not a second bunq call.
     eventually("the input is settled", || async {
-        app.ready_count(&q).await == 0
+        app.ready_count(&q).await == 0 && app.status.as_ref().unwrap().in_flight() == 0
     })
     .await;
     app.stop_worker().await.unwrap();
