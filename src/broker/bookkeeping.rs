@@ -28,7 +28,7 @@ pub const NOT_BEFORE_HEADER: &str = "x-bunq-not-before";
 /// Header counting the worker's own hand-backs of an input (fresh copies instead of a requeue).
 pub const RETURNS_HEADER: &str = "x-bunq-returns";
 /// Header sealing the worker's bookkeeping headers: hex HMAC-SHA-256 (RFC 2104) of their values
-/// and the input's identity, keyed by a secret only the worker's installation holds.
+/// and the input's identity, keyed by the fleet's secret ([`Seal`]).
 pub const SEAL_HEADER: &str = "x-bunq-seal";
 
 /// Whether a header is the worker's own bookkeeping (left out of what a producer set).
@@ -63,7 +63,8 @@ pub struct History {
 
 /// The key that seals the worker's own bookkeeping headers (`x-bunq-*`), so a producer cannot
 /// forge them: headers it sets are ignored, and a message whose seal does not verify counts as
-/// a fresh input. Replicas with the same API context share the key.
+/// a fresh input (logged and counted). With `REDIS_URL` the fleet shares one key kept in Redis;
+/// without, it is derived from the installation.
 pub struct Seal(aws_lc_rs::hmac::Key);
 
 impl std::fmt::Debug for Seal {
@@ -73,7 +74,8 @@ impl std::fmt::Debug for Seal {
 }
 
 impl Seal {
-    /// A seal keyed by `secret` (at least 32 bytes of a secret the installation holds).
+    /// A seal keyed by `secret` (at least 32 bytes: the fleet's key from Redis, or one derived
+    /// from the installation).
     pub fn new(secret: &[u8]) -> Self {
         Self(aws_lc_rs::hmac::Key::new(
             aws_lc_rs::hmac::HMAC_SHA256,
@@ -150,7 +152,7 @@ impl Seal {
                 // loses its rounds, calls, hand-backs and 429 windows at every hop.
                 metrics::counter!("bunq_session_worker_foreign_seals_total").increment(1);
                 tracing::warn!(
-                    "this input carries worker bookkeeping (x-bunq-seal) this replica cannot verify, so it counts as fresh: either a replica with another API context wrote it (every replica of a fleet must use the same bunq installation: share BUNQ_CONTEXT_FILE or the BUNQ_CLIENT_PRIVATE_KEY / BUNQ_INSTALLATION_TOKEN / BUNQ_SERVER_PUBLIC_KEY set), or its producer forged it"
+                    "this input carries worker bookkeeping (x-bunq-seal) this replica cannot verify, so it counts as fresh: either another replica wrote it with another key (every replica of a fleet must set the same REDIS_URL and REDIS_KEY_PREFIX, which share the seal key; without Redis, the same bunq installation), or its producer forged it"
                 );
                 (History::default(), own)
             }

@@ -25,6 +25,9 @@ pub struct BunqState {
     pub server_public_pem: String,
     pub installation_token: String,
     pub client_public_key_pem: Mutex<Option<String>>,
+    /// Every client key registered, the latest last: replicas with installations of their own
+    /// all sign with a key bunq knows.
+    pub client_keys: Mutex<Vec<String>>,
 }
 
 impl BunqState {
@@ -37,6 +40,7 @@ impl BunqState {
             server_public_pem,
             installation_token: format!("INSTALLATION-TOKEN-{}", uuid::Uuid::new_v4().simple()),
             client_public_key_pem: Mutex::new(None),
+            client_keys: Mutex::new(Vec::new()),
         })
     }
 
@@ -78,6 +82,7 @@ impl Respond for Installation {
         let body: Value = serde_json::from_slice(&req.body).unwrap();
         let key = body["client_public_key"].as_str().unwrap().to_owned();
         assert!(key.starts_with("-----BEGIN PUBLIC KEY-----"), "{key}");
+        self.0.client_keys.lock().unwrap().push(key.clone());
         *self.0.client_public_key_pem.lock().unwrap() = Some(key);
         ResponseTemplate::new(200).set_body_json(json!({"Response": [
             {"Id": {"id": 5511}},
@@ -128,15 +133,21 @@ pub fn check_request(state: &BunqState, req: &Request) -> Result<(), String> {
     let sig = STANDARD
         .decode(h("X-Bunq-Client-Signature")?)
         .map_err(|_| "signature not base64")?;
-    let pem = state
-        .client_public_key_pem
-        .lock()
-        .unwrap()
-        .clone()
-        .ok_or("no installation yet")?;
-    signature::UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, pem_decode(&pem))
-        .verify(&req.body, &sig)
-        .map_err(|_| "signature does not verify over the body".to_string())
+    let keys = state.client_keys.lock().unwrap().clone();
+    if keys.is_empty() {
+        return Err("no installation yet".into());
+    }
+    keys.iter()
+        .find(|pem| {
+            signature::UnparsedPublicKey::new(
+                &signature::RSA_PKCS1_2048_8192_SHA256,
+                pem_decode(pem),
+            )
+            .verify(&req.body, &sig)
+            .is_ok()
+        })
+        .map(|_| ())
+        .ok_or_else(|| "signature does not verify over the body".to_string())
 }
 
 /// A response signed with the fake server key (or deliberately not).

@@ -9,19 +9,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{helpers::*, proxy::*, taps::secrets_sent};
 
-fn redis_url() -> String {
+pub(crate) fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 /// Points the app's settings at Redis under a fresh prefix; returns the prefix.
-fn use_redis(app: &mut TestApp, url: &str) -> String {
+pub(crate) fn use_redis(app: &mut TestApp, url: &str) -> String {
     let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
     app.settings.redis.url = Some(SecretString::from(url.to_owned()));
     app.settings.redis.key_prefix = prefix.clone();
     prefix
 }
 
-async fn remove_keys(prefix: &str) {
+pub(crate) async fn remove_keys(prefix: &str) {
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -39,7 +39,7 @@ async fn remove_keys(prefix: &str) {
 }
 
 /// session-server calls the fake received for `token`.
-async fn calls_for(app: &TestApp, token: &str) -> usize {
+pub(crate) async fn calls_for(app: &TestApp, token: &str) -> usize {
     secrets_sent(app, "session-server")
         .await
         .iter()

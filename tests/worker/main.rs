@@ -20,5 +20,6 @@ mod observe;
 mod pacing;
 mod process;
 mod proxy;
+mod record;
 mod resilience;
 mod taps;
