@@ -16,7 +16,9 @@
 //! - **created** and **failed** are final (kept [`KEEP`]): a copy that comes later, anywhere, is
 //!   acked without a bunq call. Only a replayed dead letter of the failure's generation
 //!   ([`Ask::replay_of`]) starts a new generation.
-//! - **parked(round)**: round `round` sits in a delay queue; a copy of an earlier round is stale.
+//! - **parked(round)**: round `round` sits in a delay queue; a copy of an earlier round is stale
+//!   until the parked copy is overdue ([`parked_for`]: a purged delay queue must not strand the
+//!   credential), and then may take the work on.
 //! - **answered**: bunq's permanent refusal whose dead letter was not confirmed yet: the next
 //!   claimant settles it again without calling bunq.
 //! - **answer lost**: a session-server attempt's answer never arrived, in any round or replica;
@@ -123,6 +125,8 @@ pub enum Settlement {
     Parked {
         /// The parked round.
         round: u32,
+        /// How long earlier rounds' copies are acked as stale ([`parked_for`]).
+        stale_for: Duration,
     },
     /// bunq refused, the dead letter is not confirmed: the delivery is requeued and the next
     /// claimant settles this failure again without calling bunq.
@@ -140,10 +144,19 @@ enum State {
     Failed,
 }
 
+/// How long a parked round makes earlier rounds' copies stale: twice the tier's `delay` plus a
+/// minute, then the parked copy is presumed lost.
+pub fn parked_for(delay: Duration) -> Duration {
+    delay
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(60))
+}
+
 #[derive(Debug)]
 struct Record {
     state: State,
     epoch: u64,
+    /// The claim's lease end, or how long a parked round stays authoritative.
     lease_end: Instant,
     round: u32,
     generation: u64,
@@ -275,7 +288,9 @@ impl Book {
                     generation: r.generation,
                 };
             }
-            State::Parked if ask.round < r.round => return Found::Parked { round: r.round },
+            State::Parked if ask.round < r.round && r.lease_end > now => {
+                return Found::Parked { round: r.round };
+            }
             State::Claimed if r.lease_end > now => return Found::Held,
             _ => {}
         }
@@ -341,9 +356,10 @@ impl Book {
                 r.state = State::Failed;
                 r.answered = None;
             }
-            Settlement::Parked { round } => {
+            Settlement::Parked { round, stale_for } => {
                 r.state = State::Parked;
                 r.round = *round;
+                r.lease_end = now.checked_add(*stale_for).unwrap_or(now + KEEP);
             }
             Settlement::Answered(f) => {
                 r.state = State::Free;

@@ -27,6 +27,7 @@ fn defaults_match_the_documented_interface() {
     );
     assert!(s.bunq.register_device);
     assert_eq!(s.bunq.permitted_ips, vec!["*".to_string()]);
+    assert_eq!(s.redis.claim_lease, Duration::from_secs(30));
 }
 
 #[test]
@@ -59,6 +60,15 @@ fn invalid_values_name_the_setting() {
     assert!(e.contains("BUNQ_USER_AGENT"), "{e}");
     let e = parse(&["--retry-max-delay-ms", "10"]).unwrap_err();
     assert!(e.contains("RETRY_MAX_DELAY_MS"), "{e}");
+    // A claim must outlast the bunq call it was renewed for.
+    let e = parse(&["--http-timeout-ms", "10000", "--claim-lease-ms", "11999"]).unwrap_err();
+    assert!(
+        e.contains(
+            "CLAIM_LEASE_MS (11999 ms) must be at least HTTP_TIMEOUT_MS + 2000 ms = 12000 ms"
+        ),
+        "{e}"
+    );
+    assert!(parse(&["--http-timeout-ms", "10000", "--claim-lease-ms", "12000"]).is_ok());
 }
 
 #[test]

@@ -142,14 +142,18 @@ impl Fleet {
     }
 
     async fn settle(&self, id: &Key, epoch: u64, how: &Settlement) -> Result<bool, Unavailable> {
-        let (name, round, failure) = match how {
-            Settlement::Created => ("created", 0, String::new()),
-            Settlement::Failed => ("failed", 0, String::new()),
-            Settlement::Parked { round } => ("parked", *round, String::new()),
-            Settlement::Answered(f) => {
-                ("answered", 0, serde_json::to_string(f).unwrap_or_default())
+        let none = Duration::ZERO;
+        let (name, round, failure, stale) = match how {
+            Settlement::Created => ("created", 0, String::new(), none),
+            Settlement::Failed => ("failed", 0, String::new(), none),
+            Settlement::Parked { round, stale_for } => {
+                ("parked", *round, String::new(), *stale_for)
             }
-            Settlement::Released => ("released", 0, String::new()),
+            Settlement::Answered(f) => {
+                let json = serde_json::to_string(f).unwrap_or_default();
+                ("answered", 0, json, none)
+            }
+            Settlement::Released => ("released", 0, String::new(), none),
         };
         let changed: i64 = self
             .run(
@@ -161,6 +165,7 @@ impl Fleet {
                     round.to_string(),
                     failure,
                     ms(KEEP),
+                    ms(stale.min(KEEP)),
                 ],
             )
             .await?;

@@ -31,7 +31,9 @@ if st == 'failed' then
   end
 end
 local rd = tonumber(h[4]) or 0
-if st == 'parked' and tonumber(ARGV[2]) < rd then return {'parked', tostring(rd)} end
+if st == 'parked' and tonumber(ARGV[2]) < rd and (tonumber(h[3]) or 0) > now then
+  return {'parked', tostring(rd)}
+end
 if st == 'claimed' and (tonumber(h[3]) or 0) > now then return {'held', '0'} end
 local ep = (tonumber(h[2]) or 0) + 1
 redis.call('HSET', KEYS[1], 'st', 'claimed', 'ep', ep, 'le', now + tonumber(ARGV[1]))
@@ -70,10 +72,11 @@ return 1
 });
 
 /// KEYS[1] credential record; ARGV epoch, how (`created`, `failed`, `parked`, `answered`,
-/// `released`), round, failure JSON, keep ms. Returns 1 when the record changed; only
-/// `created` changes it without holding the claim.
+/// `released`), round, failure JSON, keep ms, stale ms (parked). Returns 1 when the record
+/// changed; only `created` changes it without holding the claim.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{CLOCK}{}",
         r"
 local h = redis.call('HMGET', KEYS[1], 'st', 'ep')
 local how = ARGV[2]
@@ -86,7 +89,7 @@ elseif how == 'failed' then
   redis.call('HSET', KEYS[1], 'st', 'failed')
   redis.call('HDEL', KEYS[1], 'ans')
 elseif how == 'parked' then
-  redis.call('HSET', KEYS[1], 'st', 'parked', 'rd', ARGV[3])
+  redis.call('HSET', KEYS[1], 'st', 'parked', 'rd', ARGV[3], 'le', now + tonumber(ARGV[6]))
 elseif how == 'answered' then
   redis.call('HSET', KEYS[1], 'st', 'free', 'ans', ARGV[4])
 else
@@ -94,8 +97,8 @@ else
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
-",
-    )
+"
+    ))
 });
 
 /// KEYS[1] the fleet's seal key; ARGV a fresh random key (hex). The first replica's key wins;

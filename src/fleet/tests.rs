@@ -98,9 +98,11 @@ async fn a_records_whole_life(a: &Records, b: &Records) {
         "a stale holder changes nothing"
     );
     // Parked at round 1: a copy of round 0 is stale, the round-1 copy takes it.
-    b.settle(&id, second.epoch, &Settlement::Parked { round: 1 })
-        .await
-        .unwrap();
+    let parked = |stale_for| Settlement::Parked {
+        round: 1,
+        stale_for,
+    };
+    b.settle(&id, second.epoch, &parked(LEASE)).await.unwrap();
     assert_eq!(
         a.claim(&id, ask(0, None), LEASE).await,
         Ok(Found::Parked { round: 1 })
@@ -207,6 +209,27 @@ async fn a_lapsed_lease_is_taken_over(a: &Records, b: &Records) {
         b.fence(&id, new.epoch, LEASE).await,
         Ok(Fence::Taken(Taken::Created))
     );
+    // A parked round whose copy is overdue (its delay queue purged) strands nothing: an
+    // earlier round's copy may take the work on.
+    let id = [9u8; 32];
+    let c = acquired(a, &id, ask(0, None)).await;
+    let parked = Settlement::Parked {
+        round: 1,
+        stale_for: short,
+    };
+    a.settle(&id, c.epoch, &parked).await.unwrap();
+    assert_eq!(
+        b.claim(&id, ask(0, None), LEASE).await,
+        Ok(Found::Parked { round: 1 })
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !matches!(
+        b.claim(&id, ask(0, None), LEASE).await,
+        Ok(Found::Acquired(_))
+    ) {
+        assert!(tokio::time::Instant::now() < deadline, "parked for ever");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test]

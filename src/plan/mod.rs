@@ -27,7 +27,7 @@ use crate::{
     broker::{Inbound, Seal, Topology, bookkeeping::History},
     events::SessionFailed,
     failure::Failure,
-    ledger::Settlement,
+    ledger::{Settlement, parked_for},
     outcome::Outcome,
 };
 
@@ -251,7 +251,13 @@ pub fn plan<'a>(
             );
             Plan {
                 messages: vec![parked],
-                ..done(Settled::Delayed, Settlement::Parked { round: d.retries })
+                ..done(
+                    Settled::Delayed,
+                    Settlement::Parked {
+                        round: d.retries,
+                        stale_for: parked_for(d.delay),
+                    },
+                )
             }
         }
         Outcome::Returned { counted } => {

@@ -306,7 +306,13 @@ fn a_delayed_copy_carries_sealed_bookkeeping_that_reads_back() {
     };
     let p = plan_of(&i, &Outcome::Delayed(Box::new(d)), &seal, 0);
     assert_eq!(p.settled, Settled::Delayed);
-    assert_eq!(p.record, Settlement::Parked { round: 1 });
+    assert_eq!(
+        p.record,
+        Settlement::Parked {
+            round: 1,
+            stale_for: std::time::Duration::from_secs(180)
+        }
+    );
     let [m] = &p.messages[..] else {
         panic!("one copy: {:?}", p.messages);
     };
