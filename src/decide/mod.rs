@@ -95,7 +95,7 @@ impl Decider {
                 .await;
                 match verdict {
                     Verdict::Go(lease) => Some(lease),
-                    Verdict::Taken(t) => return self.taken(t).into(),
+                    Verdict::Taken(t) => return taken(t).into(),
                     Verdict::HeldElsewhere => return self.held_elsewhere(inbound).into(),
                     Verdict::Unavailable => {
                         return Outcome::Returned { counted: false }.into();
@@ -116,29 +116,6 @@ impl Decider {
         }
         let outcome = self.claimed(inbound, lease.as_ref(), live).await;
         Decision { outcome, lease }
-    }
-
-    /// What becomes of a copy whose credential the record says was taken: acked when it is
-    /// created, failed or parked (another copy's outcome is safe at the broker), handed back
-    /// when another delivery holds it.
-    fn taken(&self, t: Taken) -> Outcome {
-        match t {
-            Taken::Created => info!(
-                "this credential's session.created is already confirmed (a redelivery or a repeat); acking without a bunq call"
-            ),
-            Taken::Failed => info!(
-                "this credential already failed and its dead letter is confirmed; acking without a bunq call (replay that dead letter to try again)"
-            ),
-            Taken::Parked => info!(
-                "a later round of this credential is parked for a delayed retry and carries the work on; acking this copy"
-            ),
-            Taken::Elsewhere => {
-                // Not the input's fault: not counted toward DELIVERY_LIMIT.
-                info!("another delivery took this credential over; handing this copy back");
-                return Outcome::Returned { counted: false };
-            }
-        }
-        Outcome::AlreadySettled(t)
     }
 
     /// The outcome of an input this delivery may work on (`lease`: its claim, for a
@@ -204,7 +181,7 @@ impl Decider {
     /// went, or shutdown ([`Self::stopped`]).
     fn stopped_or_taken(&self, inbound: &Inbound, lease: Option<&Lease>) -> Outcome {
         match lease.and_then(Lease::taken) {
-            Some(t) => self.taken(t),
+            Some(t) => taken(t),
             None => self.stopped(inbound),
         }
     }
@@ -225,7 +202,7 @@ impl Decider {
             {
                 Ok(opened) => Outcome::Created(Box::new(created_event(ready, opened, &self.flow))),
                 Err(FlowError::Cancelled) => return None,
-                Err(FlowError::Taken(t)) => self.taken(t),
+                Err(FlowError::Taken(t)) => taken(t),
                 // Nothing is dead-lettered or published because the fleet's Redis is down.
                 Err(FlowError::SharedStateUnavailable) => Outcome::Returned { counted: false },
                 Err(FlowError::Failed(f)) => after_failure(
@@ -366,6 +343,29 @@ fn after_failure(
         }
     }
     Outcome::Failed(Box::new(f))
+}
+
+/// What becomes of a copy whose credential the record says was taken: acked when it is
+/// created, failed or parked (another copy's outcome is safe at the broker), handed back
+/// when another delivery holds it.
+fn taken(t: Taken) -> Outcome {
+    match t {
+        Taken::Created => info!(
+            "this credential's session.created is already confirmed (a redelivery or a repeat); acking without a bunq call"
+        ),
+        Taken::Failed => info!(
+            "this credential already failed and its dead letter is confirmed; acking without a bunq call (replay that dead letter to try again)"
+        ),
+        Taken::Parked => info!(
+            "a later round of this credential is parked for a delayed retry and carries the work on; acking this copy"
+        ),
+        Taken::Elsewhere => {
+            // Not the input's fault: not counted toward DELIVERY_LIMIT.
+            info!("another delivery took this credential over; handing this copy back");
+            return Outcome::Returned { counted: false };
+        }
+    }
+    Outcome::AlreadySettled(t)
 }
 
 fn created_event(ready: &ProvisionReady, opened: Opened, flow: &SessionFlow) -> SessionCreated {
