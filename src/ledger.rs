@@ -23,6 +23,9 @@
 //!   claimant settles it again without calling bunq.
 //! - **answer lost**: a session-server attempt's answer never arrived, in any round or replica;
 //!   sticky, so a later refusal reads `outcome_unknown`.
+//! - **staged**: bunq opened a session and its `session.created` (sealed: never a token in
+//!   clear, [`crate::staging`]) is kept before it is published; the next claimant, whatever the
+//!   lease says, publishes it without calling bunq. Cleared once the record is created.
 //!
 //! [`Book`] is the in-process form: right for one replica. With `REDIS_URL` the same
 //! transitions run as Lua scripts on Redis's clock ([`crate::fleet`]).
@@ -67,6 +70,9 @@ pub struct Claimed {
     /// bunq's permanent refusal, recorded when its dead letter could not be confirmed: settle
     /// it again without calling bunq.
     pub answered: Option<Box<Failure>>,
+    /// A `session.created` staged by an earlier claimant ([`crate::staging`]'s sealed form):
+    /// publish it without calling bunq.
+    pub staged: Option<String>,
 }
 
 /// What a claim found.
@@ -162,6 +168,7 @@ struct Record {
     generation: u64,
     answer_lost: bool,
     answered: Option<Box<Failure>>,
+    staged: Option<String>,
     /// When it last changed: its place in [`Entries::order`].
     stamp: Instant,
 }
@@ -275,6 +282,7 @@ impl Book {
             generation: 0,
             answer_lost: false,
             answered: None,
+            staged: None,
             stamp: now,
         });
         match r.state {
@@ -288,6 +296,8 @@ impl Book {
                     generation: r.generation,
                 };
             }
+            // A staged session needs no bunq call: whoever holds the lease, publish it.
+            _ if r.staged.is_some() => {}
             State::Parked if ask.round < r.round && r.lease_end > now => {
                 return Found::Parked { round: r.round };
             }
@@ -302,6 +312,7 @@ impl Book {
             generation: r.generation,
             answer_lost: r.answer_lost,
             answered: r.answered.clone(),
+            staged: r.staged.clone(),
         };
         e.touch(key, now);
         Found::Acquired(claimed)
@@ -337,6 +348,20 @@ impl Book {
         }
     }
 
+    /// Stages `sealed`, a `session.created` bunq's answer made, unless one is staged already or
+    /// the record is created. Whoever holds the claim: the session exists.
+    pub fn stage(&self, key: Key, sealed: String) {
+        let now = Instant::now();
+        let mut e = self.entries();
+        if let Some(r) = e.by_key.get_mut(&key)
+            && r.state != State::Created
+            && r.staged.is_none()
+        {
+            r.staged = Some(sealed);
+            e.touch(key, now);
+        }
+    }
+
     /// Ends the claim of `epoch` as `how` says. A lost claim changes nothing, except that a
     /// created session is always recorded. Returns whether the record changed.
     pub fn settle(&self, key: Key, epoch: u64, how: &Settlement) -> bool {
@@ -350,6 +375,7 @@ impl Book {
             Settlement::Created => {
                 r.state = State::Created;
                 r.answered = None;
+                r.staged = None;
             }
             _ if !holder => return false,
             Settlement::Failed => {

@@ -15,6 +15,8 @@
 //! - [`events`]: input shapes → [`events::ProvisionReady`]; output event bodies.
 //! - [`bunq`]: API context, signing, the calls and their error classes.
 //! - [`identity`]: an input's identity (its credential) and the ids derived from it.
+//! - `staging`: a `session.created` kept in the credential's record before it is published,
+//!   never with a token in clear.
 //! - `ledger`: a credential's record (free, claimed, created, failed, parked) and the
 //!   in-process book of records.
 //! - `outcome`: what becomes of a delivery, decided and not yet carried out.
@@ -51,6 +53,7 @@ pub mod rate_limit;
 mod retry;
 mod session;
 mod settle;
+mod staging;
 pub mod telemetry;
 pub mod tools;
 pub mod worker;

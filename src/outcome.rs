@@ -10,7 +10,7 @@ use crate::{events::SessionCreated, failure::Failure, ledger::Taken};
 #[derive(Debug)]
 pub enum Outcome {
     /// A session exists: publish `session.created`, then ack.
-    Created(Box<SessionCreated>),
+    Created(Box<Created>),
     /// Valid but not ready: ack and count as skipped.
     Skipped,
     /// Permanent failure: publish the delivery to the dead-letter exchange with the reason
@@ -33,6 +33,62 @@ pub enum Outcome {
     /// A copy of a credential whose record says its outcome is already safe at the broker
     /// (created or failed, or a later round parked): ack, no bunq call, no event.
     AlreadySettled(Taken),
+}
+
+/// A session bunq opened, ready to publish: the exact `session.created` body (what is staged in
+/// the credential's record before it is published), and what the delivery's log line names.
+/// `Debug` shows the body's length only (it may hold the session token in clear).
+pub struct Created {
+    /// The `session.created` body, JSON.
+    pub body: Vec<u8>,
+    /// The provision's id, as text.
+    pub provision_id: String,
+    /// bunq's session id.
+    pub session_id: i64,
+    /// The provisioned user's id, when bunq's user part was read.
+    pub user_id: Option<i64>,
+}
+
+impl std::fmt::Debug for Created {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Created")
+            .field("body_bytes", &self.body.len())
+            .field("provision_id", &self.provision_id)
+            .field("session_id", &self.session_id)
+            .field("user_id", &self.user_id)
+            .finish()
+    }
+}
+
+impl Created {
+    /// The event, serialised once.
+    pub fn from_event(e: &SessionCreated) -> Self {
+        Self {
+            body: serde_json::to_vec(e).expect("SessionCreated always serialises"),
+            provision_id: e.provision_id.to_string(),
+            session_id: e.session_id,
+            user_id: e.user_id,
+        }
+    }
+
+    /// A staged body read back from the credential's record; `None` when it is not a
+    /// `session.created` body.
+    pub fn from_body(body: Vec<u8>) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        let provision_id = match &v["provision_id"] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        let session_id = v["session_id"].as_i64()?;
+        let user_id = v["user_id"].as_i64();
+        Some(Self {
+            body,
+            provision_id,
+            session_id,
+            user_id,
+        })
+    }
 }
 
 /// A delivery parked for a durable delayed retry.

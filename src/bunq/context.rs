@@ -192,6 +192,22 @@ impl ApiContext {
         k
     }
 
+    /// The key that encrypts a staged `session.created` at rest ([`crate::staging`]): SHA-256
+    /// of a label and the private key's DER, so only replicas with this installation open it.
+    pub fn staging_key(&self) -> [u8; 32] {
+        let der = self
+            .key_pair
+            .as_der()
+            .map(|d| d.as_ref().to_vec())
+            .unwrap_or_default();
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(b"bunq-session-worker staged session\0");
+        ctx.update(&der);
+        let mut k = [0u8; 32];
+        k.copy_from_slice(ctx.finish().as_ref());
+        k
+    }
+
     /// The bunq base URL (`BUNQ_API_URL`) this installation was made with, when known.
     pub fn api_url(&self) -> Option<&str> {
         self.api_url.as_deref()

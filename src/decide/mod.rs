@@ -26,12 +26,13 @@ use tracing::{error, info, warn};
 use crate::{
     breaker::{Admission, Breaker, Fault, fault_of},
     broker::{Inbound, bookkeeping::History},
-    events::{self, Decoded, ProvisionReady, SCHEMA_VERSION, SessionCreated},
+    events::{self, Decoded, ProvisionReady, SCHEMA_VERSION, SessionCreated, SessionToken},
     failure::{Failure, FailureReason},
     fleet::{self, Lease, Records, Verdict},
     ledger::{Ask, Taken},
-    outcome::{Delayed, Outcome},
+    outcome::{Created, Delayed, Outcome},
     session::{FlowError, Opened, SessionFlow},
+    staging::Staging,
 };
 
 /// A decision: the outcome, and this replica's claim on the credential while it is settled.
@@ -63,6 +64,8 @@ pub struct Decider {
     pub records: Records,
     /// `CLAIM_LEASE_MS`: how long a claim lasts without renewal.
     pub claim_lease: Duration,
+    /// Seals a `session.created` staged in the credential's record.
+    pub staging: Staging,
     /// `DELIVERY_LIMIT`: hand-backs without an outcome before the input is dead-lettered.
     pub delivery_limit: u32,
     /// `DELAYED_RETRY_DELAYS_S`: the delay of each delayed-retry round.
@@ -105,6 +108,12 @@ impl Decider {
             }
             None => None,
         };
+        if let Some(staged) = lease.as_ref().and_then(|l| l.claimed.staged.as_deref()) {
+            return Decision {
+                outcome: self.publish_staged(inbound, staged),
+                lease,
+            };
+        }
         if let Some(failure) = lease.as_ref().and_then(|l| l.claimed.answered.clone()) {
             info!(
                 "bunq already refused this credential and its dead letter was not confirmed; settling that failure again without calling bunq"
@@ -116,6 +125,30 @@ impl Decider {
         }
         let outcome = self.claimed(inbound, lease.as_ref(), live).await;
         Decision { outcome, lease }
+    }
+
+    /// A session an earlier delivery staged: published again, with no bunq call. One this
+    /// replica cannot open is handed back (counted), for a replica that can.
+    fn publish_staged(&self, inbound: &Inbound, staged: &str) -> Outcome {
+        let body = self.staging.open(staged, &inbound.identity);
+        match body.map(Created::from_body) {
+            Ok(Some(created)) => {
+                info!(
+                    "bunq already opened this credential's session (staged by an earlier delivery that did not finish); publishing it without a bunq call"
+                );
+                Outcome::Created(Box::new(created))
+            }
+            Ok(None) => {
+                warn!(
+                    "the credential's record holds a staged session.created that is not one; handing the delivery back"
+                );
+                Outcome::Returned { counted: true }
+            }
+            Err(e) => {
+                warn!(error = %e, "handing the delivery back");
+                Outcome::Returned { counted: true }
+            }
+        }
     }
 
     /// The outcome of an input this delivery may work on (`lease`: its claim, for a
@@ -200,7 +233,16 @@ impl Decider {
                 .open(ready, inbound.history.not_before, lease, work)
                 .await
             {
-                Ok(opened) => Outcome::Created(Box::new(created_event(ready, opened, &self.flow))),
+                Ok(opened) => {
+                    let event = created_event(ready, opened, &self.flow);
+                    let created = Created::from_event(&event);
+                    if let Some(lease) = lease {
+                        let clear = matches!(event.session_token, SessionToken::Clear(_));
+                        let staged = self.staging.seal(&created.body, &inbound.identity, clear);
+                        lease.stage(staged).await;
+                    }
+                    Outcome::Created(Box::new(created))
+                }
                 Err(FlowError::Cancelled) => return None,
                 Err(FlowError::Taken(t)) => taken(t),
                 // Nothing is dead-lettered or published because the fleet's Redis is down.
@@ -389,7 +431,7 @@ fn created_event(ready: &ProvisionReady, opened: Opened, flow: &SessionFlow) -> 
         external_uuid: ready.external_uuid.clone(),
         credential_id: ready.credential_id,
         session_id: s.session_id,
-        session_token: s.token,
+        session_token: SessionToken::Clear(s.token),
         user_id: s.user_id,
         user_api_key_id: s.user_api_key_id,
         user_type: s.user_type,

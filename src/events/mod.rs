@@ -18,7 +18,7 @@ use serde::Serialize;
 use time::{OffsetDateTime, PrimitiveDateTime, format_description::well_known::Rfc3339};
 
 pub use input::{Decoded, InputError, MAX_PROVISION_ID_BYTES, NotReady, ProvisionReady, decode};
-pub use output::{SessionCreated, SessionFailed};
+pub use output::{SessionCreated, SessionFailed, SessionToken};
 
 /// Escapes control characters and shortens input text to 100 characters for a log line, so a
 /// field cannot forge log lines or flood them.

@@ -15,9 +15,22 @@ fn as_rfc3339<S: Serializer>(t: &OffsetDateTime, ser: S) -> Result<S::Ok, S::Err
     ser.serialize_str(&rfc3339(*t))
 }
 
+/// The session token as `session.created` carries it.
+#[derive(Clone, Debug, Serialize)]
+pub enum SessionToken {
+    /// In clear, as `session_token` (no consumer key configured). `Debug` hides it.
+    #[serde(rename = "session_token", serialize_with = "expose")]
+    Clear(SecretString),
+    /// Sealed for the consumer (`SESSION_TOKEN_ENCRYPTION_KEY`), as `session_token_jwe`: the
+    /// JWE compact serialization (RFC 7516 §7.1) of the token; only the key's holder opens it.
+    #[serde(rename = "session_token_jwe")]
+    Sealed(String),
+}
+
 /// Body of `session.created` (`content_type: application/json`).
 ///
-/// It carries the session token: that is its purpose. `Debug` hides it.
+/// It carries the session token, in clear or sealed for the consumer: that is its purpose.
+/// `Debug` hides a clear token.
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionCreated {
     /// Always [`SCHEMA_VERSION`](super::SCHEMA_VERSION).
@@ -30,9 +43,10 @@ pub struct SessionCreated {
     pub credential_id: Option<i64>,
     /// session-server's `Id.id`.
     pub session_id: i64,
-    /// session-server's `Token.token`: the bearer token for the user's API calls.
-    #[serde(serialize_with = "expose")]
-    pub session_token: SecretString,
+    /// session-server's `Token.token`: the bearer token for the user's API calls, as
+    /// `session_token` or `session_token_jwe`.
+    #[serde(flatten)]
+    pub session_token: SessionToken,
     /// The provisioned user's id: `UserApiKey.granted_by_user`'s id, else the user object's id;
     /// null when bunq's user part could not be read.
     pub user_id: Option<i64>,

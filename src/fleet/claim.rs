@@ -139,6 +139,17 @@ impl Lease {
         }
     }
 
+    /// Stages `sealed`, the `session.created` bunq's answer made ([`crate::staging`]'s form), on
+    /// the credential before it is published: a crash before the publisher confirm then costs
+    /// neither the session nor a second bunq call.
+    pub async fn stage(&self, sealed: String) {
+        if self.records.stage(&self.id, sealed).await.is_err() {
+            warn!(
+                "could not stage the session in Redis before publishing it; if this replica dies before the broker confirms session.created, the session is lost"
+            );
+        }
+    }
+
     /// Records on the credential that a session-server answer was lost, so a refusal in any
     /// later round, on any replica, reads `outcome_unknown`.
     pub async fn answer_lost(&self) {

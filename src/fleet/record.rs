@@ -60,6 +60,24 @@ impl Records {
         }
     }
 
+    /// Stages `sealed` (a `session.created`, [`crate::staging`]'s form) on the credential `id`
+    /// unless one is staged or the record is created.
+    ///
+    /// # Errors
+    /// [`Unavailable`] when Redis cannot be reached.
+    pub async fn stage(&self, id: &Key, sealed: String) -> Result<(), Unavailable> {
+        match self {
+            Records::Memory(book) => {
+                book.stage(*id, sealed);
+                Ok(())
+            }
+            Records::Shared(fleet) => fleet
+                .run::<i64>(&scripts::STAGE, fleet.record_key(id), &[sealed, ms(KEEP)])
+                .await
+                .map(|_| ()),
+        }
+    }
+
     /// Ends the claim of `epoch` on `id` as `how` says; `Ok(false)` when the claim was lost
     /// and nothing changed.
     ///
@@ -119,6 +137,7 @@ impl Fleet {
                     .filter(|v| !v.is_empty())
                     .and_then(|v| serde_json::from_str::<Failure>(v).ok())
                     .map(Box::new),
+                staged: found.get(5).filter(|v| !v.is_empty()).cloned(),
             }),
             _ => Found::Held,
         })

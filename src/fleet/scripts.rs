@@ -11,17 +11,19 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 ";
 
 /// KEYS[1] credential record (a hash: `st` state, `ep` epoch, `le` lease end ms, `rd` parked
-/// round, `gen` generation, `lost` answer lost, `ans` answered failure JSON); ARGV lease ms,
-/// round, replayed generation (empty: none), keep ms, fresh (`1`: a new message). Returns {found, epoch or generation or
-/// round, generation, lost, answered} as strings; the transitions of [`crate::ledger::Book::claim`].
+/// round, `gen` generation, `lost` answer lost, `ans` answered failure JSON, `out` staged
+/// `session.created`, sealed); ARGV lease ms, round, replayed generation (empty: none), keep
+/// ms, fresh (`1`: a new message). Returns {found, epoch or generation or round, generation,
+/// lost, answered, staged} as strings; the transitions of [`crate::ledger::Book::claim`].
 pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{CLOCK}{}",
         r"
-local h = redis.call('HMGET', KEYS[1], 'st', 'ep', 'le', 'rd', 'gen', 'lost', 'ans')
+local h = redis.call('HMGET', KEYS[1], 'st', 'ep', 'le', 'rd', 'gen', 'lost', 'ans', 'out')
 local st = h[1] or 'free'
 local gen = tonumber(h[5]) or 0
 if st == 'created' then return {'created', '0'} end
+local staged = h[8]
 if st == 'failed' then
   if ARGV[5] == '1' and (ARGV[3] == '' or tonumber(ARGV[3]) == gen) then
     gen = gen + 1
@@ -31,14 +33,14 @@ if st == 'failed' then
   end
 end
 local rd = tonumber(h[4]) or 0
-if st == 'parked' and tonumber(ARGV[2]) < rd and (tonumber(h[3]) or 0) > now then
+if not staged and st == 'parked' and tonumber(ARGV[2]) < rd and (tonumber(h[3]) or 0) > now then
   return {'parked', tostring(rd)}
 end
-if st == 'claimed' and (tonumber(h[3]) or 0) > now then return {'held', '0'} end
+if not staged and st == 'claimed' and (tonumber(h[3]) or 0) > now then return {'held', '0'} end
 local ep = (tonumber(h[2]) or 0) + 1
 redis.call('HSET', KEYS[1], 'st', 'claimed', 'ep', ep, 'le', now + tonumber(ARGV[1]))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {'acquired', tostring(ep), tostring(gen), h[6] or '', h[7] or ''}
+return {'acquired', tostring(ep), tostring(gen), h[6] or '', h[7] or '', staged or ''}
 "
     ))
 });
@@ -58,6 +60,19 @@ end
 return h[1] or 'free'
 "
     ))
+});
+
+/// KEYS[1] credential record; ARGV sealed `session.created`, keep ms. Stages it unless one is
+/// staged or the record is created.
+pub static STAGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[1], 'st') == 'created' then return 0 end
+local set = redis.call('HSETNX', KEYS[1], 'out', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return set
+",
+    )
 });
 
 /// KEYS[1] credential record; ARGV keep ms. A session-server answer was lost.
@@ -82,7 +97,7 @@ local h = redis.call('HMGET', KEYS[1], 'st', 'ep')
 local how = ARGV[2]
 if how == 'created' then
   redis.call('HSET', KEYS[1], 'st', 'created')
-  redis.call('HDEL', KEYS[1], 'ans')
+  redis.call('HDEL', KEYS[1], 'ans', 'out')
 elseif not (h[1] == 'claimed' and h[2] == ARGV[1]) then
   return 0
 elseif how == 'failed' then

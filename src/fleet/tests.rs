@@ -232,11 +232,39 @@ async fn a_lapsed_lease_is_taken_over(a: &Records, b: &Records) {
     }
 }
 
+/// A session staged by a holder that then died is handed to the next claimant at once, live
+/// lease or not, until the record is created.
+async fn a_staged_session_goes_to_the_next_claimant(a: &Records, b: &Records) {
+    let id = [10u8; 32];
+    let holder = acquired(a, &id, ask(0, None)).await;
+    a.stage(&id, "p:c3RhZ2Vk".into()).await.unwrap();
+    a.stage(&id, "p:c2Vjb25k".into()).await.unwrap();
+    let next = acquired(b, &id, ask(0, None)).await;
+    assert_eq!(
+        next.staged.as_deref(),
+        Some("p:c3RhZ2Vk"),
+        "the first staged wins"
+    );
+    assert!(next.epoch > holder.epoch);
+    b.settle(&id, next.epoch, &Settlement::Released)
+        .await
+        .unwrap();
+    let again = acquired(a, &id, ask(0, None)).await;
+    assert!(again.staged.is_some(), "kept until the record is created");
+    a.settle(&id, again.epoch, &Settlement::Created)
+        .await
+        .unwrap();
+    assert_eq!(b.claim(&id, ask(0, None), LEASE).await, Ok(Found::Created));
+    a.stage(&id, "p:bGF0ZQ==".into()).await.unwrap();
+    assert_eq!(b.claim(&id, ask(0, None), LEASE).await, Ok(Found::Created));
+}
+
 #[tokio::test]
 async fn the_in_process_book_makes_every_transition() {
     let book = Records::Memory(std::sync::Arc::new(crate::ledger::Book::default()));
     a_records_whole_life(&book, &book).await;
     a_lapsed_lease_is_taken_over(&book, &book).await;
+    a_staged_session_goes_to_the_next_claimant(&book, &book).await;
 }
 
 #[tokio::test]
@@ -245,6 +273,7 @@ async fn redis_makes_the_same_transitions_for_the_fleet() {
     let (ra, rb) = (Records::Shared(a.clone()), Records::Shared(b));
     a_records_whole_life(&ra, &rb).await;
     a_lapsed_lease_is_taken_over(&ra, &rb).await;
+    a_staged_session_goes_to_the_next_claimant(&ra, &rb).await;
     let mut conn = a.link.get();
     let ttl: i64 = redis::cmd("TTL")
         .arg(a.record_key(&[7u8; 32]))

@@ -190,23 +190,23 @@ pub fn plan<'a>(
         settled,
     };
     match outcome {
-        Outcome::Created(event) => {
-            let provision_id = event.provision_id.to_string();
-            Plan {
-                messages: vec![Message {
-                    what: "session.created",
-                    exchange: t.output_exchange.clone(),
-                    routing_key: "session.created".into(),
-                    body: Cow::Owned(
-                        serde_json::to_vec(&**event).expect("SessionCreated always serialises"),
-                    ),
-                    properties: properties::event(inbound, "session.created", &provision_id, now),
-                    patience: Patience::UntilConfirmed,
-                    if_unconfirmed: IfUnconfirmed::LeaveUnacked,
-                }],
-                ..done(Settled::Created, Settlement::Created)
-            }
-        }
+        Outcome::Created(created) => Plan {
+            messages: vec![Message {
+                what: "session.created",
+                exchange: t.output_exchange.clone(),
+                routing_key: "session.created".into(),
+                body: Cow::Owned(created.body.clone()),
+                properties: properties::event(
+                    inbound,
+                    "session.created",
+                    &created.provision_id,
+                    now,
+                ),
+                patience: Patience::UntilConfirmed,
+                if_unconfirmed: IfUnconfirmed::LeaveUnacked,
+            }],
+            ..done(Settled::Created, Settlement::Created)
+        },
         Outcome::Skipped => done(Settled::Skipped, Settlement::Released),
         Outcome::AlreadySettled(_) => done(Settled::Repeat, Settlement::Released),
         Outcome::Abandoned => Plan {

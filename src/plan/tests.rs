@@ -112,7 +112,7 @@ fn created_publishes_the_session_until_confirmed_then_records_it_and_acks() {
         external_uuid: None,
         credential_id: Some(8),
         session_id: 42,
-        session_token: SecretString::from("session-token"),
+        session_token: events::SessionToken::Clear(SecretString::from("session-token")),
         user_id: Some(9),
         user_api_key_id: None,
         user_type: None,
@@ -123,7 +123,7 @@ fn created_publishes_the_session_until_confirmed_then_records_it_and_acks() {
     };
     let p = plan_of(
         &i,
-        &Outcome::Created(Box::new(event)),
+        &Outcome::Created(Box::new(crate::outcome::Created::from_event(&event))),
         &Seal::new(&[7; 32]),
         0,
     );

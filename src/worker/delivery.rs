@@ -85,11 +85,11 @@ pub(super) async fn handle(
 fn report(outcome: &Outcome, settled: Settled, t: &crate::broker::Topology, started: Instant) {
     let mut reason = "";
     match (outcome, settled) {
-        (Outcome::Created(event), Settled::Created) => {
+        (Outcome::Created(created), Settled::Created) => {
             // On the delivery's span, so its one INFO line names them.
             let span = tracing::Span::current();
-            span.record("session_id", event.session_id);
-            if let Some(user_id) = event.user_id {
+            span.record("session_id", created.session_id);
+            if let Some(user_id) = created.user_id {
                 span.record("user_id", user_id);
             }
         }

@@ -358,6 +358,7 @@ impl Worker {
         }
         let hard_stop = CancellationToken::new();
         let breaker = Arc::new(Breaker::new(settings.breaker_threshold));
+        let ctx_staging_key = flow.ctx.staging_key();
         // Replicas must read each other's seals: with Redis they share a key kept there (made
         // by the first replica), so they need not share an installation; one replica alone
         // derives its key from its installation.
@@ -379,6 +380,7 @@ impl Worker {
                 None => Records::Memory(Arc::new(Book::default())),
             },
             claim_lease: settings.redis.claim_lease,
+            staging: crate::staging::Staging::new(&ctx_staging_key),
             delivery_limit: topology.delivery_limit,
             delay_tiers: topology.delay_tiers.clone(),
             stop_work: CancellationToken::new(),

@@ -404,3 +404,118 @@ async fn replicas_with_their_own_installations_read_each_others_bookkeeping() {
     app.cleanup().await;
     remove_keys(&prefix).await;
 }
+
+/// Every key and value under `prefix` in Redis, as text.
+async fn redis_dump(prefix: &str) -> String {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut dump = String::new();
+    for k in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let value: Vec<Vec<u8>> = match kind.as_str() {
+            "hash" => redis::cmd("HGETALL")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            _ => vec![
+                redis::cmd("GET")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap(),
+            ],
+        };
+        dump.push_str(&k);
+        for v in value {
+            dump.push(' ');
+            dump.push_str(&String::from_utf8_lossy(&v));
+        }
+        dump.push('\n');
+    }
+    dump
+}
+
+/// Replica A is killed (SIGKILL) after bunq answered and before the broker confirmed
+/// `session.created` (nothing is bound to the output exchange, so the mandatory publish keeps
+/// coming back). Replica B, on the same Redis, publishes the session A staged: one
+/// `session.created` carrying that session, one session-server call, no `session.failed`.
+/// Redis never held the token in clear.
+#[tokio::test]
+async fn a_replica_killed_after_bunqs_answer_costs_neither_the_session_nor_a_second_call() {
+    const TOKEN: &str = "0c5be2f1a9d84e7cb36a1f0d2e4c6b8a9d7f5e3c1b0a2d4f6e8c0b2a4d6f8e0c";
+    let mut app = TestApp::new_with_binding(None).await;
+    let args = app.args();
+    let prefix = use_redis(&mut app, &redis_url());
+    app.settings.bunq.register_device = false;
+    app.session_server()
+        .first_calls(1)
+        .answers(200, &fixture("session-server.user-person.json"))
+        .await;
+    app.session_server()
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
+    let env = [
+        ("REDIS_URL", redis_url()),
+        ("REDIS_KEY_PREFIX", prefix.clone()),
+        ("BUNQ_REGISTER_DEVICE", "false".into()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // A shares B's installation (one BUNQ_CONTEXT_FILE), which opens a staged session.
+    let mut a = Running::start(&args, &env);
+    eventually("replica A consumes", || async {
+        app.consumer_count(&app.names.input_queue).await == 1
+    })
+    .await;
+    app.publish_json(&slim(11, "tok-killed-after-answer")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !a.text().contains("publish not confirmed") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never tried to publish:\n{}",
+            a.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.signal("-KILL");
+    a.wait().await;
+    let dump = redis_dump(&prefix).await;
+    assert!(dump.contains("credential:"), "the record is there:\n{dump}");
+    assert!(!dump.contains(TOKEN), "a session token in Redis:\n{dump}");
+    assert!(
+        !dump.contains("tok-killed-after-answer"),
+        "a credential in Redis:\n{dump}"
+    );
+    // The consumer side comes back; replica B gets the redelivered input.
+    app.channel
+        .queue_bind(
+            app.names.output_queue.as_str().into(),
+            app.names.output_exchange.as_str().into(),
+            "session.#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    app.start_worker().await;
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created", "{:?}", body_json(&out));
+    assert_eq!(body_json(&out)["session_id"], 3301);
+    assert_eq!(body_json(&out)["session_token"], TOKEN);
+    drained(&app).await;
+    nothing_more(&mut app).await;
+    assert_eq!(calls_for(&app, "tok-killed-after-answer").await, 1);
+    let dump = redis_dump(&prefix).await;
+    assert!(!dump.contains(TOKEN), "a session token in Redis:\n{dump}");
+    app.cleanup().await;
+    remove_keys(&prefix).await;
+}
