@@ -19,4 +19,25 @@ pub struct EmulatorSettings {
     /// the emulator answers 429 with bunq's message. Unset: no limit.
     #[arg(long, env = "EMULATOR_SESSION_RATE_LIMIT", value_name = "N/Ws")]
     pub session_rate_limit: Option<RateLimit>,
+
+    /// Whether a credential opens one session (`single-use`, the cautious reading: a second
+    /// session-server call is refused as "Incorrect API key") or any number (`reusable`, as a
+    /// regular bunq API key does). bunq's documentation does not say which a partner's
+    /// provisioned credential is.
+    #[arg(
+        long,
+        env = "EMULATOR_CREDENTIALS",
+        value_enum,
+        default_value_t = CredentialUse::SingleUse
+    )]
+    pub credentials: CredentialUse,
+}
+
+/// How often one credential opens a session at the emulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CredentialUse {
+    /// One session; later session-server and device-server calls are refused.
+    SingleUse,
+    /// A session at every call.
+    Reusable,
 }

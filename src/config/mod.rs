@@ -26,7 +26,7 @@ use self::parse::{parse_listen, parse_s};
 pub use self::{
     broker::BrokerSettings,
     bunq::BunqSettings,
-    emulator::EmulatorSettings,
+    emulator::{CredentialUse, EmulatorSettings},
     parse::ListenAddr,
     redis::RedisSettings,
     retry::RetrySettings,

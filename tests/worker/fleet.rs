@@ -184,6 +184,7 @@ async fn fleet_against_a_rate_limited_bunq(
         &emulator::EmulatorSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
             session_rate_limit: Some(format!("1/{per_s}s").parse().unwrap()),
+            credentials: emulator::CredentialUse::SingleUse,
         },
         stop.clone(),
     )

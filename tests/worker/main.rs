@@ -5,6 +5,7 @@ mod binary;
 mod breaker;
 mod bunq_errors;
 mod contract;
+mod custody;
 mod dead_channel;
 mod delivery;
 mod demo;

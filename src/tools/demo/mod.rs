@@ -59,6 +59,7 @@ pub async fn run(mut settings: Settings) -> Result<bool, DemoError> {
         &EmulatorSettings {
             listen: "127.0.0.1:0".parse().expect("a literal socket address"),
             session_rate_limit: None,
+            credentials: emulator::CredentialUse::SingleUse,
         },
         stop.clone(),
     )

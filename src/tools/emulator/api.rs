@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::EmulatorError;
-use crate::{bunq::signing, rate_limit::RateLimit};
+use crate::{bunq::signing, config::CredentialUse, rate_limit::RateLimit};
 
 /// bunq's answer to a credential it does not accept, also to a spent one-time credential.
 pub const CREDENTIALS_INCORRECT: &str =
@@ -40,8 +40,10 @@ pub struct Emulator {
     next_id: AtomicU64,
     /// Installation token → the client's public key, parsed.
     installations: Mutex<HashMap<String, aws_lc_rs::signature::ParsedPublicKey>>,
-    /// Credentials that opened a session (one-time use).
+    /// Credentials that opened a session.
     spent: Mutex<HashSet<String>>,
+    /// Whether a credential that opened a session is refused afterwards.
+    credentials: CredentialUse,
     /// Credentials whose injected one-off fault already happened.
     faulted: Mutex<HashSet<String>>,
     /// Request ids seen (bunq refuses a reused one).
@@ -76,11 +78,12 @@ struct Refusal(StatusCode, String);
 type Answer = Result<Value, Refusal>;
 
 impl Emulator {
-    /// A fresh emulator with a new RSA-2048 server key; session-server limited to `rate`.
+    /// A fresh emulator with a new RSA-2048 server key; session-server limited to `rate`;
+    /// `credentials` says whether a credential opens one session or many.
     ///
     /// # Errors
     /// [`EmulatorError::Key`] when the key cannot be generated.
-    pub fn new(rate: Option<RateLimit>) -> Result<Self, EmulatorError> {
+    pub fn new(rate: Option<RateLimit>, credentials: CredentialUse) -> Result<Self, EmulatorError> {
         let server_key = KeyPair::generate(KeySize::Rsa2048).map_err(|_| EmulatorError::Key)?;
         let der = server_key
             .public_key()
@@ -92,6 +95,7 @@ impl Emulator {
             next_id: AtomicU64::new(1000),
             installations: Mutex::default(),
             spent: Mutex::default(),
+            credentials,
             faulted: Mutex::default(),
             request_ids: Mutex::default(),
             rate,
@@ -194,7 +198,7 @@ impl Emulator {
     fn device_server(&self, headers: &HeaderMap, body: &[u8]) -> Answer {
         let secret = self.authenticate(headers, body)?;
         refuse_by_prefix(&secret)?;
-        if lock(&self.spent).contains(&secret) {
+        if self.credentials == CredentialUse::SingleUse && lock(&self.spent).contains(&secret) {
             return Err(bad_request(CREDENTIALS_INCORRECT));
         }
         Ok(json!({"Response": [{"Id": {"id": self.id()}}]}))
@@ -219,10 +223,15 @@ impl Emulator {
         if secret.starts_with("slow") {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        if !lock(&self.spent).insert(secret) {
+        if !lock(&self.spent).insert(secret.clone()) && self.credentials == CredentialUse::SingleUse
+        {
             return Err(bad_request(CREDENTIALS_INCORRECT));
         }
         self.sessions.fetch_add(1, Ordering::Relaxed);
+        if secret.starts_with("lost") && lock(&self.faulted).insert(secret.clone()) {
+            // The session exists now; the client gives up on the answer.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
         let now = bunq_time(OffsetDateTime::now_utc());
         let user = |kind: &str, id: u64, name: &str| {
             json!({kind: {"id": id, "created": now, "updated": now, "display_name": name,

@@ -22,7 +22,9 @@
 //!
 //! Faults are injected by the credential's prefix: `reject…` (400 credentials incorrect),
 //! `forbidden…` (403), `flaky…` (one 503 on session-server, then a session), `slow…`
-//! (session-server answers after 2 s), `ratelimited…` (one 429 naming a 1 s window).
+//! (session-server answers after 2 s), `ratelimited…` (one 429 naming a 1 s window), `lost…`
+//! (the first session-server call opens the session, then its answer takes 5 s: past a
+//! client's timeout, the answer is lost and the session exists).
 
 mod api;
 
@@ -33,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The `emulator` subcommand's settings (defined with the rest of the command line in
 /// [`crate::config`]).
-pub use crate::config::EmulatorSettings;
+pub use crate::config::{CredentialUse, EmulatorSettings};
 pub use api::Emulator;
 
 /// Why the emulator could not run.
@@ -100,7 +102,10 @@ pub async fn start(
             addr: settings.listen,
             source,
         })?;
-    let emulator = Arc::new(Emulator::new(settings.session_rate_limit)?);
+    let emulator = Arc::new(Emulator::new(
+        settings.session_rate_limit,
+        settings.credentials,
+    )?);
     let router = api::router(emulator.clone());
     let task = tokio::spawn(async move {
         axum::serve(listener, router)

@@ -13,10 +13,18 @@ use crate::{
 };
 
 async fn emulator(rate: Option<RateLimit>) -> (Running, CancellationToken) {
+    emulator_with(rate, CredentialUse::SingleUse).await
+}
+
+async fn emulator_with(
+    rate: Option<RateLimit>,
+    credentials: CredentialUse,
+) -> (Running, CancellationToken) {
     let stop = CancellationToken::new();
     let settings = EmulatorSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         session_rate_limit: rate,
+        credentials,
     };
     (start(&settings, stop.clone()).await.unwrap(), stop)
 }
@@ -155,5 +163,21 @@ async fn refusals_have_bunqs_status_and_error_body() {
         };
         assert!(described.contains(text), "{status}: {described}");
     }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_reusable_credential_opens_a_session_at_every_call() {
+    let (emu, stop) = emulator_with(None, CredentialUse::Reusable).await;
+    let (client, ctx) = installed(&emu.base_url).await;
+    let secret = SecretString::from("sandbox_reusable_test");
+    for _ in 0..2 {
+        client
+            .device_server(&ctx, &secret, "test", &["*".to_owned()])
+            .await
+            .unwrap();
+        client.session_server(&ctx, &secret).await.unwrap();
+    }
+    assert_eq!(emu.emulator.sessions_opened(), 2);
     stop.cancel();
 }
