@@ -8,6 +8,7 @@
 //! Map of the crate, lowest first: a module names only those listed before it (a test keeps
 //! this true, so the import graph has no cycle).
 //! - [`failure`]: the reason codes and the one [`failure::Failure`], from bunq's answer to the dead letter.
+//! - [`jwe`]: sealing a secret for its consumer: JWE compact serialization (RFC 7516/7518).
 //! - [`rate_limit`]: `N` calls per `W` s, as bunq states it and `BUNQ_SESSION_RATE_LIMIT` sets it.
 //! - `retry`: the one retry helper and its policies; every wait ends on shutdown.
 //! - [`telemetry`]: tracing set-up, text or JSON; error cause chains.
@@ -44,6 +45,8 @@ pub mod events;
 pub mod failure;
 mod fleet;
 pub mod identity;
+#[path = "jwe_stub.rs"]
+pub mod jwe;
 mod ledger;
 mod observe;
 mod outcome;

@@ -20,8 +20,9 @@
 //! - `bunq_session_worker_build_info{version}` (always 1).
 //!
 //! Probes: `/healthz` answers 200 while the worker's loops run. `/readyz` answers 200 only when
-//! connected, consuming, not blocked by flow control, not paused by the breaker, and with Redis
-//! reachable when `REDIS_URL` is set; otherwise 503 with `{"ready": false, "reason": "…"}`.
+//! connected, consuming, not blocked by flow control, not paused by the breaker, and with a Redis
+//! that takes writes when `REDIS_URL` is set (a write probe: a read-only replica answers PING);
+//! otherwise 503 with `{"ready": false, "reason": "…"}`.
 //! Kubernetes probe semantics: <https://kubernetes.io/docs/concepts/configuration/liveness-readiness-startup-probes/>.
 
 use std::{net::SocketAddr, sync::OnceLock};

@@ -100,7 +100,8 @@ impl BunqSettings {
     /// `BUNQ_CLIENT_PRIVATE_KEY`, `BUNQ_INSTALLATION_TOKEN`, `BUNQ_SERVER_PUBLIC_KEY` are set;
     /// `BUNQ_PERMITTED_IPS` holds something other than IPv4 addresses or `*`;
     /// `BUNQ_USER_AGENT` is empty or holds characters an HTTP header cannot carry;
-    /// `HTTP_TIMEOUT_MS` is 0.
+    /// `HTTP_TIMEOUT_MS` is 0; `BUNQ_SESSION_RATE_LIMIT` spaces calls less than 1 ms apart or
+    /// has a window over a day.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError(m));
         if !matches!(self.api_url.scheme(), "http" | "https") {
@@ -130,6 +131,19 @@ impl BunqSettings {
         }
         if self.user_agent.trim().is_empty() {
             return err("BUNQ_USER_AGENT must not be empty".into());
+        }
+        if let Some(limit) = self.session_rate_limit {
+            // Pacing keeps time in ms: a finer spacing is no pacing at all.
+            if limit.interval() < std::time::Duration::from_millis(1) {
+                return err(format!(
+                    "BUNQ_SESSION_RATE_LIMIT {}/{}s spaces calls less than 1 ms apart: at most 1000 calls per second (bunq documents 1 per 30 s)",
+                    limit.calls,
+                    limit.per.as_secs()
+                ));
+            }
+            if limit.per > std::time::Duration::from_secs(86_400) {
+                return err("BUNQ_SESSION_RATE_LIMIT's window must be at most a day".into());
+            }
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ mod emulator;
 mod parse;
 mod redis;
 mod retry;
+mod token;
 mod topology;
 
 use std::time::Duration;
@@ -30,6 +31,7 @@ pub use self::{
     parse::ListenAddr,
     redis::RedisSettings,
     retry::RetrySettings,
+    token::{Cleartext, TokenSettings},
     topology::{DelayTiers, TopologySettings},
 };
 use crate::{broker::QueueType, telemetry::LogFormat};
@@ -178,6 +180,10 @@ pub struct Settings {
     #[command(flatten)]
     pub redis: RedisSettings,
 
+    /// The session token's custody.
+    #[command(flatten)]
+    pub token: TokenSettings,
+
     /// Consecutive failures of one reason that may be the worker's own set-up
     /// (`credential_rejected` "Incorrect API key or IP address", `forbidden`,
     /// `unexpected_response`, `response_signature_invalid`), on different credentials, that stop
@@ -228,7 +234,7 @@ impl Settings {
     /// Checks what clap cannot check field by field: each group's own checks
     /// ([`BrokerSettings::validate`], [`BunqSettings::validate`],
     /// [`TopologySettings::validate`], [`RetrySettings::validate`],
-    /// [`RedisSettings::validate`]), then the settings outside the groups.
+    /// [`RedisSettings::validate`], [`TokenSettings::validate`]), then the settings outside the groups.
     ///
     /// # Errors
     /// The first [`ConfigError`] found, naming the variable; here: `SHUTDOWN_TIMEOUT_S` is over
@@ -246,7 +252,8 @@ impl Settings {
             return Err(ConfigError("MAX_MESSAGE_BYTES must be at least 1".into()));
         }
         self.retry.validate()?;
-        self.redis.validate(self.bunq.http_timeout)
+        self.redis.validate(self.bunq.http_timeout)?;
+        self.token.validate(&self.bunq.api_url)
     }
 
     /// The prefetch actually used, and a warning when it had to be lowered.
@@ -280,9 +287,10 @@ impl Settings {
         }
     }
 
-    /// Start-up warnings about settings that work but risk the broker's consumer timeout.
+    /// Start-up warnings about settings that work but risk the broker's consumer timeout, or
+    /// publish session tokens in clear.
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
+        let mut w: Vec<String> = self.token.warning().into_iter().collect();
         if let (_, Some(m)) = self.effective_prefetch() {
             w.push(m);
         }

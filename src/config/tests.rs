@@ -60,6 +60,12 @@ fn invalid_values_name_the_setting() {
     assert!(e.contains("BUNQ_USER_AGENT"), "{e}");
     let e = parse(&["--retry-max-delay-ms", "10"]).unwrap_err();
     assert!(e.contains("RETRY_MAX_DELAY_MS"), "{e}");
+    let e = parse(&["--bunq-session-rate-limit", "1000000000/1s"]).unwrap_err();
+    assert!(
+        e.contains("BUNQ_SESSION_RATE_LIMIT") && e.contains("at most 1000 calls per second"),
+        "{e}"
+    );
+    assert!(parse(&["--bunq-session-rate-limit", "1000/1s"]).is_ok());
     // A claim must outlast the bunq call it was renewed for.
     let e = parse(&["--http-timeout-ms", "10000", "--claim-lease-ms", "11999"]).unwrap_err();
     assert!(
@@ -82,7 +88,13 @@ fn prefetch_is_bounded_under_pacing() {
     let s = parse(&["--prefetch", "100"]).unwrap();
     assert_eq!(s.effective_prefetch(), (100, None));
     let s = parse(&["--retry-max-elapsed-s", "1000"]).unwrap();
-    assert!(s.warnings()[0].contains("RETRY_MAX_ELAPSED_S"));
+    assert!(
+        s.warnings()
+            .iter()
+            .any(|w| w.contains("RETRY_MAX_ELAPSED_S")),
+        "{:?}",
+        s.warnings()
+    );
     let e = parse(&["--bunq-session-rate-limit", "30s"]).unwrap_err();
     assert!(
         e.contains("BUNQ_SESSION_RATE_LIMIT") || e.contains("--bunq-session-rate-limit"),
@@ -192,4 +204,45 @@ fn groups_build_their_objects() {
     let t = s.topology.topology();
     assert_eq!(t.input_queue, "q");
     assert_eq!(t.delay_queue_name(Duration::from_secs(60)), "q.retry-60s");
+}
+
+#[test]
+fn the_consumer_key_is_checked_and_bunq_production_needs_one() {
+    let dir = std::env::temp_dir().join(format!("bsw-token-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("consumer.pub.pem");
+    let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let der = {
+        use aws_lc_rs::{encoding::AsDer, signature::KeyPair};
+        key.public_key().as_der().unwrap()
+    };
+    let pem = pem::encode(&pem::Pem::new("PUBLIC KEY", der.as_ref().to_vec()));
+    std::fs::write(&path, pem).unwrap();
+    let p = path.to_str().unwrap();
+    let s = parse(&["--session-token-encryption-key", p]).unwrap();
+    assert_eq!(
+        s.token.consumer_key().unwrap().unwrap().alg(),
+        "RSA-OAEP-256"
+    );
+    assert!(!s.warnings().iter().any(|w| w.contains("in clear")));
+    let e = parse(&[
+        "--session-token-encryption-key",
+        "/nonexistent/consumer.pem",
+    ])
+    .unwrap_err();
+    assert!(
+        e.contains("SESSION_TOKEN_ENCRYPTION_KEY") && e.contains("cannot read"),
+        "{e}"
+    );
+    let prod = ["--bunq-api-url", "https://api.bunq.com/v1"];
+    let e = parse(&prod).unwrap_err();
+    assert!(
+        e.contains("SESSION_TOKEN_ENCRYPTION_KEY") && e.contains("SESSION_TOKEN_CLEARTEXT=allow"),
+        "{e}"
+    );
+    assert!(parse(&[prod[0], prod[1], "--session-token-cleartext", "allow"]).is_ok());
+    assert!(parse(&[prod[0], prod[1], "--session-token-encryption-key", p]).is_ok());
+    let sandbox = parse(&["--bunq-api-url", "https://public-api.sandbox.bunq.com/v1"]).unwrap();
+    assert!(sandbox.warnings().iter().any(|w| w.contains("in clear")));
+    std::fs::remove_dir_all(dir).unwrap();
 }

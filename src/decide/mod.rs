@@ -19,6 +19,7 @@
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use futures_util::FutureExt;
+use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -29,6 +30,7 @@ use crate::{
     events::{self, Decoded, ProvisionReady, SCHEMA_VERSION, SessionCreated, SessionToken},
     failure::{Failure, FailureReason},
     fleet::{self, Lease, Records, Verdict},
+    jwe::ConsumerKey,
     ledger::{Ask, Taken},
     outcome::{Created, Delayed, Outcome},
     session::{FlowError, Opened, SessionFlow},
@@ -66,6 +68,8 @@ pub struct Decider {
     pub claim_lease: Duration,
     /// Seals a `session.created` staged in the credential's record.
     pub staging: Staging,
+    /// `SESSION_TOKEN_ENCRYPTION_KEY`: seals the session token for its consumer.
+    pub consumer_key: Option<ConsumerKey>,
     /// `DELIVERY_LIMIT`: hand-backs without an outcome before the input is dead-lettered.
     pub delivery_limit: u32,
     /// `DELAYED_RETRY_DELAYS_S`: the delay of each delayed-retry round.
@@ -234,7 +238,15 @@ impl Decider {
                 .await
             {
                 Ok(opened) => {
-                    let event = created_event(ready, opened, &self.flow);
+                    let event = match created_event(
+                        ready,
+                        opened,
+                        &self.flow,
+                        self.consumer_key.as_ref(),
+                    ) {
+                        Ok(event) => event,
+                        Err(failure) => return Some(Outcome::Failed(Box::new(failure))),
+                    };
                     let created = Created::from_event(&event);
                     if let Some(lease) = lease {
                         let clear = matches!(event.session_token, SessionToken::Clear(_));
@@ -410,8 +422,37 @@ fn taken(t: Taken) -> Outcome {
     Outcome::AlreadySettled(t)
 }
 
-fn created_event(ready: &ProvisionReady, opened: Opened, flow: &SessionFlow) -> SessionCreated {
+/// `session.created` for the session bunq opened, its token sealed with `key` when one is set.
+///
+/// # Errors
+/// A [`Failure`] (`unexpected_response`) when the token cannot be sealed (the system's random
+/// source failed): publishing it in clear instead would break the consumer's custody.
+fn created_event(
+    ready: &ProvisionReady,
+    opened: Opened,
+    flow: &SessionFlow,
+    key: Option<&ConsumerKey>,
+) -> Result<SessionCreated, Failure> {
     let s = opened.session;
+    let session_token = match key {
+        None => SessionToken::Clear(s.token),
+        Some(key) => match key.seal(s.token.expose_secret().as_bytes()) {
+            Ok(jwe) => SessionToken::Sealed(jwe),
+            Err(e) => {
+                error!(error = %e, "bunq opened the session but its token could not be sealed for the consumer; it is not published in clear");
+                return Err(Failure::without_call(
+                    FailureReason::UnexpectedResponse,
+                    format!(
+                        "bunq opened session {} but the worker could not seal its token for the consumer (SESSION_TOKEN_ENCRYPTION_KEY): {e}",
+                        s.session_id
+                    ),
+                    1,
+                    None,
+                    OffsetDateTime::now_utc(),
+                ));
+            }
+        },
+    };
     if let Some(keys) = &s.unread_user {
         // The credential is spent and the session exists: publish it rather than lose it.
         warn!(
@@ -425,13 +466,13 @@ fn created_event(ready: &ProvisionReady, opened: Opened, flow: &SessionFlow) -> 
         .and_then(events::parse_time)
         .unwrap_or_else(OffsetDateTime::now_utc);
     let timeout = s.session_timeout_seconds;
-    SessionCreated {
+    Ok(SessionCreated {
         schema_version: SCHEMA_VERSION,
         provision_id: ready.provision_id.clone(),
         external_uuid: ready.external_uuid.clone(),
         credential_id: ready.credential_id,
         session_id: s.session_id,
-        session_token: SessionToken::Clear(s.token),
+        session_token,
         user_id: s.user_id,
         user_api_key_id: s.user_api_key_id,
         user_type: s.user_type,
@@ -444,7 +485,7 @@ fn created_event(ready: &ProvisionReady, opened: Opened, flow: &SessionFlow) -> 
             .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc()),
         created_at,
         installation_key_sha256: flow.ctx.public_key_sha256().to_owned(),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -128,20 +128,40 @@ impl Fleet {
         }
         let mut conn = self.link.get();
         inv.invoke_async(&mut conn).await.map_err(|e| {
-            tracing::warn!(error = %crate::telemetry::Chain(&e), "Redis (REDIS_URL) did not answer");
+            match refusal(&e) {
+                Some(why) => tracing::warn!(
+                    error = %crate::telemetry::Chain(&e),
+                    "Redis (REDIS_URL) refused writes: {why}"
+                ),
+                None => tracing::warn!(
+                    error = %crate::telemetry::Chain(&e),
+                    "Redis (REDIS_URL) did not answer"
+                ),
+            }
             self.link.after(&e);
             Unavailable
         })
     }
 
-    /// Whether Redis answers (for readiness).
-    pub async fn reachable(&self) -> bool {
+    /// Why Redis cannot take the worker's writes, or `None` when it can (for readiness): a
+    /// write is tried (a key under `REDIS_KEY_PREFIX` that expires in 10 s), since a Redis that
+    /// answers PING may still refuse every claim (a read-only replica after a failover,
+    /// `min-replicas-to-write` not met, `maxmemory` reached with `noeviction`).
+    pub async fn cannot_write(&self) -> Option<String> {
         let mut conn = self.link.get();
-        let answer = redis::cmd("PING").query_async::<String>(&mut conn).await;
-        if let Err(e) = &answer {
-            self.link.after(e);
-        }
-        answer.is_ok()
+        let probe = redis::cmd("SET")
+            .arg(format!("{}probe", self.prefix))
+            .arg("1")
+            .arg("PX")
+            .arg(10_000)
+            .query_async::<()>(&mut conn)
+            .await;
+        let e = probe.err()?;
+        self.link.after(&e);
+        Some(match refusal(&e) {
+            Some(why) => format!("Redis (REDIS_URL) refuses writes: {why}"),
+            None => "Redis (REDIS_URL) is unreachable".into(),
+        })
     }
 
     /// Reserves the scope's next session-server slot if it comes within `max_wait`:
@@ -210,6 +230,17 @@ impl Fleet {
             .run(&scripts::PAUSE_FOR, self.rate_key(), &[ms(d)])
             .await?;
         Ok(Duration::from_millis(left.max(0) as u64))
+    }
+}
+
+/// Why Redis refused a write, in words, when it answered with a refusal rather than not at all.
+fn refusal(e: &redis::RedisError) -> Option<&'static str> {
+    match e.code()? {
+        "READONLY" => Some("read-only replica (a failover left REDIS_URL on a replica?)"),
+        "NOREPLICAS" => Some("no replicas to write (min-replicas-to-write not met)"),
+        "OOM" => Some("out of memory (maxmemory reached with noeviction)"),
+        "MISCONF" => Some("Redis cannot persist (stop-writes-on-bgsave-error)"),
+        _ => None,
     }
 }
 

@@ -19,7 +19,7 @@ async fn pair() -> (Fleet, Fleet, String) {
     let a = Fleet::new(&url(), &prefix, "default").unwrap();
     let b = Fleet::new(&url(), &prefix, "default").unwrap();
     assert!(
-        a.reachable().await,
+        a.cannot_write().await.is_none(),
         "Redis is not reachable at TEST_REDIS_URL (default redis://127.0.0.1:6379): start it (redis-server --daemonize yes)"
     );
     (a, b, prefix)
@@ -344,6 +344,60 @@ async fn an_unreachable_redis_is_unavailable_not_an_error_of_the_input() {
     );
     assert_eq!(records.fence(&[1; 32], 1, LEASE).await, Err(Unavailable));
     assert_eq!(down.reserve(Duration::ZERO, None).await, Err(Unavailable));
-    assert!(!down.reachable().await);
+    assert!(down.cannot_write().await.unwrap().contains("unreachable"));
     assert!(Fleet::new(&SecretString::from("http://x"), "x:", "d").is_err());
+}
+
+/// A Redis that answers but refuses writes is told apart from one that does not answer: the
+/// readiness reason and the log name the refusal. A replica of the test Redis
+/// (`REPLICAOF`, read-only) stands for a failover that left `REDIS_URL` on a replica.
+#[tokio::test]
+async fn a_redis_that_refuses_writes_says_why() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = match std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--replicaof", "127.0.0.1", "1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!("redis-server must be installed for this test: {e}"),
+    };
+    let replica = Fleet::new(
+        &SecretString::from(format!("redis://127.0.0.1:{port}")),
+        "test-readonly:",
+        "default",
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let why = loop {
+        match replica.cannot_write().await {
+            Some(w) if w.contains("refuses writes") => break w,
+            _ => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the replica never answered"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(why.contains("read-only replica"), "{why}");
+    let records = Records::Shared(replica);
+    assert_eq!(
+        records.claim(&[1; 32], Ask::default(), LEASE).await,
+        Err(Unavailable)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -74,6 +74,9 @@ pub enum StartError {
     /// `REDIS_URL` is not a Redis URL.
     #[error(transparent)]
     Redis(crate::fleet::BadUrl),
+    /// A setting that can only be checked at start-up (the consumer's key file).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Redis (`REDIS_URL`) did not answer at start-up, so the fleet's seal key is unknown.
     #[error(
         "Redis (REDIS_URL) did not answer within {0} s at start-up: the replicas' shared seal key for bookkeeping headers is kept there"
@@ -101,7 +104,9 @@ impl StartError {
     /// ([`StartError::ContextForOtherApi`]), else 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::ContextForOtherApi { .. } | StartError::Redis(_) => 2,
+            StartError::ContextForOtherApi { .. }
+            | StartError::Redis(_)
+            | StartError::Config(_) => 2,
             _ => 1,
         }
     }
@@ -217,11 +222,16 @@ impl WorkerStatus {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether the fleet's Redis answers (`true` without `REDIS_URL`).
+    /// Whether the fleet's Redis takes writes (`true` without `REDIS_URL`).
     pub async fn shared_state_reachable(&self) -> bool {
+        self.shared_state_refusal().await.is_none()
+    }
+
+    /// Why the fleet's Redis cannot take the worker's writes, if it cannot.
+    pub async fn shared_state_refusal(&self) -> Option<String> {
         match &self.fleet {
-            Some(f) => f.reachable().await,
-            None => true,
+            Some(f) => f.cannot_write().await,
+            None => None,
         }
     }
 
@@ -251,8 +261,8 @@ impl WorkerStatus {
         if self.publishing_blocked() {
             return Some("the broker blocks publishing (memory or disk alarm)".into());
         }
-        if !self.shared_state_reachable().await {
-            return Some("Redis (REDIS_URL) is unreachable".into());
+        if let Some(why) = self.shared_state_refusal().await {
+            return Some(why);
         }
         None
     }
@@ -359,6 +369,14 @@ impl Worker {
         let hard_stop = CancellationToken::new();
         let breaker = Arc::new(Breaker::new(settings.breaker_threshold));
         let ctx_staging_key = flow.ctx.staging_key();
+        let consumer_key = settings.token.consumer_key()?;
+        if let Some(key) = &consumer_key {
+            info!(
+                alg = key.alg(),
+                kid = key.kid(),
+                "session tokens are sealed for their consumer (SESSION_TOKEN_ENCRYPTION_KEY)"
+            );
+        }
         // Replicas must read each other's seals: with Redis they share a key kept there (made
         // by the first replica), so they need not share an installation; one replica alone
         // derives its key from its installation.
@@ -381,6 +399,7 @@ impl Worker {
             },
             claim_lease: settings.redis.claim_lease,
             staging: crate::staging::Staging::new(&ctx_staging_key),
+            consumer_key,
             delivery_limit: topology.delivery_limit,
             delay_tiers: topology.delay_tiers.clone(),
             stop_work: CancellationToken::new(),

@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-fn schema(name: &str) -> jsonschema::Validator {
+pub(crate) fn schema(name: &str) -> jsonschema::Validator {
     let text = std::fs::read_to_string(format!(
         "{}/schemas/{name}.json",
         env!("CARGO_MANIFEST_DIR")
@@ -18,7 +18,7 @@ fn schema(name: &str) -> jsonschema::Validator {
         .unwrap_or_else(|e| panic!("schemas/{name}.json is not a valid schema: {e}"))
 }
 
-fn assert_valid(v: &jsonschema::Validator, instance: &Value, what: &str) {
+pub(crate) fn assert_valid(v: &jsonschema::Validator, instance: &Value, what: &str) {
     let errors: Vec<String> = v.iter_errors(instance).map(|e| e.to_string()).collect();
     assert!(
         errors.is_empty(),

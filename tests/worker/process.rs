@@ -166,6 +166,52 @@ async fn invalid_configuration_names_the_variable() {
     let mut w = Running::start(&app.args(), &[("BUNQ_PERMITTED_IPS", "10.0.0.1,not-an-ip")]);
     assert_eq!(w.wait().await.code(), Some(2));
     assert!(w.text().contains("BUNQ_PERMITTED_IPS"), "{}", w.text());
+    // A consumer key that is missing, or not a key the worker seals with.
+    let weak = app.dir.join("weak.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:1024",
+        ])
+        .output()
+        .unwrap();
+    let public = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl pkey -pubout -out {} <<'EOF'\n{}EOF",
+            weak.display(),
+            String::from_utf8_lossy(&made.stdout)
+        ))
+        .status()
+        .unwrap();
+    assert!(public.success());
+    for (path, said) in [
+        ("/nonexistent/consumer.pem", "cannot read"),
+        (weak.to_str().unwrap(), "1024"),
+    ] {
+        let mut w = Running::start(&app.args(), &[("SESSION_TOKEN_ENCRYPTION_KEY", path)]);
+        assert_eq!(w.wait().await.code(), Some(2), "{}", w.text());
+        assert!(
+            w.text().contains("SESSION_TOKEN_ENCRYPTION_KEY") && w.text().contains(said),
+            "{}",
+            w.text()
+        );
+    }
+    // Against bunq production, no key and no word from the operator: refused, naming both.
+    let mut args = app.args();
+    let at = args.iter().position(|a| a == "--bunq-api-url").unwrap();
+    args[at + 1] = "https://api.bunq.com/v1".into();
+    let mut w = Running::start(&args, &[]);
+    assert_eq!(w.wait().await.code(), Some(2), "{}", w.text());
+    assert!(
+        w.text().contains("SESSION_TOKEN_ENCRYPTION_KEY")
+            && w.text().contains("SESSION_TOKEN_CLEARTEXT"),
+        "{}",
+        w.text()
+    );
     app.cleanup().await;
 }
 
