@@ -45,7 +45,6 @@ pub mod events;
 pub mod failure;
 mod fleet;
 pub mod identity;
-#[path = "jwe_stub.rs"]
 pub mod jwe;
 mod ledger;
 mod observe;
