@@ -194,12 +194,20 @@ impl Seen {
         let mut parts = Vec::new();
         if let Some((kind, body)) = &self.event {
             let detail = match kind.as_str() {
-                "session.created" => format!(
-                    "session_id={} user_id={} session_token={}",
-                    body["session_id"],
-                    body["user_id"],
-                    mask(body["session_token"].as_str().unwrap_or(""))
-                ),
+                "session.created" => match body["session_token_jwe"].as_str() {
+                    Some(jwe) => format!(
+                        "session_id={} user_id={} session_token_jwe={} (sealed)",
+                        body["session_id"],
+                        body["user_id"],
+                        mask(jwe)
+                    ),
+                    None => format!(
+                        "session_id={} user_id={} session_token={}",
+                        body["session_id"],
+                        body["user_id"],
+                        mask(body["session_token"].as_str().unwrap_or(""))
+                    ),
+                },
                 _ => format!("reason={}", body["reason"].as_str().unwrap_or("?")),
             };
             parts.push(format!("{kind} {detail}"));
