@@ -146,11 +146,13 @@ impl Decider {
                 warn!(
                     "the credential's record holds a staged session.created that is not one; handing the delivery back"
                 );
-                Outcome::Returned { counted: true }
+                self.over_limit(inbound, 1)
+                    .unwrap_or(Outcome::Returned { counted: true })
             }
             Err(e) => {
                 warn!(error = %e, "handing the delivery back");
-                Outcome::Returned { counted: true }
+                self.over_limit(inbound, 1)
+                    .unwrap_or(Outcome::Returned { counted: true })
             }
         }
     }

@@ -143,6 +143,27 @@ impl Fleet {
         })
     }
 
+    /// [`Self::run`] with two keys (a record and the fleet's epoch counter: epochs never repeat,
+    /// even when a record is lost to a flush or an eviction).
+    async fn run2<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: [String; 2],
+        args: &[String],
+    ) -> Result<T, Unavailable> {
+        let mut inv = script.key(&keys[0]);
+        inv.key(&keys[1]);
+        for a in args {
+            inv.arg(a);
+        }
+        let mut conn = self.link.get();
+        inv.invoke_async(&mut conn).await.map_err(|e| {
+            tracing::warn!(error = %crate::telemetry::Chain(&e), "Redis (REDIS_URL) did not answer or refused");
+            self.link.after(&e);
+            Unavailable
+        })
+    }
+
     /// Why Redis cannot take the worker's writes, or `None` when it can (for readiness): a
     /// write is tried (a key under `REDIS_KEY_PREFIX` that expires in 10 s), since a Redis that
     /// answers PING may still refuse every claim (a read-only replica after a failover,

@@ -104,9 +104,9 @@ impl Fleet {
     async fn claim(&self, id: &Key, ask: Ask, lease: Duration) -> Result<Found, Unavailable> {
         let replay = ask.replay_of.map(|g| g.to_string()).unwrap_or_default();
         let found: Vec<String> = self
-            .run(
+            .run2(
                 &scripts::CLAIM,
-                self.record_key(id),
+                [self.record_key(id), format!("{}epoch", self.prefix)],
                 &[
                     ms(lease),
                     ask.round.to_string(),

@@ -37,7 +37,7 @@ if not staged and st == 'parked' and tonumber(ARGV[2]) < rd and (tonumber(h[3]) 
   return {'parked', tostring(rd)}
 end
 if not staged and st == 'claimed' and (tonumber(h[3]) or 0) > now then return {'held', '0'} end
-local ep = (tonumber(h[2]) or 0) + 1
+local ep = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'st', 'claimed', 'ep', ep, 'le', now + tonumber(ARGV[1]))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {'acquired', tostring(ep), tostring(gen), h[6] or '', h[7] or '', staged or ''}

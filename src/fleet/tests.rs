@@ -401,3 +401,26 @@ async fn a_redis_that_refuses_writes_says_why() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A record lost to a flush or an eviction never hands out an epoch a stale holder still
+/// names: the old holder's fence fails once another delivery claims the credential again.
+#[tokio::test]
+async fn a_lost_record_never_repeats_an_epoch() {
+    let (a, b, prefix) = pair().await;
+    let (ra, rb) = (Records::Shared(a.clone()), Records::Shared(b));
+    let id = [11u8; 32];
+    let old = acquired(&ra, &id, ask(0, None)).await;
+    let mut conn = a.link.get();
+    let _: i64 = redis::cmd("DEL")
+        .arg(a.record_key(&id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let new = acquired(&rb, &id, ask(0, None)).await;
+    assert!(new.epoch > old.epoch);
+    assert_eq!(
+        ra.fence(&id, old.epoch, LEASE).await,
+        Ok(Fence::Taken(Taken::Elsewhere))
+    );
+    cleanup(&a, &prefix).await;
+}

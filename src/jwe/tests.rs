@@ -1,56 +1,24 @@
-//! The module against the RFCs' own examples, round trips through aws-lc-rs's decryption, and
-//! every kind of key it must refuse.
+//! The module against the RFCs' own examples, round trips opened by a test-only decrypter on
+//! aws-lc-rs, and every kind of key it must refuse.
 
 use aws_lc_rs::{
-    agreement::{self, ECDH_P256, UnparsedPublicKey},
+    agreement::{self, ECDH_P256, ECDH_P384, UnparsedPublicKey},
     encoding::AsDer,
     rsa::{KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey},
+    signature::{Ed25519KeyPair, KeyPair},
 };
+use serde_json::{Value, json};
 
 use super::*;
+
+const RFC_7638_KID: &str = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs";
 
 fn b64(s: &str) -> Vec<u8> {
     B64.decode(s).unwrap()
 }
 
-fn pem_of(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("PUBLIC KEY", der.to_vec()))
-}
-
-/// SubjectPublicKeyInfo of a P-256 point (RFC 5480).
-fn p256_spki(point: &[u8]) -> Vec<u8> {
-    let mut der = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
-    der.extend_from_slice(point);
-    der
-}
-
-#[test]
-fn the_rfc_7638_example_key_has_its_thumbprint() {
-    // RFC 7638 §3.1: n and e of the example RSA key, and its thumbprint.
-    let n = "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw";
-    let jwk = format!(r#"{{"e":"AQAB","kty":"RSA","n":"{n}"}}"#);
-    assert_eq!(
-        thumbprint(&jwk),
-        "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
-    );
-    // The same key read from its SubjectPublicKeyInfo gives the same kid.
-    let (n, e) = (b64(n), b64("AQAB"));
-    let int = |v: &[u8]| der_int(v);
-    let rsa = der(0x30, &[int(&n), int(&e)].concat());
-    let mut bits = vec![0u8];
-    bits.extend_from_slice(&rsa);
-    let algorithm = hex::decode("300d06092a864886f70d0101010500").unwrap();
-    let spki = der(0x30, &[algorithm, der(0x03, &bits)].concat());
-    let key = ConsumerKey::from_pem(&pem_of(&spki)).unwrap();
-    assert_eq!(key.kid(), "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
-    assert_eq!(key.alg(), "RSA-OAEP-256");
-}
-
-/// A DER INTEGER of an unsigned magnitude: a zero byte in front when the high bit is set.
-fn der_int(v: &[u8]) -> Vec<u8> {
-    let mut body = if v[0] & 0x80 != 0 { vec![0u8] } else { vec![] };
-    body.extend_from_slice(v);
-    der(0x02, &body)
+fn pem_of(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der.to_vec()))
 }
 
 /// A DER element (lengths up to 64 KiB).
@@ -65,6 +33,41 @@ fn der(tag: u8, value: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The SubjectPublicKeyInfo of an RSA key of modulus `n` and exponent `e` (big-endian),
+/// built by hand: aws-lc-rs makes no key under 2048 bits.
+fn rsa_spki(n: &[u8], e: &[u8]) -> Vec<u8> {
+    // DER INTEGERs: a leading zero byte only where the top bit is set.
+    let int = |v: &[u8]| der(0x02, &[&[0][..(v[0] >> 7).into()], v].concat());
+    let rsa = der(0x30, &[int(n), int(e)].concat());
+    let algorithm = hex::decode("300d06092a864886f70d0101010500").unwrap();
+    der(
+        0x30,
+        &[algorithm, der(0x03, &[&[0][..], &rsa].concat())].concat(),
+    )
+}
+
+fn refusal(der: &[u8]) -> KeyError {
+    ConsumerKey::from_pem(&pem_of("PUBLIC KEY", der)).unwrap_err()
+}
+
+#[test]
+fn the_rfc_7638_example_key_has_its_thumbprint() {
+    // RFC 7638 §3.1: the example RSA key's n and e; its thumbprint.
+    let n = b64(concat!(
+        "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_B",
+        "JECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_F",
+        "DW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4",
+        "vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
+    ));
+    let key = ConsumerKey::from_pem(&pem_of("PUBLIC KEY", &rsa_spki(&n, &[1, 0, 1]))).unwrap();
+    assert_eq!(key.kid(), RFC_7638_KID);
+    assert_eq!(key.alg(), "RSA-OAEP-256");
+    assert_eq!(
+        format!("{key:?}"),
+        format!(r#"ConsumerKey {{ alg: "RSA-OAEP-256", kid: "{RFC_7638_KID}" }}"#)
+    );
+}
+
 #[test]
 fn the_rfc_7518_appendix_c_key_agreement_derives_its_key() {
     let alice = agreement::PrivateKey::from_private_key(
@@ -72,9 +75,12 @@ fn the_rfc_7518_appendix_c_key_agreement_derives_its_key() {
         &b64("0_NxaRPUMQoAJt50Gz8YiTr8gRTwyEaCumd-MToTmIo"),
     )
     .unwrap();
-    let mut bob = vec![0x04];
-    bob.extend(b64("weNJy2HscCSM6AEDTDg04biOvhFhyyWvOHQfeF_PxMQ"));
-    bob.extend(b64("e8lnCO-AlStT-NJVX-crhB7QRYhiix03illJOVAOyck"));
+    let bob = [
+        &[4][..],
+        &b64("weNJy2HscCSM6AEDTDg04biOvhFhyyWvOHQfeF_PxMQ"),
+        &b64("e8lnCO-AlStT-NJVX-crhB7QRYhiix03illJOVAOyck"),
+    ]
+    .concat();
     let derived = agreement::agree(&alice, UnparsedPublicKey::new(&ECDH_P256, &bob), (), |z| {
         Ok(concat_kdf(z, b"A128GCM", b"Alice", b"Bob", 128))
     })
@@ -100,67 +106,82 @@ fn the_rfc_3394_vector_wraps_as_sealing_does() {
     );
 }
 
-/// The five parts of a compact JWE, the header parsed.
-fn parts(jwe: &str) -> (serde_json::Value, Vec<Vec<u8>>, String) {
+/// A compact JWE's parts: the encoded header, the header parsed, then the encrypted key, the
+/// IV, the ciphertext and the tag decoded.
+fn parts(jwe: &str) -> (String, Value, [Vec<u8>; 4]) {
     let p: Vec<&str> = jwe.split('.').collect();
     assert_eq!(p.len(), 5, "{jwe}");
     let header = serde_json::from_slice(&b64(p[0])).unwrap();
-    (
-        header,
-        p[1..].iter().map(|s| b64(s)).collect(),
-        p[0].to_owned(),
-    )
+    let [ek, iv, ct, tag] = [p[1], p[2], p[3], p[4]].map(b64);
+    assert_eq!((iv.len(), tag.len()), (12, 16), "96-bit IV, 128-bit tag");
+    (p[0].to_owned(), header, [ek, iv, ct, tag])
 }
 
-/// Opens the content with the content key, as a consumer would.
-fn open_content(cek: &[u8], rest: &[Vec<u8>], header_b64: &str) -> Vec<u8> {
+/// The content opened with the content key as a consumer would, `None` if it does not open.
+fn open_content(cek: &[u8], header_b64: &str, [_, iv, ct, tag]: &[Vec<u8>; 4]) -> Option<Vec<u8>> {
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, cek).unwrap());
-    let mut sealed = [rest[2].clone(), rest[3].clone()].concat();
-    let nonce = Nonce::try_assume_unique_for_key(&rest[1]).unwrap();
-    key.open_in_place(nonce, Aad::from(header_b64.as_bytes()), &mut sealed)
-        .unwrap()
-        .to_vec()
+    let mut sealed = [ct.as_slice(), tag].concat();
+    let nonce = Nonce::try_assume_unique_for_key(iv).unwrap();
+    let aad = Aad::from(header_b64.as_bytes());
+    key.open_in_place(nonce, aad, &mut sealed)
+        .ok()
+        .map(|p| p.to_vec())
+}
+
+/// The thumbprint recomputed from a JWK written with serde_json, members in RFC 7638's order.
+fn thumbprint_of(jwk: &Value) -> String {
+    B64.encode(digest::digest(&digest::SHA256, jwk.to_string().as_bytes()))
 }
 
 #[test]
 fn a_token_sealed_for_an_rsa_key_opens_with_the_private_key() {
     let private = PrivateDecryptingKey::generate(KeySize::Rsa2048).unwrap();
     let spki = private.public_key().as_der().unwrap();
-    let key = ConsumerKey::from_pem(&pem_of(spki.as_ref())).unwrap();
+    let key = ConsumerKey::from_pem(&pem_of("PUBLIC KEY", spki.as_ref())).unwrap();
     let jwe = key.seal(b"session-token-123").unwrap();
-    let (header, rest, h) = parts(&jwe);
-    assert_eq!(header["alg"], "RSA-OAEP-256");
-    assert_eq!(header["enc"], "A256GCM");
-    assert_eq!(header["kid"], key.kid());
+    let (h, header, rest) = parts(&jwe);
+    assert_eq!(
+        header,
+        json!({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": key.kid()})
+    );
     let oaep = OaepPrivateDecryptingKey::new(private).unwrap();
     let mut cek = vec![0u8; oaep.min_output_size()];
     let cek = oaep
         .decrypt(&OAEP_SHA256_MGF1SHA256, &rest[0], &mut cek, None)
         .unwrap();
-    assert_eq!(open_content(cek, &rest, &h), b"session-token-123");
+    assert_eq!(cek.len(), 32);
+    assert_eq!(open_content(cek, &h, &rest).unwrap(), b"session-token-123");
+    // The header is the AAD: another header does not open.
+    let other = B64.encode(r#"{"alg":"RSA-OAEP-256","enc":"A256GCM"}"#);
+    assert_eq!(open_content(cek, &other, &rest), None);
     assert_ne!(jwe, key.seal(b"session-token-123").unwrap(), "fresh keys");
-    assert!(!jwe.contains("session-token-123"));
 }
 
 #[test]
 fn a_token_sealed_for_a_p256_key_opens_with_the_private_key() {
     let private = agreement::PrivateKey::generate(&ECDH_P256).unwrap();
-    let point = private.compute_public_key().unwrap();
-    let key = ConsumerKey::from_pem(&pem_of(&p256_spki(point.as_ref()))).unwrap();
+    let public = private.compute_public_key().unwrap();
+    let key = ConsumerKey::from_pem(&pem_of("PUBLIC KEY", public.as_der().unwrap().as_ref()));
+    let key = key.unwrap();
     assert_eq!(key.alg(), "ECDH-ES+A256KW");
+    let (x, y) = public.as_ref()[1..].split_at(32);
+    let jwk = json!({"crv": "P-256", "kty": "EC", "x": B64.encode(x), "y": B64.encode(y)});
+    assert_eq!(key.kid(), thumbprint_of(&jwk));
+
     let jwe = key.seal(b"session-token-456").unwrap();
-    let (header, rest, h) = parts(&jwe);
-    assert_eq!(header["alg"], "ECDH-ES+A256KW");
-    assert_eq!(header["enc"], "A256GCM");
-    assert_eq!(header["kid"], key.kid());
-    assert_eq!(header["epk"]["kty"], "EC");
-    assert_eq!(header["epk"]["crv"], "P-256");
-    let mut epk = vec![0x04];
-    epk.extend(b64(header["epk"]["x"].as_str().unwrap()));
-    epk.extend(b64(header["epk"]["y"].as_str().unwrap()));
+    let (h, header, rest) = parts(&jwe);
+    let epk = &header["epk"];
+    assert_eq!(
+        header,
+        json!({"alg": "ECDH-ES+A256KW", "enc": "A256GCM", "epk": epk, "kid": key.kid()}),
+        "no apu, apv or other members"
+    );
+    assert_eq!((&epk["kty"], &epk["crv"]), (&json!("EC"), &json!("P-256")));
+    let [x, y] = ["x", "y"].map(|c| b64(epk[c].as_str().unwrap()));
+    assert_eq!((x.len(), y.len(), rest[0].len()), (32, 32, 40));
     let kek = agreement::agree(
         &private,
-        UnparsedPublicKey::new(&ECDH_P256, &epk),
+        UnparsedPublicKey::new(&ECDH_P256, [&[4][..], &x, &y].concat()),
         (),
         |z| Ok(concat_kdf(z, b"ECDH-ES+A256KW", b"", b"", 256)),
     )
@@ -170,61 +191,106 @@ fn a_token_sealed_for_a_p256_key_opens_with_the_private_key() {
         .unwrap()
         .unwrap(&rest[0], &mut cek)
         .unwrap();
-    assert_eq!(open_content(cek, &rest, &h), b"session-token-456");
+    assert_eq!(open_content(cek, &h, &rest).unwrap(), b"session-token-456");
+    let again = key.seal(b"session-token-456").unwrap();
+    assert_ne!(parts(&again).1["epk"], *epk, "a fresh ephemeral key");
 }
 
 #[test]
 fn keys_it_cannot_seal_for_are_refused_saying_what_they_are() {
-    // RSA-1024 (an SPKI built by hand: aws-lc-rs no longer makes such keys).
-    let n = [vec![0xc0], vec![0x11; 127]].concat();
-    let int = |v: &[u8]| der_int(v);
-    let rsa = der(0x30, &[int(&n), int(&[1, 0, 1])].concat());
-    let mut bits = vec![0u8];
-    bits.extend_from_slice(&rsa);
-    let algorithm = hex::decode("300d06092a864886f70d0101010500").unwrap();
-    let spki = der(0x30, &[algorithm, der(0x03, &bits)].concat());
+    let short = [vec![0xc0], vec![0x11; 127]].concat();
     assert_eq!(
-        ConsumerKey::from_pem(&pem_of(&spki)).unwrap_err(),
-        KeyError::RsaTooShort(1024)
+        refusal(&rsa_spki(&short, &[1, 0, 1])),
+        KeyError::RsaSize(1024)
     );
-    // P-384.
-    let p384 = agreement::PrivateKey::generate(&agreement::ECDH_P384).unwrap();
-    let point = p384.compute_public_key().unwrap();
-    let mut spki = hex::decode("3076301006072a8648ce3d020106052b81040022036200").unwrap();
-    spki.extend_from_slice(point.as_ref());
+    let just_short = [vec![0x7f], vec![0x11; 255]].concat();
     assert_eq!(
-        ConsumerKey::from_pem(&pem_of(&spki)).unwrap_err(),
-        KeyError::OtherCurve
+        refusal(&rsa_spki(&just_short, &[3])),
+        KeyError::RsaSize(2047)
     );
-    // Ed25519 (RFC 8410).
-    let mut ed = hex::decode("302a300506032b6570032100").unwrap();
-    ed.extend_from_slice(&[7; 32]);
+    assert_eq!(refusal(&rsa_spki(&[0], &[1])), KeyError::RsaSize(0));
+
+    let p384 = agreement::PrivateKey::generate(&ECDH_P384).unwrap();
+    let p384 = p384.compute_public_key().unwrap().as_der().unwrap();
+    let error = refusal(p384.as_ref());
+    assert_eq!(error, KeyError::OtherCurve("P-384 (secp384r1)".into()));
+    let message = error.to_string();
+    assert!(message.contains("found an EC key on P-384"), "{message}");
+    assert!(
+        message.contains("P-256") && message.contains("2048"),
+        "{message}"
+    );
+
+    let ed = Ed25519KeyPair::generate().unwrap();
+    let ed = ed.public_key().as_der().unwrap();
     assert_eq!(
-        ConsumerKey::from_pem(&pem_of(&ed)).unwrap_err(),
-        KeyError::Unsupported
+        refusal(ed.as_ref()),
+        KeyError::OtherAlgorithm("Ed25519".into())
     );
-    // A point not on the curve.
-    let mut off = vec![0x04];
-    off.extend_from_slice(&[1; 64]);
+    let unknown = hex::decode("3010300a06082a8648ce3d040302030200ff").unwrap();
+    let found = KeyError::OtherAlgorithm("OID 1.2.840.10045.4.3.2".into());
     assert_eq!(
-        ConsumerKey::from_pem(&pem_of(&p256_spki(&off))).unwrap_err(),
-        KeyError::Unsupported
+        refusal(&unknown),
+        found,
+        "ecdsa-with-SHA256, not a key algorithm"
     );
-    // A private key, garbage, nothing.
-    let private = pem::encode(&pem::Pem::new("PRIVATE KEY", vec![1, 2, 3]));
-    assert!(matches!(
-        ConsumerKey::from_pem(&private).unwrap_err(),
-        KeyError::NotPublicKeyPem(found) if found.contains("PRIVATE KEY")
-    ));
-    for junk in [
-        "",
-        "garbage",
-        "-----BEGIN PUBLIC KEY-----\n!!\n-----END PUBLIC KEY-----",
-    ] {
-        assert!(ConsumerKey::from_pem(junk).is_err(), "{junk:?}");
+
+    let private = PrivateDecryptingKey::generate(KeySize::Rsa2048).unwrap();
+    let private = pem_of("PRIVATE KEY", private.as_der().unwrap().as_ref());
+    let error = ConsumerKey::from_pem(&private).unwrap_err();
+    assert_eq!(error, KeyError::NotPublicKey("PRIVATE KEY".into()));
+    assert!(
+        error
+            .to_string()
+            .starts_with("found a PEM `PRIVATE KEY` block; accepted: a PEM")
+    );
+
+    let not_pem = |s| ConsumerKey::from_pem(s).unwrap_err();
+    assert_eq!(not_pem(""), KeyError::NotPem("an empty input".into()));
+    assert_eq!(
+        not_pem("garbage"),
+        KeyError::NotPem("no `-----BEGIN …-----` … `-----END …-----` block".into())
+    );
+    let bad_base64 = "-----BEGIN PUBLIC KEY-----\n!!\n-----END PUBLIC KEY-----\n";
+    assert!(matches!(not_pem(bad_base64), KeyError::NotPem(m) if m.starts_with("a damaged PEM")));
+
+    let p256 = agreement::PrivateKey::generate(&ECDH_P256).unwrap();
+    let p256 = p256.compute_public_key().unwrap().as_der().unwrap();
+    let mut off_curve = p256.as_ref().to_vec();
+    *off_curve.last_mut().unwrap() ^= 1;
+    let unreadable = |what| KeyError::Unreadable(what);
+    assert_eq!(
+        refusal(&off_curve),
+        unreadable("a point that is not on P-256")
+    );
+    let trailing = [p256.as_ref(), &[0]].concat();
+    assert_eq!(
+        refusal(&trailing),
+        unreadable("not a DER SubjectPublicKeyInfo")
+    );
+    assert_eq!(
+        refusal(&[0x30, 0x03, 0x02, 0x01, 0x00]),
+        unreadable("not a DER SubjectPublicKeyInfo")
+    );
+}
+
+#[test]
+fn no_damaged_key_panics() {
+    let rsa = PrivateDecryptingKey::generate(KeySize::Rsa2048).unwrap();
+    let rsa = rsa.public_key().as_der().unwrap();
+    let ec = agreement::PrivateKey::generate(&ECDH_P256).unwrap();
+    let ec = ec.compute_public_key().unwrap().as_der().unwrap();
+    for spki in [rsa.as_ref(), ec.as_ref()] {
+        assert!(ConsumerKey::from_pem(&pem_of("PUBLIC KEY", spki)).is_ok());
+        for len in 0..spki.len() {
+            assert!(ConsumerKey::from_pem(&pem_of("PUBLIC KEY", &spki[..len])).is_err());
+        }
+        for at in 0..spki.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut damaged = spki.to_vec();
+                damaged[at] ^= flip;
+                let _ = ConsumerKey::from_pem(&pem_of("PUBLIC KEY", &damaged));
+            }
+        }
     }
-    assert_eq!(
-        ConsumerKey::from_pem(&pem_of(&[0x30, 0x03, 0x02, 0x01, 0x00])).unwrap_err(),
-        KeyError::Unsupported
-    );
 }
