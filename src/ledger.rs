@@ -24,8 +24,9 @@
 //! - **answer lost**: a session-server attempt's answer never arrived, in any round or replica;
 //!   sticky, so a later refusal reads `outcome_unknown`.
 //! - **staged**: bunq opened a session and its `session.created` (sealed: never a token in
-//!   clear, [`crate::staging`]) is kept before it is published; the next claimant, whatever the
-//!   lease says, publishes it without calling bunq. Cleared once the record is created.
+//!   clear, [`crate::staging`]) is kept before it is published; the next claimant (once the
+//!   holder's lease is over: it may still be publishing) publishes it without calling bunq.
+//!   Cleared once the record is created.
 //!
 //! [`Book`] is the in-process form: right for one replica. With `REDIS_URL` the same
 //! transitions run as Lua scripts on Redis's clock ([`crate::fleet`]).
@@ -296,12 +297,14 @@ impl Book {
                     generation: r.generation,
                 };
             }
-            // A staged session needs no bunq call: whoever holds the lease, publish it.
+            // A live holder may be publishing its staged session right now: wait for it, so
+            // the session is published once.
+            State::Claimed if r.lease_end > now => return Found::Held,
+            // A staged session needs no bunq call: whoever staged it, publish it.
             _ if r.staged.is_some() => {}
             State::Parked if ask.round < r.round && r.lease_end > now => {
                 return Found::Parked { round: r.round };
             }
-            State::Claimed if r.lease_end > now => return Found::Held,
             _ => {}
         }
         r.state = State::Claimed;

@@ -36,7 +36,7 @@ local rd = tonumber(h[4]) or 0
 if not staged and st == 'parked' and tonumber(ARGV[2]) < rd and (tonumber(h[3]) or 0) > now then
   return {'parked', tostring(rd)}
 end
-if not staged and st == 'claimed' and (tonumber(h[3]) or 0) > now then return {'held', '0'} end
+if st == 'claimed' and (tonumber(h[3]) or 0) > now then return {'held', '0'} end
 local ep = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'st', 'claimed', 'ep', ep, 'le', now + tonumber(ARGV[1]))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])

@@ -239,6 +239,14 @@ async fn a_staged_session_goes_to_the_next_claimant(a: &Records, b: &Records) {
     let holder = acquired(a, &id, ask(0, None)).await;
     a.stage(&id, "p:c3RhZ2Vk".into()).await.unwrap();
     a.stage(&id, "p:c2Vjb25k".into()).await.unwrap();
+    assert_eq!(
+        b.claim(&id, ask(0, None), LEASE).await,
+        Ok(Found::Held),
+        "a live holder may be publishing it"
+    );
+    a.settle(&id, holder.epoch, &Settlement::Released)
+        .await
+        .unwrap();
     let next = acquired(b, &id, ask(0, None)).await;
     assert_eq!(
         next.staged.as_deref(),

@@ -454,9 +454,12 @@ async fn redis_dump(prefix: &str) -> String {
 async fn a_replica_killed_after_bunqs_answer_costs_neither_the_session_nor_a_second_call() {
     const TOKEN: &str = "0c5be2f1a9d84e7cb36a1f0d2e4c6b8a9d7f5e3c1b0a2d4f6e8c0b2a4d6f8e0c";
     let mut app = TestApp::new_with_binding(None).await;
+    app.settings.bunq.http_timeout = Duration::from_millis(1000);
     let args = app.args();
     let prefix = use_redis(&mut app, &redis_url());
     app.settings.bunq.register_device = false;
+    // B takes the staged session over once A's lease is over.
+    app.settings.redis.claim_lease = Duration::from_millis(3000);
     app.session_server()
         .first_calls(1)
         .answers(200, &fixture("session-server.user-person.json"))
@@ -468,6 +471,7 @@ async fn a_replica_killed_after_bunqs_answer_costs_neither_the_session_nor_a_sec
         ("REDIS_URL", redis_url()),
         ("REDIS_KEY_PREFIX", prefix.clone()),
         ("BUNQ_REGISTER_DEVICE", "false".into()),
+        ("CLAIM_LEASE_MS", "3000".into()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // A shares B's installation (one BUNQ_CONTEXT_FILE), which opens a staged session.
