@@ -54,8 +54,9 @@ pub struct Ask {
     /// is one: a replay of an older generation's dead letter starts nothing.
     pub replay_of: Option<u64>,
     /// Whether this copy is a new message: not redelivered by the broker, and no copy of the
-    /// worker's own (no bookkeeping headers). Only a new message may start a new generation of
-    /// a failed credential.
+    /// worker's own (no bookkeeping headers). Only a new message that replays the failure's
+    /// dead letter starts a new generation of a failed credential; the credential published
+    /// anew without it is a duplicate (a webhook and a poller both sent it).
     pub fresh: bool,
 }
 
@@ -288,7 +289,7 @@ impl Book {
         });
         match r.state {
             State::Created => return Found::Created,
-            State::Failed if ask.fresh && ask.replay_of.is_none_or(|g| g == r.generation) => {
+            State::Failed if ask.fresh && ask.replay_of == Some(r.generation) => {
                 r.generation += 1;
                 r.state = State::Free;
             }

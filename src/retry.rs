@@ -81,6 +81,19 @@ impl RetryPolicy {
         min_delay: Duration::from_millis(100),
     };
 
+    /// Recording a credential's outcome (created, failed, parked) in Redis: 100 ms, doubling,
+    /// at most 500 ms, no jitter, no limit (the caller stops at the end of the drain). Until it
+    /// lands, another replica may take the credential once the claim's lease is over and call
+    /// bunq again, so the record is tried at least as often as a waiting copy looks (500 ms).
+    pub const RECORD_OUTCOME: RetryPolicy = RetryPolicy {
+        initial_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(500),
+        max_attempts: u32::MAX,
+        max_elapsed: None,
+        jitter: false,
+        min_delay: Duration::ZERO,
+    };
+
     /// [`Self::PUBLISH`], giving up after `max_elapsed`.
     pub fn publish_within(max_elapsed: Duration) -> RetryPolicy {
         RetryPolicy {

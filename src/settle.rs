@@ -32,41 +32,50 @@ pub struct Settler {
     pub publisher: Publisher,
     /// What the worker declares, declared again when an exchange or queue of its own is gone.
     pub topology: Topology,
-    /// How long a message of [`Patience::Budget`] is retried (`RETRY_MAX_ELAPSED_S`), and a
-    /// final settlement recorded in Redis.
+    /// How long a message of [`Patience::Budget`] is retried (`RETRY_MAX_ELAPSED_S`).
     pub publish_budget: Duration,
-    /// Fires at the end of the drain: publish retries stop and the task is aborted.
+    /// Fires at the end of the drain: publish retries and outcome records stop and the task is
+    /// aborted.
     pub hard_stop: CancellationToken,
 }
 
 impl Settler {
     /// Publishes the plan's messages in order, each until confirmed or its patience ends; then
-    /// ends the delivery's claim on its credential (`lease`) as the plan says, and acks. A
+    /// acks and ends the delivery's claim on its credential (`lease`) as the plan says. A
     /// message not confirmed in time ends the settlement as its [`IfUnconfirmed`] says
     /// (unfinished, or requeued) and the claim is released (or keeps bunq's refusal). Never
     /// acks before the outcome is confirmed at the broker.
     pub async fn settle(&self, acker: &Acker, plan: Plan<'_>, lease: Option<Lease>) -> Settled {
         let (record, settled) = self.carry_out(plan).await;
-        if let Some(lease) = lease {
-            let policy = RetryPolicy::publish_within(self.publish_budget);
-            lease.settle(record, policy, &self.hard_stop).await;
-        }
+        let end_claim = async {
+            if let Some(lease) = lease {
+                lease.settle(record, &self.hard_stop).await;
+            }
+        };
         match settled {
             Ok((settled, true)) => {
+                // Acked before the record is written: recording may wait for Redis to come
+                // back, and a redelivered input would meet an unfinished record.
                 ack(acker).await;
+                end_claim.await;
                 settled
             }
             Ok((settled, false)) => {
+                end_claim.await;
                 warn!(
                     "the delivery's channel is gone; the broker redelivers it and the redelivery takes the work over"
                 );
                 settled
             }
             Err(Unconfirmed::Requeue) => {
+                end_claim.await;
                 nack_requeue(acker).await;
                 Settled::Requeued
             }
-            Err(Unconfirmed::LeaveUnacked) => Settled::Unfinished,
+            Err(Unconfirmed::LeaveUnacked) => {
+                end_claim.await;
+                Settled::Unfinished
+            }
         }
     }
 

@@ -160,10 +160,11 @@ impl Lease {
         }
     }
 
-    /// Ends the claim as `how` says. A final settlement (created, failed, parked) is retried by
-    /// `policy` until `stop`, since the fleet relies on it; a release is tried once (the lease
-    /// expires by itself).
-    pub async fn settle(self, how: Settlement, policy: RetryPolicy, stop: &CancellationToken) {
+    /// Ends the claim as `how` says. An outcome (created, failed, parked) is recorded until it
+    /// lands or `stop` fires ([`RetryPolicy::RECORD_OUTCOME`]): without the record a copy
+    /// elsewhere would spend the credential again. A release is tried once (the lease expires
+    /// by itself).
+    pub async fn settle(self, how: Settlement, stop: &CancellationToken) {
         self.renewal.abort();
         let _wake = WakeWaiters;
         let epoch = self.claimed.epoch;
@@ -172,7 +173,7 @@ impl Lease {
                 self.records.settle(&self.id, epoch, &how).await
             }
             _ => crate::retry::retry(
-                policy,
+                RetryPolicy::RECORD_OUTCOME,
                 stop,
                 |_| self.records.settle(&self.id, epoch, &how),
                 |_| false,
@@ -187,10 +188,10 @@ impl Lease {
                 "the claim was taken over before this delivery settled; the record keeps what the new holder says"
             ),
             (Err(_), Settlement::Created) => error!(
-                "the session is confirmed but could not be recorded in Redis (REDIS_URL); another replica that gets this credential would call bunq again"
+                "the session is confirmed but could not be recorded in Redis (REDIS_URL) before the drain ended; another replica that gets this credential would call bunq again"
             ),
             (Err(_), Settlement::Failed | Settlement::Parked { .. }) => error!(
-                "the outcome is confirmed but could not be recorded in Redis (REDIS_URL); a redelivered copy would be worked on again"
+                "the outcome is confirmed but could not be recorded in Redis (REDIS_URL) before the drain ended; a copy of this credential would be worked on again"
             ),
             (Err(_), _) => warn!("could not release the claim in Redis; it expires by itself"),
         }

@@ -25,7 +25,7 @@ local gen = tonumber(h[5]) or 0
 if st == 'created' then return {'created', '0'} end
 local staged = h[8]
 if st == 'failed' then
-  if ARGV[5] == '1' and (ARGV[3] == '' or tonumber(ARGV[3]) == gen) then
+  if ARGV[5] == '1' and ARGV[3] ~= '' and tonumber(ARGV[3]) == gen then
     gen = gen + 1
     redis.call('HSET', KEYS[1], 'gen', gen)
   else

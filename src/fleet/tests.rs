@@ -147,18 +147,19 @@ async fn a_records_whole_life(a: &Records, b: &Records) {
         Ok(Found::Failed { generation: 1 }),
         "the same dead letter replayed twice is worked on once"
     );
-    // The credential published anew (no dead-letter headers) starts the next generation too.
-    let anew = acquired(
-        b,
-        &id,
-        Ask {
-            fresh: true,
-            ..Ask::default()
-        },
-    )
-    .await;
-    assert_eq!(anew.generation, 2);
-    b.settle(&id, anew.epoch, &Settlement::Failed)
+    // The credential published anew (no dead-letter headers) is a duplicate, not a retry.
+    let anew = Ask {
+        fresh: true,
+        ..Ask::default()
+    };
+    assert_eq!(
+        b.claim(&id, anew, LEASE).await,
+        Ok(Found::Failed { generation: 1 }),
+        "a new message without the dead letter's generation starts nothing"
+    );
+    let again = acquired(b, &id, ask(0, Some(1))).await;
+    assert_eq!(again.generation, 2);
+    b.settle(&id, again.epoch, &Settlement::Failed)
         .await
         .unwrap();
     // Created is final whatever a copy names.

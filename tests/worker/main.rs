@@ -22,5 +22,6 @@ mod pacing;
 mod process;
 mod proxy;
 mod record;
+mod redis_outage;
 mod resilience;
 mod taps;

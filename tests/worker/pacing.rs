@@ -116,7 +116,11 @@ async fn a_spent_retry_budget_parks_the_delivery_and_it_comes_back() {
     assert_eq!(calls.len(), 3);
     assert!(
         calls[2].0.duration_since(calls[1].0) >= Duration::from_secs(1),
-        "the third call waited out the 1 s tier"
+        "the third call waited out the 1 s tier: calls at {:?} after the first",
+        calls
+            .iter()
+            .map(|c| c.0.duration_since(calls[0].0))
+            .collect::<Vec<_>>()
     );
     assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
     app.cleanup().await;

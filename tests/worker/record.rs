@@ -310,8 +310,9 @@ async fn a_refusal_in_a_later_round_after_a_lost_answer_is_outcome_unknown_with_
     a_lost_answer_then_a_refusal(true).await;
 }
 
-/// A failure is final for every copy of the credential; replaying its dead letter (with its
-/// headers) starts one fresh try, and replaying the same dead letter again starts none.
+/// A failure is final for every copy of the credential, also one published anew (a webhook
+/// and a poller both sent it); replaying its dead letter (with its headers) starts one fresh
+/// try, and replaying the same dead letter again starts none.
 async fn replays(redis: bool) {
     let mut app = TestApp::new().await;
     let prefix = redis.then(|| use_redis(&mut app, &redis_url()));
@@ -338,6 +339,11 @@ async fn replays(redis: bool) {
         Some("0"),
         "the dead letter names the generation that failed"
     );
+    // The partner's poller sends the credential again: a duplicate, acked without a call.
+    app.publish_json(&slim(6, "tok-replayed")).await;
+    drained(&app).await;
+    nothing_more(&mut app).await;
+    assert_eq!(calls_for(&app, "tok-replayed").await, 1);
     // The operator replays it, headers and all, twice (a double click).
     app.publish(&dl.data, dl.properties.clone()).await;
     let out = app.next_output().await;
