@@ -99,6 +99,17 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
+    /// Whether bunq took the credential: it answered for it (opened a session, refused it, or
+    /// forbade it) or the credential ran out. Then a new message of it is a duplicate. Not so
+    /// when bunq never gave an answer (`retries_exhausted`, `redelivery_limit`): a new message
+    /// of the credential (the partner's poller sending it again) tries once more.
+    pub fn spends_the_credential(self) -> bool {
+        !matches!(
+            self,
+            FailureReason::RetriesExhausted | FailureReason::RedeliveryLimit
+        )
+    }
+
     /// The reason code, e.g. `credential_rejected`.
     pub fn as_str(self) -> &'static str {
         match self {

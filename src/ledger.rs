@@ -14,8 +14,9 @@
 //!   so a holder whose lease ran out and was taken over can change nothing. A claim whose lease
 //!   ran out is free for the next claimant.
 //! - **created** and **failed** are final (kept [`KEEP`]): a copy that comes later, anywhere, is
-//!   acked without a bunq call. Only a replayed dead letter of the failure's generation
-//!   ([`Ask::replay_of`]) starts a new generation.
+//!   acked without a bunq call. A replayed dead letter of the failure's generation
+//!   ([`Ask::replay_of`]) starts a new generation; so does a new message of a credential bunq
+//!   never took ([`crate::failure::FailureReason::spends_the_credential`]).
 //! - **parked(round)**: round `round` sits in a delay queue; a copy of an earlier round is stale
 //!   until the parked copy is overdue ([`parked_for`]: a purged delay queue must not strand the
 //!   credential), and then may take the work on.
@@ -53,10 +54,11 @@ pub struct Ask {
     /// The generation named by a replayed dead letter (`x-credential-generation`), if this copy
     /// is one: a replay of an older generation's dead letter starts nothing.
     pub replay_of: Option<u64>,
-    /// Whether this copy is a new message: not redelivered by the broker, and no copy of the
-    /// worker's own (no bookkeeping headers). Only a new message that replays the failure's
-    /// dead letter starts a new generation of a failed credential; the credential published
-    /// anew without it is a duplicate (a webhook and a poller both sent it).
+    /// Whether this copy is a new message: not redelivered by the broker, and no copy the
+    /// worker made under a claim (those name their generation, `x-bunq-generation`). A new
+    /// message of a credential bunq never took starts a new generation of its failure; else
+    /// the credential published anew is a duplicate (a webhook and a poller both sent it). A
+    /// replay of the failure's dead letter starts one either way.
     pub fresh: bool,
 }
 
@@ -127,8 +129,13 @@ pub enum Settlement {
     /// `session.created` is confirmed: final. Recorded even when the claim was lost meanwhile,
     /// since a session exists.
     Created,
-    /// The dead letter is confirmed: final for this generation.
-    Failed,
+    /// The dead letter is confirmed: final for this generation. `spent`
+    /// ([`FailureReason::spends_the_credential`]): only a replay of the dead letter starts the
+    /// next generation; otherwise a new message of the credential does too.
+    Failed {
+        /// Whether bunq took the credential.
+        spent: bool,
+    },
     /// The copy of round `round` is confirmed in a delay queue.
     Parked {
         /// The parked round.
@@ -171,6 +178,8 @@ struct Record {
     answer_lost: bool,
     answered: Option<Box<Failure>>,
     staged: Option<String>,
+    /// Failed without bunq taking the credential: a new message of it starts a generation.
+    anew: bool,
     /// When it last changed: its place in [`Entries::order`].
     stamp: Instant,
 }
@@ -285,11 +294,19 @@ impl Book {
             answer_lost: false,
             answered: None,
             staged: None,
+            anew: false,
             stamp: now,
         });
         match r.state {
             State::Created => return Found::Created,
-            State::Failed if ask.fresh && ask.replay_of == Some(r.generation) => {
+            // The generation check alone keeps a replay to one try: a replay handed back or
+            // redelivered before its claim is still that replay.
+            State::Failed
+                if match ask.replay_of {
+                    Some(g) => g == r.generation,
+                    None => ask.fresh && r.anew,
+                } =>
+            {
                 r.generation += 1;
                 r.state = State::Free;
             }
@@ -382,9 +399,10 @@ impl Book {
                 r.staged = None;
             }
             _ if !holder => return false,
-            Settlement::Failed => {
+            Settlement::Failed { spent } => {
                 r.state = State::Failed;
                 r.answered = None;
+                r.anew = !spent;
             }
             Settlement::Parked { round, stale_for } => {
                 r.state = State::Parked;

@@ -94,8 +94,13 @@ impl Created {
 /// A delivery parked for a durable delayed retry.
 #[derive(Debug)]
 pub struct Delayed {
-    /// The tier's delay (its delay queue is `<input queue>.retry-<seconds>s`).
+    /// The tier's delay (its delay queue is `<input queue>.retry-<seconds>s`), or, for a
+    /// window wait, the time left until `not_before`.
     pub delay: std::time::Duration,
+    /// Waits for bunq's window (until `not_before`) in the window queue
+    /// (`<input queue>.wait`, per-message expiration) rather than a tier: not charged to
+    /// `DELAYED_RETRY_DELAYS_S`.
+    pub window: bool,
     /// Delayed retries including this one (the `x-bunq-delayed-retries` header).
     pub retries: u32,
     /// bunq calls made so far, all rounds together (the `x-bunq-calls` header).

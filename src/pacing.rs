@@ -13,39 +13,116 @@ use tokio::time::Instant;
 
 use crate::rate_limit::RateLimit;
 
+/// bunq's documented session-server rate: 1 call per 30 s
+/// (<https://doc.bunq.com/basics/rate-limits>).
+pub const DOCUMENTED_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The window of a 429 that names none, or a zero or past one (`Retry-After: 0`, a date behind
+/// the worker's clock): bunq's documented window.
+pub const DEFAULT_429_WINDOW: Duration = DOCUMENTED_INTERVAL;
+
+/// The fastest pace a 429 may teach against a host that is not bunq's (the emulator, a fake, a
+/// proxy): 1 call a second. `BUNQ_SESSION_RATE_LIMIT` sets a faster one.
+pub const OTHER_HOST_FLOOR: Duration = Duration::from_secs(1);
+
+/// The rules of session-server pacing, in one place: where the pace starts, what a 429 may
+/// teach, the margin slots keep and how resumption after a pause is spread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pace {
+    /// `BUNQ_SESSION_RATE_LIMIT` as an interval between calls.
+    pub configured: Option<Duration>,
+    /// bunq's documented interval, when `BUNQ_API_URL` is bunq's (production or sandbox).
+    pub documented: Option<Duration>,
+}
+
+impl Pace {
+    /// The pace for `limit` (`BUNQ_SESSION_RATE_LIMIT`) against the API at `api`: on bunq's own
+    /// hosts (`api.bunq.com`, `public-api.sandbox.bunq.com`) it starts at bunq's documented
+    /// figure, so the first wave draws no 429.
+    pub fn new(limit: Option<RateLimit>, api: &reqwest::Url) -> Self {
+        let bunq = matches!(
+            api.host_str(),
+            Some("api.bunq.com" | "public-api.sandbox.bunq.com")
+        );
+        Self {
+            configured: limit.map(|l| l.interval()),
+            documented: bunq.then_some(DOCUMENTED_INTERVAL),
+        }
+    }
+
+    /// The pace against a host that is not bunq's: `limit`, else none until a 429.
+    #[cfg(test)]
+    pub fn elsewhere(limit: Option<RateLimit>) -> Self {
+        Self {
+            configured: limit.map(|l| l.interval()),
+            documented: None,
+        }
+    }
+
+    /// The interval before any 429: the configured one, else bunq's documented one.
+    pub fn base(&self) -> Option<Duration> {
+        self.configured.or(self.documented)
+    }
+
+    /// The window a 429 asks for: the one bunq named, or [`DEFAULT_429_WINDOW`] for none, a
+    /// zero or a past one.
+    pub fn window(&self, named: Option<Duration>) -> Duration {
+        named.filter(|w| !w.is_zero()).unwrap_or(DEFAULT_429_WINDOW)
+    }
+
+    /// The interval a 429 teaches: the rate bunq stated, else one call per window; never
+    /// faster than the configured pace, else bunq's documented one, else [`OTHER_HOST_FLOOR`].
+    pub fn learned(&self, window: Duration, rate: Option<RateLimit>) -> Duration {
+        let floor = self
+            .configured
+            .or(self.documented)
+            .unwrap_or(OTHER_HOST_FLOOR);
+        rate.map_or(window, |r| r.interval()).max(floor)
+    }
+
+    /// The spacing of slots: the slower of the base and the learned interval (a 429 never
+    /// makes the pace faster), plus the margin ([`with_margin`]). None: no spacing.
+    pub fn interval(&self, learned: Option<Duration>) -> Option<Duration> {
+        self.base().max(learned).map(with_margin)
+    }
+
+    /// How far after a pause's end a caller resumes: a random part of a tenth of `interval`,
+    /// so processes paused together do not resume together, and none waits a whole interval.
+    pub fn resumption_jitter(interval: Duration) -> Duration {
+        crate::retry::RetryPolicy::full_jitter(interval / 10)
+    }
+}
+
 #[derive(Debug)]
 struct State {
     next_slot: Instant,
     paused_until: Instant,
-    /// The interval bunq's last 429 stated (or its window, when it stated no rate).
+    /// The interval bunq's last 429 taught ([`Pace::learned`]).
     learned: Option<Duration>,
 }
 
-/// Hands out session-server call times, process-wide: spaced by the configured limit (else by
-/// the rate bunq's last 429 stated), never inside a pause a 429 started, and spaced from when the
-/// previous call was answered, since bunq counts calls when they arrive. Times are tokio's, so
-/// tests can pause the clock.
+/// Hands out session-server slots, process-wide: spaced by the [`Pace`], never inside a pause a
+/// 429 started, and spaced from when the previous call was answered, since bunq counts calls
+/// when they arrive. A slot is taken only when it is due, never ahead: a delivery that stops
+/// waiting (handed back, shut down, its channel lost) holds nothing, and one that takes a slot
+/// and then makes no call gives it back ([`Pacer::give_back`]). Times are tokio's, so tests can
+/// pause the clock.
 #[derive(Debug)]
 pub struct Pacer {
-    /// The configured spacing (`BUNQ_SESSION_RATE_LIMIT`).
-    pub configured: Option<Duration>,
-    default_window: Duration,
+    /// The rules.
+    pub pace: Pace,
     state: Mutex<State>,
 }
 
-/// bunq's documented session-server window, used for a 429 that names none: 1 call per 30 s.
-pub const DEFAULT_429_WINDOW: Duration = Duration::from_secs(30);
-
 impl Pacer {
-    /// A pacer spacing calls by `limit` (`BUNQ_SESSION_RATE_LIMIT`; None: only what bunq's 429s
-    /// say). A 429 naming no window and sending no `Retry-After` pauses [`DEFAULT_429_WINDOW`].
-    pub fn new(limit: Option<RateLimit>) -> Self {
+    /// A pacer following `pace`. When the pace is known, the first slot is one interval after
+    /// now: a process does not know when the one before it (a restart) last called.
+    pub fn new(pace: Pace) -> Self {
         let now = Instant::now();
         Self {
-            configured: limit.map(|l| l.interval()),
-            default_window: DEFAULT_429_WINDOW,
+            pace,
             state: Mutex::new(State {
-                next_slot: now,
+                next_slot: now + pace.interval(None).unwrap_or_default(),
                 paused_until: now,
                 learned: None,
             }),
@@ -56,27 +133,41 @@ impl Pacer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The spacing of slots: the configured or learned interval plus a margin (a tenth, at
-    /// least 50 ms), since bunq counts calls when they arrive and arrivals wobble.
     fn interval(&self, st: &State) -> Option<Duration> {
-        self.configured.or(st.learned).map(with_margin)
+        self.pace.interval(st.learned)
     }
 
-    /// Reserves the next call time if it is no later than `deadline`.
+    /// Takes the next slot if it is due now; otherwise takes nothing and returns when it will
+    /// be (try again then: another caller may take it first).
     ///
     /// # Errors
-    /// When the slot would be later than `deadline`: reserves nothing and returns the earliest
-    /// time it could have had.
-    pub fn reserve_before(&self, deadline: Instant) -> Result<Instant, Instant> {
+    /// The next slot's time, when it is not due yet.
+    pub fn take(&self) -> Result<TakenSlot, Instant> {
         let mut st = self.lock();
-        let slot = Instant::now().max(st.next_slot).max(st.paused_until);
-        if slot > deadline {
+        let now = Instant::now();
+        let slot = now.max(st.next_slot).max(st.paused_until);
+        if slot > now {
             return Err(slot);
         }
+        let before = st.next_slot;
         if let Some(i) = self.interval(&st) {
-            st.next_slot = slot + i;
+            st.next_slot = now + i;
         }
-        Ok(slot)
+        Ok(TakenSlot::Local {
+            before,
+            after: st.next_slot,
+        })
+    }
+
+    /// Gives back a slot taken and not used, unless another caller has moved the schedule on
+    /// since.
+    pub fn give_back(&self, taken: TakenSlot) {
+        if let TakenSlot::Local { before, after } = taken {
+            let mut st = self.lock();
+            if st.next_slot == after {
+                st.next_slot = before;
+            }
+        }
     }
 
     /// A session-server call was answered now: the next slot is at least one interval later,
@@ -88,20 +179,18 @@ impl Pacer {
         }
     }
 
-    /// A 429: pauses every later call for `window` (bunq's `Retry-After` or the window its
-    /// message names; [`DEFAULT_429_WINDOW`] when neither) and adopts the `rate` bunq stated as
-    /// the pace (without one, one call per window) until a later 429 says otherwise; a
-    /// configured limit still wins. Calls resume spaced, the first after a random part of one
-    /// interval, so processes paused together do not resume together. Returns when the pause
-    /// ends.
+    /// A 429: pauses every later call for the window ([`Pace::window`]: bunq's `Retry-After`
+    /// or the window its message names) and adopts what it teaches as the pace
+    /// ([`Pace::learned`]) until a later 429 says otherwise. Calls resume spaced, the first
+    /// after [`Pace::resumption_jitter`]. Returns when the pause ends.
     pub fn rate_limited(&self, window: Option<Duration>, rate: Option<RateLimit>) -> Instant {
-        let window = window.unwrap_or(self.default_window);
+        let window = self.pace.window(window);
         let mut st = self.lock();
-        st.learned = Some(rate.map_or(window, |r| r.interval()));
+        st.learned = Some(self.pace.learned(window, rate));
         let interval = self.interval(&st).unwrap_or(window);
         let now = Instant::now();
         let until = now
-            .checked_add(window + crate::retry::RetryPolicy::full_jitter(interval.min(window)))
+            .checked_add(window + Pace::resumption_jitter(interval))
             .unwrap_or(now + window);
         st.paused_until = st.paused_until.max(until);
         st.next_slot = st.next_slot.max(st.paused_until);
@@ -122,17 +211,36 @@ impl Pacer {
     }
 }
 
-/// `interval` plus a tenth, at least 50 ms: the margin slots keep.
+/// `interval` plus a fiftieth, at least 20 ms: the margin slots keep, since bunq counts calls
+/// when they arrive and arrivals wobble. Slots are also spaced from the previous answer, so the
+/// call's own latency adds to it.
 pub fn with_margin(interval: Duration) -> Duration {
-    interval + (interval / 10).max(Duration::from_millis(50))
+    interval + (interval / 50).max(Duration::from_millis(20))
 }
 
-/// A session-server slot, as [`Budget::reserve_within`] found it.
+/// A slot taken from a [`Pacer`] or the fleet's budget: what [`Budget::give_back`] needs to
+/// undo it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TakenSlot {
+    /// From this process's pacer: its next slot before and after the take.
+    Local {
+        /// The next slot before.
+        before: Instant,
+        /// The next slot after.
+        after: Instant,
+    },
+    /// From the fleet's budget in Redis.
+    Shared(crate::fleet::SharedSlot),
+}
+
+/// A session-server slot, as [`Budget::take_within`] found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
-    /// Reserved: wait this long, then call.
-    Wait(Duration),
-    /// Not within the wait allowed; the earliest slot is this far off. Nothing reserved.
+    /// TakenSlot: call now.
+    Now(TakenSlot),
+    /// The next slot is this far off, within the wait allowed: nothing taken; try again then.
+    NotYet(Duration),
+    /// The next slot is this far off, past the wait allowed. Nothing taken.
     TooLate(Duration),
     /// The fleet's shared budget (Redis) cannot be reached: no call may start.
     Unavailable,
@@ -158,25 +266,33 @@ impl From<Pacer> for Budget {
 }
 
 impl Budget {
-    /// Reserves the next slot if it comes within `max_wait`.
-    pub async fn reserve_within(&self, max_wait: Duration) -> Slot {
+    /// Takes the next slot if it is due; else says how far off it is, within `max_wait` or not.
+    pub async fn take_within(&self, max_wait: Duration) -> Slot {
         let Some(fleet) = &self.shared else {
-            let now = Instant::now();
-            let deadline = now
-                .checked_add(max_wait)
-                .unwrap_or(now + Duration::from_secs(86_400 * 365));
-            return match self.local.reserve_before(deadline) {
-                Ok(at) => Slot::Wait(at.saturating_duration_since(now)),
-                Err(at) => Slot::TooLate(at.saturating_duration_since(now)),
+            return match self.local.take() {
+                Ok(taken) => Slot::Now(taken),
+                Err(at) => match at.saturating_duration_since(Instant::now()) {
+                    d if d > max_wait => Slot::TooLate(d),
+                    d => Slot::NotYet(d),
+                },
             };
         };
-        match fleet
-            .reserve(max_wait, self.local.configured.map(with_margin))
-            .await
-        {
-            Ok(Ok(wait)) => Slot::Wait(wait),
-            Ok(Err(earliest)) => Slot::TooLate(earliest),
+        match fleet.take(self.local.pace.base().map(with_margin)).await {
+            Ok(Ok(taken)) => Slot::Now(TakenSlot::Shared(taken)),
+            Ok(Err(d)) if d > max_wait => Slot::TooLate(d),
+            Ok(Err(d)) => Slot::NotYet(d),
             Err(_) => Slot::Unavailable,
+        }
+    }
+
+    /// Gives back a slot taken and not used (the claim was lost before the call, or the work
+    /// was cancelled), so the next caller need not wait for it.
+    pub async fn give_back(&self, taken: TakenSlot) {
+        match (taken, &self.shared) {
+            (TakenSlot::Shared(slot), Some(fleet)) => {
+                let _ = fleet.give_back(slot).await;
+            }
+            (taken, _) => self.local.give_back(taken),
         }
     }
 
@@ -184,8 +300,9 @@ impl Budget {
     pub async fn answered(&self) {
         self.local.answered();
         if let Some(fleet) = &self.shared {
-            let interval = self.local.configured.map(with_margin);
-            let _ = fleet.answered(interval).await;
+            let _ = fleet
+                .answered(self.local.pace.base().map(with_margin))
+                .await;
         }
     }
 
@@ -193,11 +310,14 @@ impl Budget {
     pub async fn rate_limited(&self, window: Option<Duration>, rate: Option<RateLimit>) {
         self.local.rate_limited(window, rate);
         if let Some(fleet) = &self.shared {
-            let window = window.unwrap_or(self.local.default_window);
-            let learned = with_margin(rate.map_or(window, |r| r.interval()));
-            let interval = self.local.configured.map_or(learned, with_margin);
-            let jitter = crate::retry::RetryPolicy::full_jitter(interval.min(window));
-            let _ = fleet.rate_limited(window, jitter, learned).await;
+            let pace = &self.local.pace;
+            let window = pace.window(window);
+            let learned = pace.learned(window, rate);
+            let interval = pace.interval(Some(learned)).unwrap_or(learned);
+            let jitter = Pace::resumption_jitter(interval);
+            let _ = fleet
+                .rate_limited(window, jitter, with_margin(learned))
+                .await;
         }
     }
 
@@ -231,77 +351,119 @@ impl Budget {
 mod tests {
     use super::*;
 
+    fn limit(s: &str) -> Option<RateLimit> {
+        Some(s.parse().unwrap())
+    }
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
     #[tokio::test(start_paused = true)]
-    async fn slots_are_spaced_and_pauses_push_them_back() {
-        let p = Pacer::new(Some("2/1s".parse().unwrap()));
+    async fn slots_are_taken_when_due_spaced_and_given_back() {
+        let p = Pacer::new(Pace::elsewhere(limit("2/1s")));
         let t0 = Instant::now();
-        let far = t0 + Duration::from_secs(3600);
-        assert_eq!(p.reserve_before(far), Ok(t0));
-        // 500 ms apart, plus the margin (50 ms at least).
-        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_millis(550)));
-        p.pause_until(t0 + Duration::from_secs(10));
-        let c = p.reserve_before(far).unwrap();
-        assert_eq!(
-            c,
-            t0 + Duration::from_secs(10),
-            "the pause wins over the next slot"
-        );
-        // A deadline before the next slot reserves nothing and says when it could be.
-        let soon = t0 + Duration::from_secs(1);
-        assert_eq!(p.reserve_before(soon), Err(c + Duration::from_millis(550)));
-        assert_eq!(p.reserve_before(far), Ok(c + Duration::from_millis(550)));
+        // 500 ms apart, plus the margin (20 ms at least); a new process waits one interval.
+        assert_eq!(p.take(), Err(t0 + MS(520)), "nothing is taken ahead");
+        tokio::time::advance(MS(520)).await;
+        let a = p.take().unwrap();
+        assert_eq!(p.take(), Err(t0 + MS(1040)));
+        // The claim was lost before the call: the slot goes back, due at once.
+        p.give_back(a);
+        let b = p.take().unwrap();
+        // A pause wins over the next slot.
+        p.pause_until(Instant::now() + Duration::from_secs(10));
+        assert_eq!(p.take(), Err(t0 + MS(10_520)));
+        // A slot given back after the schedule moved on changes nothing.
+        p.give_back(b);
+        assert_eq!(p.take(), Err(t0 + MS(10_520)));
         // Time passing frees the slots: after an idle minute the next call goes at once.
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!(p.reserve_before(far), Ok(Instant::now()));
+        assert!(p.take().is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn without_a_limit_only_pauses_and_learned_rates_apply() {
-        let p = Pacer::new(None);
+        let p = Pacer::new(Pace::elsewhere(None));
         let t0 = Instant::now();
-        let far = t0 + Duration::from_secs(3600);
-        assert_eq!(p.reserve_before(far), Ok(t0));
-        assert_eq!(p.reserve_before(far), Ok(t0), "no limit: no spacing");
-        // bunq says 1 call per 30 s: pause 30 s (plus up to one interval of jitter), then
-        // calls resume spaced by 30 s, not together.
-        let until = p.rate_limited(
-            Some(Duration::from_secs(30)),
-            Some(RateLimit {
-                calls: 1,
-                per: Duration::from_secs(30),
-            }),
+        assert!(p.take().is_ok());
+        assert!(p.take().is_ok(), "no limit: no spacing");
+        // bunq says 1 call per 30 s: pause 30 s (plus up to a tenth of the interval of
+        // jitter), then calls resume spaced by 30 s, not together.
+        let until = p.rate_limited(Some(Duration::from_secs(30)), limit("1/30s"));
+        let waited = until - t0;
+        assert!(
+            waited >= Duration::from_secs(30) && waited <= MS(33_060),
+            "{waited:?}"
         );
-        assert!(until >= t0 + Duration::from_secs(30) && until <= t0 + Duration::from_secs(60));
-        let a = p.reserve_before(far).unwrap();
-        let b = p.reserve_before(far).unwrap();
-        assert_eq!(a, until);
-        assert_eq!(b - a, Duration::from_secs(33), "30 s and a tenth of margin");
+        assert_eq!(p.take(), Err(until));
+        tokio::time::advance(until - t0).await;
+        assert!(p.take().is_ok());
+        assert_eq!(p.take(), Err(until + MS(30_600)), "30 s and a fiftieth");
         // A shorter pause later does not shorten the longer one.
         p.pause_until(t0 + Duration::from_secs(1));
-        assert_eq!(p.paused_until(), Some(until));
+        assert_eq!(p.paused_until(), None, "the pause is over");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_429_naming_nothing_waits_bunqs_documented_window() {
-        let p = Pacer::new(None);
-        let until = p.rate_limited(None, None);
-        let waited = until.duration_since(Instant::now());
-        assert!(
-            waited >= DEFAULT_429_WINDOW && waited <= DEFAULT_429_WINDOW * 2,
-            "{waited:?}"
+    async fn a_429_naming_no_window_or_a_zero_one_waits_bunqs_documented_window() {
+        for named in [None, Some(Duration::ZERO)] {
+            let p = Pacer::new(Pace::elsewhere(None));
+            let t0 = Instant::now();
+            let until = p.rate_limited(named, None);
+            let waited = until - t0;
+            assert!(
+                waited >= DEFAULT_429_WINDOW && waited <= MS(33_060),
+                "{named:?}: {waited:?}"
+            );
+            // And the pace it teaches is one call per that window, not one per 0 s.
+            tokio::time::advance(waited).await;
+            assert!(p.take().is_ok());
+            assert_eq!(p.take(), Err(until + with_margin(DEFAULT_429_WINDOW)));
+        }
+    }
+
+    #[test]
+    fn a_429_never_teaches_a_pace_faster_than_the_floor() {
+        let bunq = Pace::new(None, &"https://api.bunq.com/v1".parse().unwrap());
+        let sandbox = Pace::new(
+            None,
+            &"https://public-api.sandbox.bunq.com/v1".parse().unwrap(),
+        );
+        let fake = Pace::new(None, &"http://127.0.0.1:9/v1".parse().unwrap());
+        let configured = Pace::elsewhere(limit("1/10s"));
+        let fast = limit("1000/1s");
+        let w = Duration::from_secs(1);
+        assert_eq!(bunq.learned(w, fast), DOCUMENTED_INTERVAL);
+        assert_eq!(sandbox.learned(w, fast), DOCUMENTED_INTERVAL);
+        assert_eq!(fake.learned(w, fast), OTHER_HOST_FLOOR);
+        assert_eq!(configured.learned(w, fast), Duration::from_secs(10));
+        // Slower than the floor is taken as bunq says.
+        assert_eq!(fake.learned(w, limit("1/5s")), Duration::from_secs(5));
+        // bunq's own hosts start at bunq's figure; elsewhere nothing is known before a 429.
+        assert_eq!(bunq.interval(None), Some(with_margin(DOCUMENTED_INTERVAL)));
+        assert_eq!(fake.interval(None), None);
+        // A 429 never makes the pace faster than the one in force.
+        let slow = Pace::elsewhere(limit("1/10s"));
+        assert_eq!(
+            slow.interval(Some(Duration::from_secs(1))),
+            Some(with_margin(Duration::from_secs(10)))
+        );
+        assert_eq!(
+            slow.interval(Some(Duration::from_secs(60))),
+            Some(with_margin(Duration::from_secs(60))),
+            "a 429 slower than the configured pace wins"
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn slots_are_spaced_from_the_previous_answer() {
-        let p = Pacer::new(Some("1/2s".parse().unwrap()));
+        let p = Pacer::new(Pace::elsewhere(limit("1/2s")));
         let t0 = Instant::now();
-        let far = t0 + Duration::from_secs(3600);
-        assert_eq!(p.reserve_before(far), Ok(t0));
+        tokio::time::advance(MS(2040)).await;
+        assert!(p.take().is_ok());
         // The call took 300 ms: the next may arrive no earlier than 2 s (and the margin) after
         // its answer.
-        tokio::time::advance(Duration::from_millis(300)).await;
+        tokio::time::advance(MS(300)).await;
         p.answered();
-        assert_eq!(p.reserve_before(far), Ok(t0 + Duration::from_millis(2500)));
+        assert_eq!(p.take(), Err(t0 + MS(4380)));
     }
 }

@@ -167,11 +167,6 @@ impl Retry {
         self.attempts
     }
 
-    /// Takes back the last attempt's count (an attempt bunq refused for pacing, not failure).
-    pub fn forgive(&mut self) {
-        self.attempts = self.attempts.saturating_sub(1);
-    }
-
     /// Attempts counted since the start or the last [`Retry::restart_attempts`].
     pub fn attempts(&self) -> u32 {
         self.attempts

@@ -24,7 +24,7 @@ use crate::{
     failure::{Failure, FailureReason},
     fleet::{Fenced, Lease},
     ledger::Taken,
-    pacing::{Budget, Slot},
+    pacing::{Budget, Slot, TakenSlot},
     retry::{Retry, RetryPolicy, Spent, sleep_until_or_cancel},
 };
 
@@ -69,6 +69,9 @@ pub enum FlowError {
     /// The delivery's claim on the credential was taken (its lease ran out and another delivery
     /// took it, or the record was settled meanwhile): no further call was made.
     Taken(Taken),
+    /// Other deliveries took the session-server slots for as long as this one may be held
+    /// (a backlog at the pace): no call was made for it; hand it back.
+    Paced,
 }
 
 /// One delivery's calls: the retry state, the deadlines and what `session.failed` reports.
@@ -161,9 +164,13 @@ impl<'a> Calls<'a> {
         self.expires.map(|(_, e)| rfc3339(e)).unwrap_or_default()
     }
 
-    /// Waits for a session-server slot. Waiting is not a failure, so it is left out of
-    /// `RETRY_MAX_ELAPSED_S`; a slot past the hold time or the expiry is.
-    async fn pace(&mut self, endpoint: &str) -> Result<(), FlowError> {
+    /// Waits for a session-server slot and takes it when it is due. Waiting is not a failure,
+    /// so it is left out of `RETRY_MAX_ELAPSED_S`. A slot past the credential's expiry fails
+    /// the round; a pause (bunq's window) past the hold time ends it with the window's end
+    /// carried (see [`Calls::failure`]); waiting for the pace past the hold time hands the
+    /// delivery back ([`FlowError::Paced`]): other deliveries took the slots, none of this one's
+    /// retries failed.
+    async fn pace(&mut self) -> Result<TakenSlot, FlowError> {
         let deadline = match self.expires {
             Some((e, _)) => self.hold_until.min(e),
             None => self.hold_until,
@@ -175,19 +182,20 @@ impl<'a> Calls<'a> {
                 // The time this delivery may be held, or its credential, is already over.
                 Slot::TooLate(Duration::ZERO)
             } else {
-                self.pacer.reserve_within(deadline - now).await
+                self.pacer.take_within(deadline - now).await
             };
             match slot {
-                Slot::Wait(wait) => {
+                Slot::Now(taken) => return Ok(taken),
+                Slot::NotYet(wait) => {
                     self.retry.exclude(wait);
                     // A monotonically growing total, s (metrics' counters hold whole numbers).
                     metrics::gauge!("bunq_session_worker_rate_limit_wait_seconds_total")
                         .increment(wait.as_secs_f64());
-                    return sleep_until_or_cancel(Instant::now() + wait, self.cancel)
+                    sleep_until_or_cancel(Instant::now() + wait, self.cancel)
                         .await
-                        .map_err(|_| FlowError::Cancelled);
+                        .map_err(|_| FlowError::Cancelled)?;
                 }
-                Slot::TooLate(_) if Instant::now() >= self.hold_until => {
+                Slot::TooLate(_) if Instant::now() >= self.hold_until && self.calls > 0 => {
                     // Not pacing: this delivery's own retries used up the time it may be held.
                     let last = self
                         .last_error
@@ -195,23 +203,23 @@ impl<'a> Calls<'a> {
                         .map_or_else(String::new, |e| format!("; last: {e}"));
                     return Err(self.failure(
                         FailureReason::RetriesExhausted,
-                        format!("{endpoint}: retries took longer than half the consumer timeout (CONSUMER_TIMEOUT_S){last}"),
+                        format!("{SESSION_SERVER}: retries took longer than half the consumer timeout (CONSUMER_TIMEOUT_S){last}"),
                     ));
                 }
                 Slot::TooLate(earliest) => {
-                    let reason = if self.expired_at(Instant::now() + earliest) {
-                        FailureReason::CredentialExpired
-                    } else {
-                        FailureReason::RetriesExhausted
+                    if self.expired_at(Instant::now() + earliest) {
+                        return Err(self.failure(
+                            FailureReason::CredentialExpired,
+                            format!("{SESSION_SERVER} is paced or paused for another {} s (BUNQ_SESSION_RATE_LIMIT or a 429), past the credential's expiry", earliest.as_secs()),
+                        ));
+                    }
+                    let Some(pause) = self.pacer.paused_for().await else {
+                        return Err(FlowError::Paced);
                     };
-                    self.not_before = self
-                        .pacer
-                        .paused_for()
-                        .await
-                        .map(|d| OffsetDateTime::now_utc() + d);
+                    self.not_before = Some(OffsetDateTime::now_utc() + pause);
                     return Err(self.failure(
-                        reason,
-                        format!("{endpoint} is paced or paused for another {} s (BUNQ_SESSION_RATE_LIMIT or a 429), past half the consumer timeout (CONSUMER_TIMEOUT_S) or the credential's expiry", earliest.as_secs()),
+                        FailureReason::RetriesExhausted,
+                        format!("{SESSION_SERVER} is paused for another {} s (bunq's 429 window), past half the consumer timeout (CONSUMER_TIMEOUT_S)", pause.as_secs()),
                     ));
                 }
                 Slot::Unavailable => {
@@ -257,16 +265,22 @@ impl<'a> Calls<'a> {
                     ),
                 ));
             }
-            if endpoint == SESSION_SERVER {
-                self.pace(endpoint).await?;
-            }
+            let slot = match endpoint {
+                SESSION_SERVER => Some(self.pace().await?),
+                _ => None,
+            };
             // Last thing before the call: the claim is still this delivery's, and renewed to
             // outlast the call (bunq takes no fencing token, so this is as close as it gets).
-            if let Some(lease) = self.lease {
-                lease.fence().await.map_err(|f| match f {
+            if let Some(lease) = self.lease
+                && let Err(f) = lease.fence().await
+            {
+                if let Some(taken) = slot {
+                    self.pacer.give_back(taken).await;
+                }
+                return Err(match f {
                     Fenced::Taken(t) => FlowError::Taken(t),
                     Fenced::Unavailable => FlowError::SharedStateUnavailable,
-                })?;
+                });
             }
             let attempt = self.retry.attempt();
             self.calls = self.calls.saturating_add(1);
@@ -324,9 +338,9 @@ impl<'a> Calls<'a> {
             }
             self.last_error = Some(err);
             let floor = match class {
-                RetryClass::Permanent(FailureReason::CredentialRejected)
-                    if endpoint == SESSION_SERVER =>
-                {
+                // A spent credential is refused at device-server as well as at session-server:
+                // after a lost session-server answer either refusal may be bunq's own session.
+                RetryClass::Permanent(FailureReason::CredentialRejected) => {
                     return Err(match &self.lost_answer {
                         Some(lost) => self.failure(
                             FailureReason::OutcomeUnknown,
@@ -338,17 +352,15 @@ impl<'a> Calls<'a> {
                 RetryClass::Permanent(reason) => return Err(self.failure(reason, summary)),
                 RetryClass::RateLimited { window, rate } if endpoint == SESSION_SERVER => {
                     // A 429 is about this worker, not this delivery: every session-server call
-                    // waits out bunq's window and then goes at bunq's pace. Waiting is not
-                    // failing: the attempt is not counted and the wait is pacing, left out of
-                    // RETRY_MAX_ELAPSED_S (see `pace`).
+                    // waits out bunq's window and then goes at bunq's pace. The wait is pacing,
+                    // left out of RETRY_MAX_ELAPSED_S (see `pace`); the call counts as an
+                    // attempt, and a round whose attempts end on a 429 waits for the window's
+                    // end in the broker (its copy carries it: see `failure`).
                     self.pacer.rate_limited(window, rate).await;
-                    self.retry.forgive();
-                    continue;
+                    Duration::ZERO
                 }
                 RetryClass::Transient => Duration::ZERO,
-                RetryClass::RateLimited { window, .. } => {
-                    window.unwrap_or(crate::pacing::DEFAULT_429_WINDOW)
-                }
+                RetryClass::RateLimited { window, .. } => self.pacer.local.pace.window(window),
             };
             let delay = match self.retry.next_delay(floor) {
                 Ok(d) => d,

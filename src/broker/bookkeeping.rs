@@ -25,6 +25,12 @@ pub const DELAYED_RETRIES_HEADER: &str = "x-bunq-delayed-retries";
 pub const CALLS_HEADER: &str = "x-bunq-calls";
 /// Header with the end of a pause bunq asked for (RFC 3339): a delayed retry calls no earlier.
 pub const NOT_BEFORE_HEADER: &str = "x-bunq-not-before";
+/// Header counting the rounds an input spent waiting for a window bunq asked for, in the
+/// window queue: counted in [`DELAYED_RETRIES_HEADER`] too, but not charged to the tiers.
+pub const WINDOW_WAITS_HEADER: &str = "x-bunq-window-waits";
+/// Header with the generation of the credential's record under which the worker made this
+/// copy (parked or handed back after a claim): a copy of an outcome's own generation.
+pub const COPY_GENERATION_HEADER: &str = "x-bunq-generation";
 /// Header counting the worker's own hand-backs of an input (fresh copies instead of a requeue).
 pub const RETURNS_HEADER: &str = "x-bunq-returns";
 /// Header sealing the worker's bookkeeping headers: hex HMAC-SHA-256 (RFC 2104) of their values
@@ -59,6 +65,20 @@ pub struct History {
     pub returns: u32,
     /// The end of a pause bunq asked for in an earlier round (`x-bunq-not-before`).
     pub not_before: Option<OffsetDateTime>,
+    /// Of the rounds, those spent waiting for bunq's window (`x-bunq-window-waits`), not
+    /// charged to the tiers.
+    pub waits: u32,
+    /// The credential record's generation under which the worker made this copy
+    /// (`x-bunq-generation`); none for a producer's message, or a copy made before any claim.
+    pub generation: Option<u64>,
+}
+
+impl History {
+    /// The delayed-retry tier this input's next delayed retry takes: rounds that waited for a
+    /// window are not charged to the tiers.
+    pub fn tier(&self) -> usize {
+        self.round.saturating_sub(self.waits) as usize
+    }
 }
 
 /// The key that seals the worker's own bookkeeping headers (`x-bunq-*`), so a producer cannot
@@ -117,6 +137,18 @@ impl Seal {
         if let Some(t) = h.not_before {
             headers.insert(NOT_BEFORE_HEADER.into(), long(&events::rfc3339(t)));
         }
+        if h.waits > 0 {
+            headers.insert(
+                WINDOW_WAITS_HEADER.into(),
+                AMQPValue::LongLongInt(h.waits.into()),
+            );
+        }
+        if let Some(g) = h.generation {
+            headers.insert(
+                COPY_GENERATION_HEADER.into(),
+                AMQPValue::LongLongInt(i64::try_from(g).unwrap_or(i64::MAX)),
+            );
+        }
         headers.insert(ORIGINAL_EXCHANGE_HEADER.into(), long(&route.exchange));
         headers.insert(ORIGINAL_ROUTING_KEY_HEADER.into(), long(&route.routing_key));
         headers.insert(SEAL_HEADER.into(), long(&self.tag(identity, h, route)));
@@ -142,6 +174,8 @@ impl Seal {
             not_before: str_header(props, NOT_BEFORE_HEADER)
                 .as_deref()
                 .and_then(events::parse_time),
+            waits: int_header(props, WINDOW_WAITS_HEADER).unwrap_or(0),
+            generation: int_header(props, COPY_GENERATION_HEADER).map(u64::from),
         };
         match str_header(props, SEAL_HEADER) {
             Some(tag) if self.verifies(identity, &claimed, &claimed_route, &tag) => {
@@ -164,8 +198,18 @@ impl Seal {
 /// The sealed text: every bookkeeping value in a fixed order, separated by a byte no value holds.
 fn canonical(identity: &Key, h: &History, route: &Route) -> String {
     let time = |t: Option<OffsetDateTime>| t.map(events::rfc3339).unwrap_or_default();
+    // Window waits and the generation only when there are any, so seals written before they
+    // existed still verify.
+    let waits = match h.waits {
+        0 => String::new(),
+        w => format!("\u{1}{w}"),
+    };
+    let waits = match h.generation {
+        None => waits,
+        Some(g) => format!("{waits}\u{2}{g}"),
+    };
     format!(
-        "{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}",
+        "{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}{waits}",
         hex::encode(identity),
         h.round,
         h.calls_before,
@@ -199,6 +243,8 @@ mod tests {
             first_attempt_at: events::parse_time("2026-11-29T12:00:00Z"),
             returns: 1,
             not_before: None,
+            waits: 0,
+            generation: Some(3),
         };
         let own = Route {
             exchange: String::new(),

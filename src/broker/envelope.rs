@@ -13,7 +13,7 @@ use lapin::{
 };
 
 use super::{
-    bookkeeping::{History, Route, SEAL_HEADER, Seal, is_bookkeeping},
+    bookkeeping::{History, Route, Seal, is_bookkeeping},
     headers::{int_header, str_header},
     topology::QueueType,
 };
@@ -46,9 +46,6 @@ pub struct Inbound {
     pub identity: Key,
     /// Earlier rounds of this input (delayed retries).
     pub history: History,
-    /// Whether it carries the worker's bookkeeping headers (a seal, verified or not): a copy
-    /// the worker made, not a new message.
-    pub bookkept: bool,
     /// Where the producer published it (kept across delayed retries).
     pub original_route: Route,
     /// The routing key of this delivery (a copy back from a delay queue has the queue's name).
@@ -76,7 +73,6 @@ impl std::fmt::Debug for Inbound {
             .field("body_bytes", &self.body.len())
             .field("decoded", &self.decoded)
             .field("history", &self.history)
-            .field("bookkept", &self.bookkept)
             .field("original_route", &self.original_route)
             .field("routing_key", &self.routing_key)
             .field("redelivered", &self.redelivered)
@@ -113,7 +109,6 @@ impl Inbound {
         };
         let (history, original_route) = seal.read(p, &identity, own_route);
         Self {
-            bookkept: history != History::default() || str_header(p, SEAL_HEADER).is_some(),
             identity,
             decoded,
             history,

@@ -62,6 +62,21 @@ impl Topology {
     pub fn delay_queue_name(&self, delay: std::time::Duration) -> String {
         format!("{}.retry-{}s", self.input_queue, delay.as_secs())
     }
+
+    /// The window queue, where a copy waits for the end of a window bunq asked for (a 429)
+    /// with an expiration of its own: `<input queue>.wait`.
+    pub fn window_queue_name(&self) -> String {
+        format!("{}.wait", self.input_queue)
+    }
+
+    /// Where a delayed-retry copy `d` waits: the window queue or its tier's delay queue.
+    pub fn parking_queue(&self, d: &crate::outcome::Delayed) -> String {
+        if d.window {
+            self.window_queue_name()
+        } else {
+            self.delay_queue_name(d.delay)
+        }
+    }
 }
 
 /// A declaration the broker refused.
@@ -240,14 +255,21 @@ async fn declare_on(
     // Plugin-free delayed retry: a message waits out the queue's TTL, then RabbitMQ
     // dead-letters it back to the input queue (<https://www.rabbitmq.com/docs/ttl>,
     // <https://www.rabbitmq.com/docs/dlx>).
-    for delay in &t.delay_tiers {
-        let name = t.delay_queue_name(*delay);
+    // The window queue has no TTL of its own: each copy carries its `expiration`, and RabbitMQ
+    // expires copies from the head, so one waits at most as long as the copy before it.
+    let tiers = t
+        .delay_tiers
+        .iter()
+        .map(|d| (t.delay_queue_name(*d), Some(*d)));
+    for (name, ttl) in tiers.chain([(t.window_queue_name(), None)]) {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), long(t.queue_type.as_str()));
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-        );
+        if let Some(delay) = ttl {
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            );
+        }
         // Back through the default exchange straight to the input queue: not through the input
         // exchange, whose other bindings (another deployment, an audit queue) must not get
         // the worker's retries.

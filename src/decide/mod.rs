@@ -89,7 +89,8 @@ impl Decider {
                 let ask = Ask {
                     round: inbound.history.round,
                     replay_of: inbound.replay_of,
-                    fresh: !inbound.redelivered && !inbound.bookkept,
+                    // A copy the worker made under a claim names its generation.
+                    fresh: !inbound.redelivered && inbound.history.generation.is_none(),
                 };
                 let verdict = fleet::hold(
                     &self.records,
@@ -260,7 +261,9 @@ impl Decider {
                 Err(FlowError::Cancelled) => return None,
                 Err(FlowError::Taken(t)) => taken(t),
                 // Nothing is dead-lettered or published because the fleet's Redis is down.
-                Err(FlowError::SharedStateUnavailable) => Outcome::Returned { counted: false },
+                Err(FlowError::SharedStateUnavailable | FlowError::Paced) => {
+                    Outcome::Returned { counted: false }
+                }
                 Err(FlowError::Failed(f)) => after_failure(
                     ready,
                     &inbound.history,
@@ -345,9 +348,10 @@ impl Decider {
     /// delayed-retry path when a tier is left, else handed back.
     fn held_elsewhere(&self, inbound: &Inbound) -> Outcome {
         let h = &inbound.history;
-        match self.delay_tiers.get(h.round as usize) {
+        match self.delay_tiers.get(h.tier()) {
             Some(&delay) => Outcome::Delayed(Box::new(Delayed {
                 delay,
+                window: false,
                 retries: h.round + 1,
                 calls: h.calls_before,
                 detail: "another replica held this credential for half the consumer timeout (CONSUMER_TIMEOUT_S)".into(),
@@ -359,9 +363,11 @@ impl Decider {
     }
 }
 
-/// A permanent failure of this round: counted over all rounds, then parked for a delayed
-/// retry when the in-process retries were spent, a tier is left and the credential outlives
-/// the tier's delay (`now` is the wall-clock time of the decision); otherwise dead-lettered.
+/// A failure of this round: counted over all rounds. When the in-process retries were spent
+/// while bunq's window holds (`not_before`, a 429), the copy waits for the window's end in the
+/// window queue, whatever the tiers say, unless the credential expires first. Otherwise it is
+/// parked for a delayed retry when a tier is left and the credential outlives the tier's delay
+/// (`now` is the wall-clock time of the decision), or dead-lettered.
 fn after_failure(
     ready: &ProvisionReady,
     history: &History,
@@ -373,32 +379,42 @@ fn after_failure(
     if let Some(first) = history.first_attempt_at {
         f.first_attempt_at = f.first_attempt_at.min(first);
     }
-    if f.reason == FailureReason::RetriesExhausted
-        && let Some(&delay) = delay_tiers.get(history.round as usize)
-    {
-        let back_at = now + time::Duration::try_from(delay).unwrap_or(time::Duration::MAX);
-        match ready.expiry_time {
-            Some(expiry) if back_at >= expiry => {
-                f.reason = FailureReason::CredentialExpired;
-                f.detail = format!(
-                    "{}; no delayed retry: the credential expires at {} before it would come back",
-                    f.detail,
-                    events::rfc3339(expiry)
-                );
-            }
-            _ => {
-                return Outcome::Delayed(Box::new(Delayed {
-                    delay,
-                    retries: history.round + 1,
-                    calls: f.attempts,
-                    detail: f.detail,
-                    first_attempt_at: f.first_attempt_at,
-                    not_before: f.not_before,
-                }));
-            }
-        }
+    if f.reason != FailureReason::RetriesExhausted {
+        return Outcome::Failed(Box::new(f));
     }
-    Outcome::Failed(Box::new(f))
+    let (delay, window) = match f.not_before.filter(|t| *t > now) {
+        Some(t) => (Duration::try_from(t - now).unwrap_or(Duration::ZERO), true),
+        None => match delay_tiers.get(history.tier()) {
+            Some(&delay) => (delay, false),
+            None => return Outcome::Failed(Box::new(f)),
+        },
+    };
+    let back_at = now + time::Duration::try_from(delay).unwrap_or(time::Duration::MAX);
+    if let Some(expiry) = ready.expiry_time
+        && back_at >= expiry
+    {
+        f.reason = FailureReason::CredentialExpired;
+        let wait = if window {
+            "bunq's window ends"
+        } else {
+            "it would come back"
+        };
+        f.detail = format!(
+            "{}; no delayed retry: the credential expires at {} before {wait}",
+            f.detail,
+            events::rfc3339(expiry)
+        );
+        return Outcome::Failed(Box::new(f));
+    }
+    Outcome::Delayed(Box::new(Delayed {
+        delay,
+        window,
+        retries: history.round + 1,
+        calls: f.attempts,
+        detail: f.detail,
+        first_attempt_at: f.first_attempt_at,
+        not_before: f.not_before,
+    }))
 }
 
 /// What becomes of a copy whose credential the record says was taken: acked when it is

@@ -190,7 +190,7 @@ impl Lease {
             (Err(_), Settlement::Created) => error!(
                 "the session is confirmed but could not be recorded in Redis (REDIS_URL) before the drain ended; another replica that gets this credential would call bunq again"
             ),
-            (Err(_), Settlement::Failed | Settlement::Parked { .. }) => error!(
+            (Err(_), Settlement::Failed { .. } | Settlement::Parked { .. }) => error!(
                 "the outcome is confirmed but could not be recorded in Redis (REDIS_URL) before the drain ended; a copy of this credential would be worked on again"
             ),
             (Err(_), _) => warn!("could not release the claim in Redis; it expires by itself"),

@@ -185,26 +185,46 @@ impl Fleet {
         })
     }
 
-    /// Reserves the scope's next session-server slot if it comes within `max_wait`:
-    /// `Ok(Ok(wait))`, or `Ok(Err(earliest))` reserving nothing. `interval` is the configured
-    /// spacing (`BUNQ_SESSION_RATE_LIMIT`), else the learned one applies.
+    /// Takes the scope's next session-server slot if it is due: `Ok(Ok(taken))`, or
+    /// `Ok(Err(wait))` taking nothing when it is `wait` off. `interval` is the base spacing
+    /// ([`crate::pacing::Pace::base`] with its margin); the learned one applies when slower.
     ///
     /// # Errors
     /// [`Unavailable`] when Redis cannot be reached.
-    pub async fn reserve(
+    pub async fn take(
         &self,
-        max_wait: Duration,
         interval: Option<Duration>,
-    ) -> Result<Result<Duration, Duration>, Unavailable> {
-        let (ok, wait_ms): (i64, i64) = self
+    ) -> Result<Result<SharedSlot, Duration>, Unavailable> {
+        let (ok, a, b): (i64, i64, i64) = self
             .run(
-                &scripts::RESERVE,
+                &scripts::TAKE,
                 self.rate_key(),
-                &[ms(max_wait), ms(interval.unwrap_or_default())],
+                &[ms(interval.unwrap_or_default())],
             )
             .await?;
-        let wait = Duration::from_millis(wait_ms.max(0) as u64);
-        Ok(if ok == 1 { Ok(wait) } else { Err(wait) })
+        Ok(if ok == 1 {
+            Ok(SharedSlot {
+                before_ms: a,
+                after_ms: b,
+            })
+        } else {
+            Err(Duration::from_millis(a.max(0) as u64))
+        })
+    }
+
+    /// Gives back a slot taken with [`Fleet::take`] and not used, unless the scope's schedule
+    /// moved on since.
+    ///
+    /// # Errors
+    /// [`Unavailable`] when Redis cannot be reached (the slot then passes unused).
+    pub async fn give_back(&self, slot: SharedSlot) -> Result<(), Unavailable> {
+        self.run::<i64>(
+            &scripts::GIVE_BACK,
+            self.rate_key(),
+            &[slot.before_ms.to_string(), slot.after_ms.to_string()],
+        )
+        .await
+        .map(|_| ())
     }
 
     /// A call was answered now: the scope's next slot is at least one interval later.
@@ -252,6 +272,16 @@ impl Fleet {
             .await?;
         Ok(Duration::from_millis(left.max(0) as u64))
     }
+}
+
+/// A session-server slot taken from the scope's budget: its next slot before and after the
+/// take, ms on Redis's clock, which is what giving it back needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedSlot {
+    /// The next slot before (0: none).
+    pub before_ms: i64,
+    /// The next slot after.
+    pub after_ms: i64,
 }
 
 /// Why Redis refused a write, in words, when it answered with a refusal rather than not at all.

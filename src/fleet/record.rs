@@ -164,7 +164,8 @@ impl Fleet {
         let none = Duration::ZERO;
         let (name, round, failure, stale) = match how {
             Settlement::Created => ("created", 0, String::new(), none),
-            Settlement::Failed => ("failed", 0, String::new(), none),
+            Settlement::Failed { spent: true } => ("failed", 0, String::new(), none),
+            Settlement::Failed { spent: false } => ("unspent", 0, String::new(), none),
             Settlement::Parked { round, stale_for } => {
                 ("parked", *round, String::new(), *stale_for)
             }

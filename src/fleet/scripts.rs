@@ -12,20 +12,21 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 /// KEYS[1] credential record (a hash: `st` state, `ep` epoch, `le` lease end ms, `rd` parked
 /// round, `gen` generation, `lost` answer lost, `ans` answered failure JSON, `out` staged
-/// `session.created`, sealed); ARGV lease ms, round, replayed generation (empty: none), keep
+/// `session.created`, sealed, `anew` failed without bunq taking the credential); ARGV lease ms, round, replayed generation (empty: none), keep
 /// ms, fresh (`1`: a new message). Returns {found, epoch or generation or round, generation,
 /// lost, answered, staged} as strings; the transitions of [`crate::ledger::Book::claim`].
 pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{CLOCK}{}",
         r"
-local h = redis.call('HMGET', KEYS[1], 'st', 'ep', 'le', 'rd', 'gen', 'lost', 'ans', 'out')
+local h = redis.call('HMGET', KEYS[1], 'st', 'ep', 'le', 'rd', 'gen', 'lost', 'ans', 'out', 'anew')
 local st = h[1] or 'free'
 local gen = tonumber(h[5]) or 0
 if st == 'created' then return {'created', '0'} end
 local staged = h[8]
 if st == 'failed' then
-  if ARGV[5] == '1' and ARGV[3] ~= '' and tonumber(ARGV[3]) == gen then
+  local replays = ARGV[3] ~= '' and tonumber(ARGV[3]) == gen
+  if replays or (ARGV[5] == '1' and ARGV[3] == '' and h[9] == '1') then
     gen = gen + 1
     redis.call('HSET', KEYS[1], 'gen', gen)
   else
@@ -86,8 +87,8 @@ return 1
     )
 });
 
-/// KEYS[1] credential record; ARGV epoch, how (`created`, `failed`, `parked`, `answered`,
-/// `released`), round, failure JSON, keep ms, stale ms (parked). Returns 1 when the record
+/// KEYS[1] credential record; ARGV epoch, how (`created`, `failed`, `unspent` (failed, bunq
+/// never took the credential), `parked`, `answered`, `released`), round, failure JSON, keep ms, stale ms (parked). Returns 1 when the record
 /// changed; only `created` changes it without holding the claim.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
@@ -100,8 +101,8 @@ if how == 'created' then
   redis.call('HDEL', KEYS[1], 'ans', 'out')
 elseif not (h[1] == 'claimed' and h[2] == ARGV[1]) then
   return 0
-elseif how == 'failed' then
-  redis.call('HSET', KEYS[1], 'st', 'failed')
+elseif how == 'failed' or how == 'unspent' then
+  redis.call('HSET', KEYS[1], 'st', 'failed', 'anew', how == 'unspent' and '1' or '0')
   redis.call('HDEL', KEYS[1], 'ans')
 elseif how == 'parked' then
   redis.call('HSET', KEYS[1], 'st', 'parked', 'rd', ARGV[3], 'le', now + tonumber(ARGV[6]))
@@ -140,29 +141,43 @@ fn with_now(body: &str) -> Script {
     Script::new(&format!("{NOW}{body}"))
 }
 
-/// KEYS[1] rate hash; ARGV max wait ms, configured interval ms (0: none). Returns {1, wait ms}
-/// after reserving a slot, or {0, earliest wait ms} without.
-pub static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS[1] rate hash; ARGV base interval ms (0: none). Takes the scope's next slot if it is
+/// due, spacing the one after by the slower of the base and the learned interval: returns
+/// {1, next before, next after}; else takes nothing and returns {0, ms until it is due, 0}.
+pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
     with_now(
         r"
 local slot = math.max(now, nxt, paused)
-if slot - now > tonumber(ARGV[1]) then return {0, slot - now} end
-local interval = tonumber(ARGV[2])
-if interval == 0 then interval = learned end
-if interval > 0 then redis.call('HSET', KEYS[1], 'next', slot + interval) end
+if slot > now then return {0, slot - now, 0} end
+local interval = math.max(tonumber(ARGV[1]), learned)
+local after = nxt
+if interval > 0 then
+  after = now + interval
+  redis.call('HSET', KEYS[1], 'next', after)
+end
 redis.call('PEXPIRE', KEYS[1], 86400000)
-return {1, slot - now}
+return {1, nxt, after}
 ",
     )
 });
 
-/// KEYS[1] rate hash; ARGV configured interval ms (0: none). The next slot is at least one
-/// interval after now.
+/// KEYS[1] rate hash; ARGV next before, next after a take. Gives the slot back unless the
+/// schedule moved on since.
+pub static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    with_now(
+        r"
+if nxt == tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], 'next', ARGV[1]) end
+return 1
+",
+    )
+});
+
+/// KEYS[1] rate hash; ARGV base interval ms (0: none). The next slot is at least one interval
+/// (the slower of the base and the learned one) after now.
 pub static ANSWERED: LazyLock<Script> = LazyLock::new(|| {
     with_now(
         r"
-local interval = tonumber(ARGV[1])
-if interval == 0 then interval = learned end
+local interval = math.max(tonumber(ARGV[1]), learned)
 if interval > 0 then redis.call('HSET', KEYS[1], 'next', math.max(nxt, now + interval)) end
 redis.call('PEXPIRE', KEYS[1], 86400000)
 return 1

@@ -93,7 +93,8 @@ async fn a_records_whole_life(a: &Records, b: &Records) {
         Ok(Fence::Taken(Taken::Elsewhere))
     );
     assert_eq!(
-        a.settle(&id, first.epoch, &Settlement::Failed).await,
+        a.settle(&id, first.epoch, &Settlement::Failed { spent: true })
+            .await,
         Ok(false),
         "a stale holder changes nothing"
     );
@@ -116,7 +117,7 @@ async fn a_records_whole_life(a: &Records, b: &Records) {
     let fourth = acquired(b, &id, ask(1, None)).await;
     assert!(fourth.answer_lost);
     assert_eq!(fourth.answered.as_deref(), Some(&refusal()));
-    b.settle(&id, fourth.epoch, &Settlement::Failed)
+    b.settle(&id, fourth.epoch, &Settlement::Failed { spent: true })
         .await
         .unwrap();
     // Failed is final, for every round and shape; a replay of its generation starts the next.
@@ -126,20 +127,17 @@ async fn a_records_whole_life(a: &Records, b: &Records) {
             Ok(Found::Failed { generation: 0 })
         );
     }
-    let redelivered_replay = Ask {
+    // The replay was handed back (Redis was down) or redelivered before its claim: still the
+    // replay, and it starts the generation.
+    let handed_back_replay = Ask {
         fresh: false,
         ..ask(0, Some(0))
     };
-    assert_eq!(
-        a.claim(&id, redelivered_replay, LEASE).await,
-        Ok(Found::Failed { generation: 0 }),
-        "only a new message starts a generation"
-    );
-    let replay = acquired(a, &id, ask(0, Some(0))).await;
+    let replay = acquired(a, &id, handed_back_replay).await;
     assert_eq!(replay.generation, 1);
     assert!(replay.answer_lost, "the lost answer outlives the replay");
     assert!(replay.answered.is_none());
-    a.settle(&id, replay.epoch, &Settlement::Failed)
+    a.settle(&id, replay.epoch, &Settlement::Failed { spent: true })
         .await
         .unwrap();
     assert_eq!(
@@ -159,16 +157,40 @@ async fn a_records_whole_life(a: &Records, b: &Records) {
     );
     let again = acquired(b, &id, ask(0, Some(1))).await;
     assert_eq!(again.generation, 2);
-    b.settle(&id, again.epoch, &Settlement::Failed)
+    // bunq never answered for it (retries exhausted): the credential published anew tries
+    // once more, and only once; a redelivery or a worker's copy does not.
+    b.settle(&id, again.epoch, &Settlement::Failed { spent: false })
         .await
         .unwrap();
+    assert_eq!(
+        a.claim(
+            &id,
+            Ask {
+                fresh: false,
+                ..anew
+            },
+            LEASE
+        )
+        .await,
+        Ok(Found::Failed { generation: 2 })
+    );
+    let unspent = acquired(a, &id, anew).await;
+    assert_eq!(unspent.generation, 3);
+    a.settle(&id, unspent.epoch, &Settlement::Failed { spent: true })
+        .await
+        .unwrap();
+    assert_eq!(
+        b.claim(&id, anew, LEASE).await,
+        Ok(Found::Failed { generation: 3 }),
+        "spent now: the next new message is a duplicate"
+    );
     // Created is final whatever a copy names.
-    let fifth = acquired(b, &id, ask(0, Some(2))).await;
+    let fifth = acquired(b, &id, ask(0, Some(3))).await;
     b.settle(&id, fifth.epoch, &Settlement::Created)
         .await
         .unwrap();
     assert_eq!(
-        a.claim(&id, ask(0, Some(2)), LEASE).await,
+        a.claim(&id, ask(0, Some(3)), LEASE).await,
         Ok(Found::Created)
     );
     assert_eq!(
@@ -307,22 +329,18 @@ async fn replicas_get_one_seal_key() {
 #[tokio::test]
 async fn replicas_share_one_session_server_budget_and_its_pauses() {
     let (a, b, prefix) = pair().await;
-    let second = Duration::from_secs(1);
-    let far = Duration::from_secs(3600);
-    let first = a.reserve(far, Some(second)).await.unwrap().unwrap();
-    let next = b.reserve(far, Some(second)).await.unwrap().unwrap();
-    assert!(first < Duration::from_millis(50), "{first:?}");
-    assert!(
-        next >= Duration::from_millis(950),
-        "{next:?}: spaced across replicas"
-    );
-    // Nothing reserved past the allowed wait.
-    assert!(
-        a.reserve(Duration::from_millis(100), Some(second))
-            .await
-            .unwrap()
-            .is_err()
-    );
+    let second = Some(Duration::from_secs(1));
+    let first = a.take(second).await.unwrap().unwrap();
+    // Spaced across replicas, and nothing taken ahead: b is told when, not given a slot.
+    let wait = b.take(second).await.unwrap().unwrap_err();
+    assert!(wait >= Duration::from_millis(950), "{wait:?}");
+    // a's slot goes unused (its claim was lost): given back, b takes it at once.
+    a.give_back(first).await.unwrap();
+    let again = b.take(second).await.unwrap().unwrap();
+    assert!(again.after_ms >= again.before_ms);
+    // Given back once the schedule moved on, it changes nothing.
+    a.give_back(first).await.unwrap();
+    assert!(a.take(second).await.unwrap().is_err());
     // A 429 seen by one replica pauses the other, and its pace is learned.
     let left = b
         .rate_limited(
@@ -333,13 +351,8 @@ async fn replicas_share_one_session_server_budget_and_its_pauses() {
         .await
         .unwrap();
     assert!(left >= Duration::from_millis(29_900), "{left:?}");
-    let after = a.reserve(far, None).await.unwrap().unwrap();
+    let after = a.take(None).await.unwrap().unwrap_err();
     assert!(after >= Duration::from_millis(29_900), "{after:?}");
-    let then = b.reserve(far, None).await.unwrap().unwrap();
-    assert!(
-        then >= after + Duration::from_millis(29_900),
-        "{then:?}: the learned pace"
-    );
     cleanup(&a, &prefix).await;
 }
 
@@ -352,7 +365,7 @@ async fn an_unreachable_redis_is_unavailable_not_an_error_of_the_input() {
         Err(Unavailable)
     );
     assert_eq!(records.fence(&[1; 32], 1, LEASE).await, Err(Unavailable));
-    assert_eq!(down.reserve(Duration::ZERO, None).await, Err(Unavailable));
+    assert_eq!(down.take(None).await, Err(Unavailable));
     assert!(down.cannot_write().await.unwrap().contains("unreachable"));
     assert!(Fleet::new(&SecretString::from("http://x"), "x:", "d").is_err());
 }

@@ -164,12 +164,13 @@ pub struct Addresses<'a> {
 }
 
 /// Plans the settlement of `outcome` for `inbound`, at the wall-clock time `now` (the events'
-/// `timestamp`, `x-failed-at`). `generation` is the credential record's generation the
-/// delivery worked in (0 without a claim), written on a dead letter so a replay names it.
+/// `timestamp`, `x-failed-at`). `claim` is the credential record's generation the delivery
+/// worked in (none without a claim): written on a dead letter so a replay names it, and sealed
+/// on a parked or handed-back copy so a copy of a settled generation is known for one.
 pub fn plan<'a>(
     inbound: &'a Inbound,
     outcome: &Outcome,
-    generation: u64,
+    claim: Option<u64>,
     to: Addresses<'_>,
     now: OffsetDateTime,
 ) -> Plan<'a> {
@@ -218,7 +219,7 @@ pub fn plan<'a>(
                 "the dead-letter copy",
                 &t.dead_letter_exchange,
                 &inbound.routing_key,
-                properties::dead_letter(inbound, failure, generation, now, to.frame_max),
+                properties::dead_letter(inbound, failure, claim.unwrap_or(0), now, to.frame_max),
             );
             // Not confirmed: kept in the record, so the requeued delivery settles this failure
             // again without calling bunq.
@@ -228,9 +229,10 @@ pub fn plan<'a>(
             messages.extend(session_failed(inbound, failure, t, now));
             // Final for this generation: a copy anywhere is acked without a call; a replay of
             // the dead letter (it names the generation) starts the next one.
+            let spent = failure.reason.spends_the_credential();
             Plan {
                 messages,
-                ..done(Settled::DeadLettered, Settlement::Failed)
+                ..done(Settled::DeadLettered, Settlement::Failed { spent })
             }
         }
         Outcome::Delayed(d) => {
@@ -240,14 +242,21 @@ pub fn plan<'a>(
                 first_attempt_at: Some(d.first_attempt_at),
                 returns: inbound.history.returns,
                 not_before: d.not_before,
+                waits: inbound.history.waits + u32::from(d.window),
+                generation: claim.or(inbound.history.generation),
             };
-            // Through the default exchange straight into the tier's delay queue; its TTL
-            // dead-letters the copy back to the input queue.
+            // Through the default exchange straight into the tier's delay queue (its TTL), or
+            // the window queue (the copy's own expiration); either dead-letters the copy back
+            // to the input queue when the time is up.
+            let mut properties = properties::bookkept(inbound, &history, to.seal, to.frame_max);
+            if d.window {
+                properties = properties.with_expiration(d.delay.as_millis().to_string().into());
+            }
             let parked = copy(
                 "the delayed-retry copy",
                 "",
-                &t.delay_queue_name(d.delay),
-                properties::bookkept(inbound, &history, to.seal, to.frame_max),
+                &t.parking_queue(d),
+                properties,
             );
             Plan {
                 messages: vec![parked],
@@ -263,6 +272,7 @@ pub fn plan<'a>(
         Outcome::Returned { counted } => {
             let history = History {
                 returns: inbound.history.returns + u32::from(*counted),
+                generation: claim.or(inbound.history.generation),
                 ..inbound.history.clone()
             };
             // Straight back into the input queue through the default exchange.

@@ -48,7 +48,6 @@ fn inbound(body: &str, headers: FieldTable) -> Inbound {
         decoded,
         body,
         history: History::default(),
-        bookkept: false,
         original_route: Route {
             exchange: "in.x".into(),
             routing_key: "provision.ready".into(),
@@ -77,7 +76,7 @@ fn plan_of<'a>(i: &'a Inbound, outcome: &Outcome, seal: &Seal, frame_max: u32) -
         seal,
         frame_max,
     };
-    plan(i, outcome, 3, to, NOW)
+    plan(i, outcome, Some(3), to, NOW)
 }
 
 fn failure(reason: FailureReason) -> Failure {
@@ -196,7 +195,7 @@ fn a_failed_credential_is_dead_lettered_with_its_reason_then_reported() {
         0,
     );
     assert_eq!(p.settled, Settled::DeadLettered);
-    assert_eq!(p.record, Settlement::Failed);
+    assert_eq!(p.record, Settlement::Failed { spent: true });
     let [dl, event] = &p.messages[..] else {
         panic!("two messages: {:?}", p.messages);
     };
@@ -298,6 +297,7 @@ fn a_delayed_copy_carries_sealed_bookkeeping_that_reads_back() {
     let seal = Seal::new(&[7; 32]);
     let d = Delayed {
         delay: std::time::Duration::from_secs(60),
+        window: false,
         retries: 1,
         calls: 4,
         detail: "503 for a while".into(),
@@ -340,11 +340,46 @@ fn a_delayed_copy_carries_sealed_bookkeeping_that_reads_back() {
             first_attempt_at: Some(NOW),
             returns: 0,
             not_before: Some(NOW + time::Duration::seconds(30)),
+            waits: 0,
+            generation: Some(3),
         }
     );
     assert_eq!(route, i.original_route);
     assert_eq!(str_header(&m.properties, "tenant").as_deref(), Some("acme"));
     assert!(int_header(&m.properties, "x-death").is_none());
+    assert!(
+        m.properties.expiration().is_none(),
+        "the tier's TTL applies"
+    );
+}
+
+/// A window wait goes to the window queue with its own expiration, counts a round and a
+/// window wait, and both read back sealed.
+#[test]
+fn a_window_wait_goes_to_the_window_queue_with_its_expiration() {
+    let mut i = inbound(SLIM, producer_headers());
+    i.history.round = 1;
+    let seal = Seal::new(&[7; 32]);
+    let d = Delayed {
+        delay: std::time::Duration::from_millis(991_250),
+        window: true,
+        retries: 2,
+        calls: 1,
+        detail: "429".into(),
+        first_attempt_at: NOW,
+        not_before: Some(NOW + time::Duration::seconds(991)),
+    };
+    let p = plan_of(&i, &Outcome::Delayed(Box::new(d)), &seal, 0);
+    let [m] = &p.messages[..] else {
+        panic!("one copy: {:?}", p.messages);
+    };
+    assert_eq!(m.routing_key, "in.q.wait");
+    assert_eq!(
+        m.properties.expiration().as_ref().map(|e| e.as_str()),
+        Some("991250")
+    );
+    let (history, _) = seal.read(&m.properties, &i.identity, i.original_route.clone());
+    assert_eq!((history.round, history.waits, history.tier()), (2, 1, 1));
 }
 
 #[test]

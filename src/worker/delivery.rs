@@ -59,7 +59,7 @@ pub(super) async fn handle(
             seal: &shared.seal,
             frame_max: settler.publisher.frame_max(),
         };
-        let generation = decision.lease.as_ref().map_or(0, |l| l.claimed.generation);
+        let generation = decision.lease.as_ref().map(|l| l.claimed.generation);
         let planned = plan::plan(
             &inbound,
             &decision.outcome,
@@ -99,8 +99,16 @@ fn report(outcome: &Outcome, settled: Settled, t: &crate::broker::Topology, star
             reason = f.reason.as_str();
             warn!(reason = %f.reason, detail = %f.detail, attempts = f.attempts, "dead-lettered");
         }
+        (Outcome::Delayed(d), Settled::Delayed) if d.window => warn!(
+            queue = %t.parking_queue(d),
+            delay_s = d.delay.as_secs(),
+            delayed_retry = d.retries,
+            calls = d.calls,
+            detail = %d.detail,
+            "bunq's window outlasts the time a delivery may be held; waiting for its end in the window queue"
+        ),
         (Outcome::Delayed(d), Settled::Delayed) => warn!(
-            queue = %t.delay_queue_name(d.delay),
+            queue = %t.parking_queue(d),
             delay_s = d.delay.as_secs(),
             delayed_retry = d.retries,
             calls = d.calls,

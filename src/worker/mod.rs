@@ -31,7 +31,7 @@ use crate::{
     decide::Decider,
     fleet::{Fleet, Records},
     ledger::Book,
-    pacing::{Budget, Pacer},
+    pacing::{Budget, Pace, Pacer},
     session::SessionFlow,
     settle::Settler,
 };
@@ -352,7 +352,7 @@ impl Worker {
                 .map(|s| s.trim().to_owned())
                 .collect(),
             pacer: Arc::new(Budget {
-                local: Pacer::new(bunq.session_rate_limit),
+                local: Pacer::new(Pace::new(bunq.session_rate_limit, &bunq.api_url)),
                 shared: fleet.clone(),
             }),
             // Without a broker consumer timeout a paced delivery may wait for the credential's

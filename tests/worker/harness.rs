@@ -21,6 +21,7 @@ async fn a_test_that_panics_before_cleanup_leaves_no_queue_or_exchange() {
         n.dead_letter_queue.clone(),
         n.output_queue.clone(),
         delay_queue,
+        format!("{}.wait", n.input_queue),
     ];
     let exchanges = [
         n.input_exchange.clone(),

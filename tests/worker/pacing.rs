@@ -277,3 +277,123 @@ async fn delay_queues_dead_letter_at_least_once() {
         .expect("the delay queue has exactly these arguments");
     app.cleanup().await;
 }
+
+/// bunq's 429 names a window longer than the delivery may be held (half the consumer timeout),
+/// with delayed retry off and the credential good for an hour: the input waits for the
+/// window's end in the window queue and then opens its session; nothing is failed.
+#[tokio::test]
+async fn a_window_longer_than_the_hold_waits_in_the_broker_and_the_session_opens() {
+    let mut app = TestApp::new().await;
+    app.settings.bunq.register_device = false;
+    app.settings.broker.consumer_timeout = Duration::from_secs(4);
+    app.settings.topology.delayed_retry_delays = tiers(&[]);
+    let at = Arc::new(Mutex::new(Vec::new()));
+    app.session_server()
+        .first_calls(1)
+        .responds_with(timed(
+            app.answer(
+                429,
+                r#"{"Error":[{"error_description":"Too many requests. You can do a maximum of 1 calls per 5 second to this endpoint."}]}"#,
+            ),
+            &at,
+        ))
+        .await;
+    app.session_server()
+        .responds_with(timed(
+            app.answer(200, &fixture("session-server.user-person.json")),
+            &at,
+        ))
+        .await;
+    app.start_worker().await;
+    app.publish_json(&slim(1, "tok-long-window")).await;
+    let wait_queue = format!("{}.wait", app.names.input_queue);
+    eventually("the input waits in the window queue", || async {
+        app.ready_count(&wait_queue).await == 1
+    })
+    .await;
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created", "{:?}", body_json(&out));
+    let calls = at.lock().unwrap().clone();
+    assert_eq!(
+        calls.len(),
+        2,
+        "one call inside the window would be one too many"
+    );
+    let gap = calls[1].0.duration_since(calls[0].0);
+    assert!(
+        gap >= Duration::from_secs(5),
+        "called {gap:?} after the 429"
+    );
+    assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
+    assert_eq!(app.ready_count(&wait_queue).await, 0);
+    app.cleanup().await;
+}
+
+/// A replica stops (SIGTERM) while its deliveries wait for paced slots, and another starts:
+/// slots are taken when due, never ahead, so the stopped replica leaves none behind and the
+/// next call comes one interval after the last (with Redis), not after every slot the waiting
+/// deliveries would have reserved. Without Redis a new process cannot know when the last one
+/// called, so its first call waits one interval.
+async fn a_restart_leaves_no_idle_slots(redis: bool) {
+    let mut app = TestApp::new().await;
+    let prefix = redis.then(|| crate::fleet::use_redis(&mut app, &crate::fleet::redis_url()));
+    app.settings.bunq.register_device = false;
+    app.settings.bunq.session_rate_limit = Some(RateLimit {
+        calls: 1,
+        per: Duration::from_secs(2),
+    });
+    let at = Arc::new(Mutex::new(Vec::new()));
+    app.session_server()
+        .responds_with(timed(
+            app.answer(200, &fixture("session-server.user-person.json")),
+            &at,
+        ))
+        .await;
+    app.start_worker().await;
+    for i in 0..4 {
+        app.publish_json(&slim(i, &format!("tok-restart-{i}")))
+            .await;
+    }
+    eventually("the first call", || async {
+        !at.lock().unwrap().is_empty()
+    })
+    .await;
+    app.stop_worker().await.unwrap();
+    let before = at.lock().unwrap().len();
+    app.start_worker().await;
+    eventually("every credential is called", || async {
+        at.lock().unwrap().len() == 4
+    })
+    .await;
+    let times: Vec<Instant> = at.lock().unwrap().iter().map(|(t, _)| *t).collect();
+    let gap = times[before] - times[before - 1];
+    // At 1 per 2 s, reserving ahead would have left the slots of the 3 waiting deliveries
+    // (6 s and more) idle.
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "{gap:?}: within the pace"
+    );
+    if redis {
+        assert!(
+            gap < Duration::from_secs(5),
+            "{gap:?} idle after the restart"
+        );
+    }
+    for _ in 0..4 {
+        assert_eq!(type_of(&app.next_output().await), "session.created");
+    }
+    app.cleanup().await;
+    if let Some(p) = prefix {
+        crate::fleet::remove_keys(&p).await;
+    }
+}
+
+#[tokio::test]
+async fn a_restart_leaves_no_idle_slots_in_a_fleet() {
+    a_restart_leaves_no_idle_slots(true).await;
+}
+
+#[tokio::test]
+async fn a_restarted_process_without_redis_waits_one_interval() {
+    a_restart_leaves_no_idle_slots(false).await;
+}

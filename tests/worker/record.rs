@@ -310,9 +310,8 @@ async fn a_refusal_in_a_later_round_after_a_lost_answer_is_outcome_unknown_with_
     a_lost_answer_then_a_refusal(true).await;
 }
 
-/// A failure is final for every copy of the credential, also one published anew (a webhook
-/// and a poller both sent it); replaying its dead letter (with its headers) starts one fresh
-/// try, and replaying the same dead letter again starts none.
+/// A failure is final for every copy of the credential; replaying its dead letter (with its
+/// headers) starts one fresh try, and replaying the same dead letter again starts none.
 async fn replays(redis: bool) {
     let mut app = TestApp::new().await;
     let prefix = redis.then(|| use_redis(&mut app, &redis_url()));
@@ -339,11 +338,6 @@ async fn replays(redis: bool) {
         Some("0"),
         "the dead letter names the generation that failed"
     );
-    // The partner's poller sends the credential again: a duplicate, acked without a call.
-    app.publish_json(&slim(6, "tok-replayed")).await;
-    drained(&app).await;
-    nothing_more(&mut app).await;
-    assert_eq!(calls_for(&app, "tok-replayed").await, 1);
     // The operator replays it, headers and all, twice (a double click).
     app.publish(&dl.data, dl.properties.clone()).await;
     let out = app.next_output().await;
@@ -356,6 +350,59 @@ async fn replays(redis: bool) {
     if let Some(p) = prefix {
         remove_keys(&p).await;
     }
+}
+
+/// The partner's poller publishes a credential again after its `session.failed`: a duplicate
+/// when bunq refused it (a second call would spend it again), another try when bunq never
+/// answered for it (`retries_exhausted`).
+async fn published_anew_after_a_failure(redis: bool) {
+    let mut app = TestApp::new().await;
+    let prefix = redis.then(|| use_redis(&mut app, &redis_url()));
+    app.settings.bunq.register_device = false;
+    app.settings.retry.max_attempts = 1;
+    app.settings.topology.delayed_retry_delays = DelayTiers(vec![]);
+    app.session_server()
+        .first_calls(1)
+        .answers(400, &fixture("error.credentials-incorrect.json"))
+        .await;
+    app.session_server().first_calls(1).answers(503, "{}").await;
+    app.session_server()
+        .answers(200, &fixture("session-server.user-person.json"))
+        .await;
+    app.start_worker().await;
+    app.publish_json(&slim(7, "tok-refused")).await;
+    let out = app.next_output().await;
+    assert_eq!(body_json(&out)["reason"], "credential_rejected");
+    app.next_dead_letter().await;
+    app.publish_json(&slim(7, "tok-refused")).await;
+    drained(&app).await;
+    nothing_more(&mut app).await;
+    assert_eq!(calls_for(&app, "tok-refused").await, 1);
+
+    app.publish_json(&slim(8, "tok-unanswered")).await;
+    let out = app.next_output().await;
+    assert_eq!(body_json(&out)["reason"], "retries_exhausted");
+    app.next_dead_letter().await;
+    app.publish_json(&slim(8, "tok-unanswered")).await;
+    let out = app.next_output().await;
+    assert_eq!(type_of(&out), "session.created", "{:?}", body_json(&out));
+    drained(&app).await;
+    nothing_more(&mut app).await;
+    assert_eq!(calls_for(&app, "tok-unanswered").await, 2);
+    app.cleanup().await;
+    if let Some(p) = prefix {
+        remove_keys(&p).await;
+    }
+}
+
+#[tokio::test]
+async fn published_anew_after_a_failure_in_one_process() {
+    published_anew_after_a_failure(false).await;
+}
+
+#[tokio::test]
+async fn published_anew_after_a_failure_in_a_fleet() {
+    published_anew_after_a_failure(true).await;
 }
 
 #[tokio::test]

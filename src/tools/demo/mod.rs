@@ -263,7 +263,8 @@ async fn bind_observer(channel: &Channel, queue: &str, s: &Settings) -> Result<(
 /// Deletes what the demo's worker declared.
 async fn remove_topology(channel: &Channel, s: &Settings) {
     let t = &s.topology;
-    for q in [&t.input_queue, &t.dead_letter_queue] {
+    let window_queue = t.topology().window_queue_name();
+    for q in [&t.input_queue, &t.dead_letter_queue, &window_queue] {
         let _ = channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;

@@ -191,8 +191,8 @@ impl TestApp {
             .message_count()
     }
 
-    /// This test's queues: the worker's input, dead-letter and delay queues, the observer
-    /// queue and `extra_queues`.
+    /// This test's queues: the worker's input, dead-letter, delay and window queues, the
+    /// observer queue and `extra_queues`.
     pub(super) fn queues(&self) -> Vec<String> {
         let n = &self.names;
         let topology = self.settings.topology.topology();
@@ -207,6 +207,7 @@ impl TestApp {
                 .iter()
                 .map(|d| topology.delay_queue_name(*d)),
         );
+        queues.push(topology.window_queue_name());
         queues.extend(self.extra_queues.iter().cloned());
         queues.sort();
         queues.dedup();
