@@ -369,6 +369,23 @@ impl Book {
         }
     }
 
+    /// Keeps `failure`, bunq's answer that failed the credential, on the claim of `epoch` before
+    /// its dead letter is published: whoever takes the claim over settles that failure again
+    /// without calling bunq. False when the claim is no longer that epoch's.
+    pub fn answer(&self, key: Key, epoch: u64, failure: &Failure) -> bool {
+        let now = Instant::now();
+        let mut e = self.entries();
+        let Some(r) = e.by_key.get_mut(&key) else {
+            return false;
+        };
+        if r.state != State::Claimed || r.epoch != epoch {
+            return false;
+        }
+        r.answered = Some(Box::new(failure.clone()));
+        e.touch(key, now);
+        true
+    }
+
     /// Stages `sealed`, a `session.created` bunq's answer made, unless one is staged already or
     /// the record is created. Whoever holds the claim: the session exists.
     pub fn stage(&self, key: Key, sealed: String) {

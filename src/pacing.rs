@@ -99,6 +99,8 @@ struct State {
     paused_until: Instant,
     /// The interval bunq's last 429 taught ([`Pace::learned`]).
     learned: Option<Duration>,
+    /// Takes so far: only the latest can be given back.
+    takes: u64,
 }
 
 /// Hands out session-server slots, process-wide: spaced by the [`Pace`], never inside a pause a
@@ -125,6 +127,7 @@ impl Pacer {
                 next_slot: now + pace.interval(None).unwrap_or_default(),
                 paused_until: now,
                 learned: None,
+                takes: 0,
             }),
         }
     }
@@ -153,18 +156,18 @@ impl Pacer {
         if let Some(i) = self.interval(&st) {
             st.next_slot = now + i;
         }
+        st.takes += 1;
         Ok(TakenSlot::Local {
             before,
-            after: st.next_slot,
+            take: st.takes,
         })
     }
 
-    /// Gives back a slot taken and not used, unless another caller has moved the schedule on
-    /// since.
+    /// Gives back a slot taken and not used, unless another caller took one since.
     pub fn give_back(&self, taken: TakenSlot) {
-        if let TakenSlot::Local { before, after } = taken {
+        if let TakenSlot::Local { before, take } = taken {
             let mut st = self.lock();
-            if st.next_slot == after {
+            if st.takes == take {
                 st.next_slot = before;
             }
         }
@@ -222,12 +225,12 @@ pub fn with_margin(interval: Duration) -> Duration {
 /// undo it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TakenSlot {
-    /// From this process's pacer: its next slot before and after the take.
+    /// From this process's pacer.
     Local {
-        /// The next slot before.
+        /// The next slot before the take.
         before: Instant,
-        /// The next slot after.
-        after: Instant,
+        /// The take's number: only the latest take can be given back.
+        take: u64,
     },
     /// From the fleet's budget in Redis.
     Shared(crate::fleet::SharedSlot),

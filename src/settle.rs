@@ -12,14 +12,14 @@ use lapin::{
     options::{BasicAckOptions, BasicNackOptions},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     broker::{
         PublishError, Publisher, Topology,
         link::{CHANNEL_OP_TIMEOUT, ChannelFault, bounded},
     },
-    fleet::Lease,
+    fleet::{Fenced, Lease},
     ledger::Settlement,
     plan::{IfUnconfirmed, Message, Patience, Plan, Settled},
     retry::{Retry, RetryPolicy},
@@ -46,7 +46,7 @@ impl Settler {
     /// (unfinished, or requeued) and the claim is released (or keeps bunq's refusal). Never
     /// acks before the outcome is confirmed at the broker.
     pub async fn settle(&self, acker: &Acker, plan: Plan<'_>, lease: Option<Lease>) -> Settled {
-        let (record, settled) = self.carry_out(plan).await;
+        let (record, settled) = self.carry_out(plan, lease.as_ref()).await;
         let end_claim = async {
             if let Some(lease) = lease {
                 lease.settle(record, &self.hard_stop).await;
@@ -80,13 +80,25 @@ impl Settler {
     }
 
     /// Publishes the plan's messages: how the claim ends and, once all are confirmed, the ack.
+    /// A claim taken over meanwhile (this delivery paused past its lease) stops the publishing:
+    /// the new holder settles the credential from its record, and this copy is requeued to be
+    /// acked as settled. Not so for a session that is not staged: it exists only here.
     async fn carry_out(
         &self,
         plan: Plan<'_>,
+        lease: Option<&Lease>,
     ) -> (Settlement, Result<(Settled, bool), Unconfirmed>) {
+        let fence = lease.filter(|l| plan.record != Settlement::Created || l.staged());
         for m in plan.messages {
-            if self.publish(&m).await {
-                continue;
+            match self.publish(&m, fence).await {
+                Published::Confirmed => continue,
+                Published::Taken => {
+                    info!(
+                        "this delivery's claim was taken over before its outcome was published; the new holder settles the credential, and this copy is requeued"
+                    );
+                    return (Settlement::Released, Err(Unconfirmed::Requeue));
+                }
+                Published::GaveUp => {}
             }
             let within = match m.patience {
                 Patience::UntilConfirmed => "before the drain ended (SHUTDOWN_TIMEOUT_S)",
@@ -118,13 +130,13 @@ impl Settler {
         (plan.record, Ok((plan.settled, plan.ack)))
     }
 
-    /// Publishes until the broker confirms, or until the message's patience runs out (returns
-    /// `false`).
+    /// Publishes until the broker confirms, or until the message's patience runs out, or, with
+    /// `fence`, until a try finds the claim taken over.
     ///
     /// Each failure is logged; waits follow [`RetryPolicy::PUBLISH`]. When the broker says an
     /// exchange does not exist (404, e.g. deleted by an operator) or returns the message as
     /// unroutable, the topology is declared again before the next try.
-    async fn publish(&self, m: &Message<'_>) -> bool {
+    async fn publish(&self, m: &Message<'_>, fence: Option<&Lease>) -> Published {
         let policy = match m.patience {
             Patience::UntilConfirmed => RetryPolicy::PUBLISH,
             Patience::Budget => RetryPolicy::publish_within(self.publish_budget),
@@ -132,13 +144,19 @@ impl Settler {
         let (exchange, routing_key) = (m.exchange.as_str(), m.routing_key.as_str());
         let mut retry = Retry::new(policy, &self.hard_stop);
         loop {
+            // Redis unreachable proves nothing either way: the outcome is published.
+            if let Some(lease) = fence
+                && let Err(Fenced::Taken(_)) = lease.fence().await
+            {
+                return Published::Taken;
+            }
             let attempt = retry.attempt();
             let err = match self
                 .publisher
                 .publish(exchange, routing_key, &m.body, m.properties.clone())
                 .await
             {
-                Ok(()) => return true,
+                Ok(()) => return Published::Confirmed,
                 Err(e) => e,
             };
             let hint = match &err {
@@ -161,13 +179,23 @@ impl Settler {
                 error!(error = %crate::telemetry::Chain(&e), "declaring the topology again failed");
             }
             let Ok(delay) = retry.next_delay(Duration::ZERO) else {
-                return false;
+                return Published::GaveUp;
             };
             if retry.wait(delay).await.is_err() {
-                return false;
+                return Published::GaveUp;
             }
         }
     }
+}
+
+/// How a publish ended.
+enum Published {
+    /// The broker confirmed it.
+    Confirmed,
+    /// Its patience ran out (or the drain ended).
+    GaveUp,
+    /// The claim was taken over: the outcome is the new holder's to publish.
+    Taken,
 }
 
 /// Why a settlement ended before its ack.

@@ -411,8 +411,9 @@ fn describe_non_json(status: StatusCode, headers: &HeaderMap, len: usize) -> Str
     )
 }
 
-/// Removes tokens the call carried from text bunq sent back, also in their trimmed form (a
-/// server may echo a token without the whitespace around it).
+/// Removes tokens the call carried from text bunq sent back: their exact form, and any word of
+/// the text (a run of token characters) that shares [`FRAGMENT`] characters in a row with one,
+/// whatever the case, so a token echoed trimmed, upper-cased, cut short or quoted is hidden too.
 pub(crate) fn scrub(
     mut text: String,
     ctx: Option<&ApiContext>,
@@ -427,8 +428,45 @@ pub(crate) fn scrub(
                 text = text.replace(form, "[REDACTED]");
             }
         }
+        text = redact_fragments(&text, raw.trim());
     }
     text
+}
+
+/// How many characters in a row a word must share with a secret to be taken for it.
+const FRAGMENT: usize = 12;
+
+/// `text` with every word that shares [`FRAGMENT`] characters in a row with `secret` (ASCII
+/// case ignored) replaced by `[REDACTED]`.
+fn redact_fragments(text: &str, secret: &str) -> String {
+    let secret = secret.to_ascii_lowercase();
+    if secret.len() < FRAGMENT || !secret.is_ascii() {
+        return text.to_owned();
+    }
+    let grams: std::collections::HashSet<&[u8]> = secret.as_bytes().windows(FRAGMENT).collect();
+    let is_word = |c: char| c.is_ascii_alphanumeric() || "-_+/=.".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(is_word) {
+        out.push_str(&rest[..start]);
+        let word_len = rest[start..]
+            .find(|c| !is_word(c))
+            .unwrap_or(rest.len() - start);
+        let word = &rest[start..start + word_len];
+        let lower = word.to_ascii_lowercase();
+        if lower
+            .as_bytes()
+            .windows(FRAGMENT)
+            .any(|w| grams.contains(w))
+        {
+            out.push_str("[REDACTED]");
+        } else {
+            out.push_str(word);
+        }
+        rest = &rest[start + word_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -453,6 +491,28 @@ mod tests {
         let long = shorten_description(&"y".repeat(600));
         assert_eq!(long.chars().count(), 501);
         assert!(long.ends_with('…'));
+    }
+
+    #[test]
+    fn a_token_echoed_in_another_form_is_hidden() {
+        let token = SecretString::from("a1b2c3d4e5f60718293a4b5c6d7e8f90");
+        let upper = "A1B2C3D4E5F60718293A4B5C6D7E8F9";
+        for text in [
+            format!("API key {upper} is not valid"),
+            format!("API key \"{}\" is not valid", &token.expose_secret()[3..20]),
+            format!("key={upper}, user 42"),
+        ] {
+            let d = scrub(text.clone(), None, &[&token]);
+            assert!(d.contains("[REDACTED]"), "{text} -> {d}");
+            assert!(!d.to_ascii_lowercase().contains("c3d4e5f607"), "{d}");
+        }
+        // Ordinary words and numbers stay.
+        let d = scrub(
+            "User credentials are incorrect (42).".into(),
+            None,
+            &[&token],
+        );
+        assert_eq!(d, "User credentials are incorrect (42).");
     }
 
     #[test]

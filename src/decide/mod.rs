@@ -129,6 +129,20 @@ impl Decider {
             };
         }
         let outcome = self.claimed(inbound, lease.as_ref(), live).await;
+        // A failure is kept on the claim before its dead letter goes out, as a session is
+        // staged: a delivery that takes the claim over settles it again instead of calling
+        // bunq. A claim already taken over is the new holder's to settle.
+        if let (Outcome::Failed(f), Some(l)) = (&outcome, &lease)
+            && !l.answer(f).await
+        {
+            info!(
+                "this delivery's claim was taken over before its failure was recorded; the new holder settles the credential"
+            );
+            return Decision {
+                outcome: taken(l.taken().unwrap_or(Taken::Elsewhere)),
+                lease,
+            };
+        }
         Decision { outcome, lease }
     }
 

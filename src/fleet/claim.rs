@@ -62,6 +62,8 @@ pub struct Lease {
     pub claimed: Claimed,
     work: CancellationToken,
     taken: Arc<Mutex<Option<Taken>>>,
+    /// Whether this delivery's session is staged on the record ([`Lease::stage`]).
+    staged: std::sync::atomic::AtomicBool,
     renewal: JoinHandle<()>,
 }
 
@@ -102,8 +104,15 @@ impl Lease {
             claimed,
             work,
             taken,
+            staged: std::sync::atomic::AtomicBool::new(false),
             renewal,
         }
+    }
+
+    /// Whether the session this delivery is publishing is staged on the record: then a
+    /// delivery that takes the claim over publishes it, and this one may stop.
+    pub fn staged(&self) -> bool {
+        self.staged.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The token the delivery's work runs under: fires when its channel is gone, at shutdown,
@@ -143,10 +152,34 @@ impl Lease {
     /// the credential before it is published: a crash before the publisher confirm then costs
     /// neither the session nor a second bunq call.
     pub async fn stage(&self, sealed: String) {
-        if self.records.stage(&self.id, sealed).await.is_err() {
+        if self.records.stage(&self.id, sealed).await.is_ok() {
+            self.staged
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        } else {
             warn!(
                 "could not stage the session in Redis before publishing it; if this replica dies before the broker confirms session.created, the session is lost"
             );
+        }
+    }
+
+    /// Keeps bunq's answer that failed the credential on the claim before its dead letter is
+    /// published, so a delivery that takes the claim over (this one paused past its lease)
+    /// settles the same failure again instead of calling bunq. False when the claim is already
+    /// another's: the outcome is then the new holder's to give. Redis unreachable counts as
+    /// held (the outcome is published; the lease still guards the call).
+    pub async fn answer(&self, failure: &crate::failure::Failure) -> bool {
+        match self
+            .records
+            .answer(&self.id, self.claimed.epoch, failure)
+            .await
+        {
+            Ok(held) => held,
+            Err(Unavailable) => {
+                warn!(
+                    "could not keep bunq's refusal in Redis before publishing it; a replica that takes this claim over would call bunq again"
+                );
+                true
+            }
         }
     }
 

@@ -205,7 +205,7 @@ impl Fleet {
         Ok(if ok == 1 {
             Ok(SharedSlot {
                 before_ms: a,
-                after_ms: b,
+                take: b,
             })
         } else {
             Err(Duration::from_millis(a.max(0) as u64))
@@ -221,7 +221,7 @@ impl Fleet {
         self.run::<i64>(
             &scripts::GIVE_BACK,
             self.rate_key(),
-            &[slot.before_ms.to_string(), slot.after_ms.to_string()],
+            &[slot.before_ms.to_string(), slot.take.to_string()],
         )
         .await
         .map(|_| ())
@@ -274,14 +274,13 @@ impl Fleet {
     }
 }
 
-/// A session-server slot taken from the scope's budget: its next slot before and after the
-/// take, ms on Redis's clock, which is what giving it back needs.
+/// A session-server slot taken from the scope's budget: what giving it back needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharedSlot {
-    /// The next slot before (0: none).
+    /// The scope's next slot before the take, ms on Redis's clock (0: none).
     pub before_ms: i64,
-    /// The next slot after.
-    pub after_ms: i64,
+    /// The take's number: only the latest take can be given back.
+    pub take: i64,
 }
 
 /// Why Redis refused a write, in words, when it answered with a refusal rather than not at all.

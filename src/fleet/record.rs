@@ -78,6 +78,33 @@ impl Records {
         }
     }
 
+    /// Keeps `failure` on the claim of `epoch` on `id` before its dead letter is published
+    /// ([`crate::ledger::Book::answer`]); `Ok(false)` when the claim is another's.
+    ///
+    /// # Errors
+    /// [`Unavailable`] when Redis cannot be reached.
+    pub async fn answer(
+        &self,
+        id: &Key,
+        epoch: u64,
+        failure: &crate::failure::Failure,
+    ) -> Result<bool, Unavailable> {
+        match self {
+            Records::Memory(book) => Ok(book.answer(*id, epoch, failure)),
+            Records::Shared(fleet) => {
+                let json = serde_json::to_string(failure).unwrap_or_default();
+                fleet
+                    .run::<i64>(
+                        &scripts::ANSWER,
+                        fleet.record_key(id),
+                        &[epoch.to_string(), json, ms(KEEP)],
+                    )
+                    .await
+                    .map(|held| held == 1)
+            }
+        }
+    }
+
     /// Ends the claim of `epoch` on `id` as `how` says; `Ok(false)` when the claim was lost
     /// and nothing changed.
     ///

@@ -76,6 +76,20 @@ return set
     )
 });
 
+/// KEYS[1] credential record; ARGV epoch, failure JSON, keep ms. Keeps the failure on the
+/// claim of that epoch (returns 1), or returns 0 when the claim is another's.
+pub static ANSWER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local h = redis.call('HMGET', KEYS[1], 'st', 'ep')
+if h[1] ~= 'claimed' or h[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'ans', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+",
+    )
+});
+
 /// KEYS[1] credential record; ARGV keep ms. A session-server answer was lost.
 pub static ANSWER_LOST: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -143,30 +157,30 @@ fn with_now(body: &str) -> Script {
 
 /// KEYS[1] rate hash; ARGV base interval ms (0: none). Takes the scope's next slot if it is
 /// due, spacing the one after by the slower of the base and the learned interval: returns
-/// {1, next before, next after}; else takes nothing and returns {0, ms until it is due, 0}.
+/// {1, next before, take number}; else takes nothing and returns {0, ms until it is due, 0}.
+/// Every take has a number of its own (`seq`), so a slot is given back only by its taker.
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
     with_now(
         r"
 local slot = math.max(now, nxt, paused)
 if slot > now then return {0, slot - now, 0} end
 local interval = math.max(tonumber(ARGV[1]), learned)
-local after = nxt
-if interval > 0 then
-  after = now + interval
-  redis.call('HSET', KEYS[1], 'next', after)
-end
+if interval > 0 then redis.call('HSET', KEYS[1], 'next', now + interval) end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('PEXPIRE', KEYS[1], 86400000)
-return {1, nxt, after}
+return {1, nxt, seq}
 ",
     )
 });
 
-/// KEYS[1] rate hash; ARGV next before, next after a take. Gives the slot back unless the
-/// schedule moved on since.
+/// KEYS[1] rate hash; ARGV next before the take, the take's number. Gives the slot back
+/// unless another take came since.
 pub static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
-    with_now(
+    Script::new(
         r"
-if nxt == tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], 'next', ARGV[1]) end
+if redis.call('HGET', KEYS[1], 'seq') == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'next', ARGV[1])
+end
 return 1
 ",
     )

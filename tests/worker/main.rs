@@ -24,4 +24,5 @@ mod proxy;
 mod record;
 mod redis_outage;
 mod resilience;
+mod takeover;
 mod taps;
