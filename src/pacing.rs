@@ -80,10 +80,10 @@ impl Pace {
         rate.map_or(window, |r| r.interval()).max(floor)
     }
 
-    /// The spacing of slots: the slower of the base and the learned interval (a 429 never
-    /// makes the pace faster), plus the margin ([`with_margin`]). None: no spacing.
-    pub fn interval(&self, learned: Option<Duration>) -> Option<Duration> {
-        self.base().max(learned).map(with_margin)
+    /// The spacing of slots before the margin: the slower of the base and the learned
+    /// interval (a 429 never makes the pace faster). None: no spacing.
+    pub fn spacing(&self, learned: Option<Duration>) -> Option<Duration> {
+        self.base().max(learned)
     }
 
     /// How far after a pause's end a caller resumes: a random part of a tenth of `interval`,
@@ -101,7 +101,51 @@ struct State {
     learned: Option<Duration>,
     /// Takes so far: only the latest can be given back.
     takes: u64,
+    /// Calls in flight admitted while the pace is unknown ([`Pacer::admit_probe`]).
+    probes: u32,
+    /// Sessions opened by probes: the probe limit grows with them ([`Pacer::probe_ended`]).
+    probe_sessions: u32,
+    /// The margin slots keep beyond the spacing.
+    margin: Margin,
 }
+
+/// The margin slots keep beyond bunq's spacing, since bunq counts calls when they arrive and
+/// arrivals wobble (slots are also spaced from the previous answer, so a call's own latency adds
+/// to it): a hundredth of the interval, at least 10 ms, to start with; each 429 drawn at a pace
+/// already known doubles it, up to a tenth. Per process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Margin {
+    /// Thousandths of the interval.
+    permille: u32,
+}
+
+impl Margin {
+    /// A hundredth.
+    pub const START: Margin = Margin { permille: 10 };
+    const MOST: u32 = 100;
+
+    /// `interval` with the margin added.
+    pub fn apply(self, interval: Duration) -> Duration {
+        interval + (interval * self.permille / 1000).max(Duration::from_millis(10))
+    }
+
+    /// Doubled, up to a tenth: a 429 came at the pace this margin kept.
+    fn widened(self) -> Margin {
+        Margin {
+            permille: (self.permille * 2).min(Self::MOST),
+        }
+    }
+}
+
+/// Sessions in a row that double the probe limit: a limit of N calls per window shows itself
+/// (a 429) before the limit grows past N, for N under this.
+const PROBE_SESSIONS_PER_DOUBLING: u32 = 8;
+
+/// The most calls in flight while bunq's pace is unknown, once sessions keep coming (2^10).
+const MAX_PROBE_DOUBLINGS: u32 = 10;
+
+/// How soon a call refused by the probe limit looks again.
+const PROBE_POLL: Duration = Duration::from_millis(10);
 
 /// Hands out session-server slots, process-wide: spaced by the [`Pace`], never inside a pause a
 /// 429 started, and spaced from when the previous call was answered, since bunq counts calls
@@ -124,10 +168,17 @@ impl Pacer {
         Self {
             pace,
             state: Mutex::new(State {
-                next_slot: now + pace.interval(None).unwrap_or_default(),
+                next_slot: now
+                    + pace
+                        .spacing(None)
+                        .map(|i| Margin::START.apply(i))
+                        .unwrap_or_default(),
                 paused_until: now,
                 learned: None,
                 takes: 0,
+                probes: 0,
+                probe_sessions: 0,
+                margin: Margin::START,
             }),
         }
     }
@@ -137,7 +188,12 @@ impl Pacer {
     }
 
     fn interval(&self, st: &State) -> Option<Duration> {
-        self.pace.interval(st.learned)
+        self.pace.spacing(st.learned).map(|i| st.margin.apply(i))
+    }
+
+    /// `interval` with this process's margin ([`Margin`]).
+    pub fn with_margin(&self, interval: Duration) -> Duration {
+        self.lock().margin.apply(interval)
     }
 
     /// Takes the next slot if it is due now; otherwise takes nothing and returns when it will
@@ -161,6 +217,37 @@ impl Pacer {
             before,
             take: st.takes,
         })
+    }
+
+    /// While the pace is unknown (no configured or documented one, no 429 yet), admits a call
+    /// only while fewer than the probe limit are in flight in this process: the limit starts at
+    /// 1 and doubles every [`PROBE_SESSIONS_PER_DOUBLING`] sessions ([`Pacer::probe_ended`]),
+    /// so the first wave against an unknown limit draws at most one 429 per process, and an
+    /// unlimited bunq is called at full concurrency after a few dozen sessions. `Ok(true)`: admitted as a probe (end it with [`Pacer::probe_ended`]);
+    /// `Ok(false)`: the pace is known, no probe needed.
+    ///
+    /// # Errors
+    /// When to look again, while the probe limit is reached.
+    pub fn admit_probe(&self) -> Result<bool, Instant> {
+        let mut st = self.lock();
+        if self.interval(&st).is_some() {
+            return Ok(false);
+        }
+        let limit = 1 << (st.probe_sessions / PROBE_SESSIONS_PER_DOUBLING).min(MAX_PROBE_DOUBLINGS);
+        if st.probes >= limit {
+            return Err(Instant::now() + PROBE_POLL);
+        }
+        st.probes += 1;
+        Ok(true)
+    }
+
+    /// A call admitted by [`Pacer::admit_probe`] ended; `session`: bunq opened a session.
+    pub fn probe_ended(&self, session: bool) {
+        let mut st = self.lock();
+        st.probes = st.probes.saturating_sub(1);
+        if session {
+            st.probe_sessions = st.probe_sessions.saturating_add(1);
+        }
     }
 
     /// Gives back a slot taken and not used, unless another caller took one since.
@@ -189,6 +276,10 @@ impl Pacer {
     pub fn rate_limited(&self, window: Option<Duration>, rate: Option<RateLimit>) -> Instant {
         let window = self.pace.window(window);
         let mut st = self.lock();
+        if self.interval(&st).is_some() {
+            // Refused at a pace already known: the margin was too thin.
+            st.margin = st.margin.widened();
+        }
         st.learned = Some(self.pace.learned(window, rate));
         let interval = self.interval(&st).unwrap_or(window);
         let now = Instant::now();
@@ -214,13 +305,6 @@ impl Pacer {
     }
 }
 
-/// `interval` plus a fiftieth, at least 20 ms: the margin slots keep, since bunq counts calls
-/// when they arrive and arrivals wobble. Slots are also spaced from the previous answer, so the
-/// call's own latency adds to it.
-pub fn with_margin(interval: Duration) -> Duration {
-    interval + (interval / 50).max(Duration::from_millis(20))
-}
-
 /// A slot taken from a [`Pacer`] or the fleet's budget: what [`Budget::give_back`] needs to
 /// undo it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,8 +323,13 @@ pub enum TakenSlot {
 /// A session-server slot, as [`Budget::take_within`] found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
-    /// TakenSlot: call now.
-    Now(TakenSlot),
+    /// Taken: call now.
+    Now {
+        /// The slot, to give back if no call is made.
+        taken: TakenSlot,
+        /// Admitted as a probe ([`Pacer::admit_probe`]): end it with [`Pacer::probe_ended`].
+        probe: bool,
+    },
     /// The next slot is this far off, within the wait allowed: nothing taken; try again then.
     NotYet(Duration),
     /// The next slot is this far off, past the wait allowed. Nothing taken.
@@ -269,23 +358,45 @@ impl From<Pacer> for Budget {
 }
 
 impl Budget {
-    /// Takes the next slot if it is due; else says how far off it is, within `max_wait` or not.
+    /// Takes the next slot if it is due (and, while the pace is unknown, the probe limit
+    /// allows); else says how far off it is, within `max_wait` or not.
     pub async fn take_within(&self, max_wait: Duration) -> Slot {
-        let Some(fleet) = &self.shared else {
-            return match self.local.take() {
-                Ok(taken) => Slot::Now(taken),
-                Err(at) => match at.saturating_duration_since(Instant::now()) {
-                    d if d > max_wait => Slot::TooLate(d),
-                    d => Slot::NotYet(d),
-                },
-            };
+        let later = |at: Instant| match at.saturating_duration_since(Instant::now()) {
+            d if d > max_wait => Slot::TooLate(d),
+            d => Slot::NotYet(d),
         };
-        match fleet.take(self.local.pace.base().map(with_margin)).await {
-            Ok(Ok(taken)) => Slot::Now(TakenSlot::Shared(taken)),
-            Ok(Err(d)) if d > max_wait => Slot::TooLate(d),
-            Ok(Err(d)) => Slot::NotYet(d),
-            Err(_) => Slot::Unavailable,
+        // This process's own view first: a pause it just learned may not be in Redis yet.
+        if let Some(until) = self.local.paused_until() {
+            return later(until);
         }
+        let probe = match self.local.admit_probe() {
+            Ok(probe) => probe,
+            Err(at) => return later(at),
+        };
+        let slot = match &self.shared {
+            None => match self.local.take() {
+                Ok(taken) => Slot::Now { taken, probe },
+                Err(at) => later(at),
+            },
+            Some(fleet) => match fleet.take(self.base_with_margin()).await {
+                Ok(Ok(taken)) => Slot::Now {
+                    taken: TakenSlot::Shared(taken),
+                    probe,
+                },
+                Ok(Err(d)) => later(Instant::now() + d),
+                Err(_) => Slot::Unavailable,
+            },
+        };
+        if probe && !matches!(slot, Slot::Now { .. }) {
+            self.local.probe_ended(false);
+        }
+        slot
+    }
+
+    /// The base spacing with this process's margin, for the fleet's scripts (the learned one,
+    /// kept in Redis, already has one).
+    fn base_with_margin(&self) -> Option<Duration> {
+        self.local.pace.base().map(|b| self.local.with_margin(b))
     }
 
     /// Gives back a slot taken and not used (the claim was lost before the call, or the work
@@ -303,9 +414,7 @@ impl Budget {
     pub async fn answered(&self) {
         self.local.answered();
         if let Some(fleet) = &self.shared {
-            let _ = fleet
-                .answered(self.local.pace.base().map(with_margin))
-                .await;
+            let _ = fleet.answered(self.base_with_margin()).await;
         }
     }
 
@@ -316,10 +425,10 @@ impl Budget {
             let pace = &self.local.pace;
             let window = pace.window(window);
             let learned = pace.learned(window, rate);
-            let interval = pace.interval(Some(learned)).unwrap_or(learned);
-            let jitter = Pace::resumption_jitter(interval);
+            let spacing = pace.spacing(Some(learned)).unwrap_or(learned);
+            let jitter = Pace::resumption_jitter(self.local.with_margin(spacing));
             let _ = fleet
-                .rate_limited(window, jitter, with_margin(learned))
+                .rate_limited(window, jitter, self.local.with_margin(learned))
                 .await;
         }
     }
@@ -364,20 +473,20 @@ mod tests {
     async fn slots_are_taken_when_due_spaced_and_given_back() {
         let p = Pacer::new(Pace::elsewhere(limit("2/1s")));
         let t0 = Instant::now();
-        // 500 ms apart, plus the margin (20 ms at least); a new process waits one interval.
-        assert_eq!(p.take(), Err(t0 + MS(520)), "nothing is taken ahead");
-        tokio::time::advance(MS(520)).await;
+        // 500 ms apart, plus the margin (10 ms at least); a new process waits one interval.
+        assert_eq!(p.take(), Err(t0 + MS(510)), "nothing is taken ahead");
+        tokio::time::advance(MS(510)).await;
         let a = p.take().unwrap();
-        assert_eq!(p.take(), Err(t0 + MS(1040)));
+        assert_eq!(p.take(), Err(t0 + MS(1020)));
         // The claim was lost before the call: the slot goes back, due at once.
         p.give_back(a);
         let b = p.take().unwrap();
         // A pause wins over the next slot.
         p.pause_until(Instant::now() + Duration::from_secs(10));
-        assert_eq!(p.take(), Err(t0 + MS(10_520)));
+        assert_eq!(p.take(), Err(t0 + MS(10_510)));
         // A slot given back after the schedule moved on changes nothing.
         p.give_back(b);
-        assert_eq!(p.take(), Err(t0 + MS(10_520)));
+        assert_eq!(p.take(), Err(t0 + MS(10_510)));
         // Time passing frees the slots: after an idle minute the next call goes at once.
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(p.take().is_ok());
@@ -394,13 +503,13 @@ mod tests {
         let until = p.rate_limited(Some(Duration::from_secs(30)), limit("1/30s"));
         let waited = until - t0;
         assert!(
-            waited >= Duration::from_secs(30) && waited <= MS(33_060),
+            waited >= Duration::from_secs(30) && waited <= MS(33_030),
             "{waited:?}"
         );
         assert_eq!(p.take(), Err(until));
         tokio::time::advance(until - t0).await;
         assert!(p.take().is_ok());
-        assert_eq!(p.take(), Err(until + MS(30_600)), "30 s and a fiftieth");
+        assert_eq!(p.take(), Err(until + MS(30_300)), "30 s and a hundredth");
         // A shorter pause later does not shorten the longer one.
         p.pause_until(t0 + Duration::from_secs(1));
         assert_eq!(p.paused_until(), None, "the pause is over");
@@ -414,13 +523,16 @@ mod tests {
             let until = p.rate_limited(named, None);
             let waited = until - t0;
             assert!(
-                waited >= DEFAULT_429_WINDOW && waited <= MS(33_060),
+                waited >= DEFAULT_429_WINDOW && waited <= MS(33_030),
                 "{named:?}: {waited:?}"
             );
             // And the pace it teaches is one call per that window, not one per 0 s.
             tokio::time::advance(waited).await;
             assert!(p.take().is_ok());
-            assert_eq!(p.take(), Err(until + with_margin(DEFAULT_429_WINDOW)));
+            assert_eq!(
+                p.take(),
+                Err(until + Margin::START.apply(DEFAULT_429_WINDOW))
+            );
         }
     }
 
@@ -442,31 +554,76 @@ mod tests {
         // Slower than the floor is taken as bunq says.
         assert_eq!(fake.learned(w, limit("1/5s")), Duration::from_secs(5));
         // bunq's own hosts start at bunq's figure; elsewhere nothing is known before a 429.
-        assert_eq!(bunq.interval(None), Some(with_margin(DOCUMENTED_INTERVAL)));
-        assert_eq!(fake.interval(None), None);
+        assert_eq!(bunq.spacing(None), Some(DOCUMENTED_INTERVAL));
+        assert_eq!(fake.spacing(None), None);
         // A 429 never makes the pace faster than the one in force.
         let slow = Pace::elsewhere(limit("1/10s"));
         assert_eq!(
-            slow.interval(Some(Duration::from_secs(1))),
-            Some(with_margin(Duration::from_secs(10)))
+            slow.spacing(Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(10))
         );
         assert_eq!(
-            slow.interval(Some(Duration::from_secs(60))),
-            Some(with_margin(Duration::from_secs(60))),
+            slow.spacing(Some(Duration::from_secs(60))),
+            Some(Duration::from_secs(60)),
             "a 429 slower than the configured pace wins"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_pace_is_unknown_calls_probe_one_at_a_time_then_more() {
+        let p = Pacer::new(Pace::elsewhere(None));
+        assert_eq!(p.admit_probe(), Ok(true));
+        assert!(p.admit_probe().is_err(), "one probe in flight");
+        p.probe_ended(false);
+        assert_eq!(p.admit_probe(), Ok(true), "a refusal keeps the limit at 1");
+        p.probe_ended(true);
+        for _ in 1..PROBE_SESSIONS_PER_DOUBLING {
+            assert_eq!(p.admit_probe(), Ok(true));
+            assert!(p.admit_probe().is_err(), "one at a time");
+            p.probe_ended(true);
+        }
+        assert_eq!(p.admit_probe(), Ok(true));
+        assert_eq!(p.admit_probe(), Ok(true), "8 sessions double the limit");
+        assert!(p.admit_probe().is_err());
+        p.probe_ended(true);
+        p.probe_ended(true);
+        // Once a 429 taught the pace, or one is configured, nothing probes.
+        p.rate_limited(Some(Duration::from_secs(1)), None);
+        assert_eq!(p.admit_probe(), Ok(false));
+        let known = Pacer::new(Pace::elsewhere(limit("1/1s")));
+        assert_eq!(known.admit_probe(), Ok(false));
     }
 
     #[tokio::test(start_paused = true)]
     async fn slots_are_spaced_from_the_previous_answer() {
         let p = Pacer::new(Pace::elsewhere(limit("1/2s")));
         let t0 = Instant::now();
-        tokio::time::advance(MS(2040)).await;
+        tokio::time::advance(MS(2020)).await;
         assert!(p.take().is_ok());
         // The call took 300 ms: the next may arrive no earlier than 2 s (and the margin) after
         // its answer.
         tokio::time::advance(MS(300)).await;
         p.answered();
-        assert_eq!(p.take(), Err(t0 + MS(4380)));
+        assert_eq!(p.take(), Err(t0 + MS(4340)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_at_a_known_pace_widens_the_margin_up_to_a_tenth() {
+        let p = Pacer::new(Pace::elsewhere(limit("1/10s")));
+        assert_eq!(p.with_margin(Duration::from_secs(10)), MS(10_100));
+        p.rate_limited(Some(Duration::from_secs(1)), limit("1/10s"));
+        assert_eq!(p.with_margin(Duration::from_secs(10)), MS(10_200));
+        for _ in 0..5 {
+            p.rate_limited(Some(Duration::from_secs(1)), limit("1/10s"));
+        }
+        assert_eq!(
+            p.with_margin(Duration::from_secs(10)),
+            MS(11_000),
+            "a tenth at most"
+        );
+        // The first 429 against an unknown pace teaches it; it does not widen the margin.
+        let q = Pacer::new(Pace::elsewhere(None));
+        q.rate_limited(Some(Duration::from_secs(1)), limit("1/10s"));
+        assert_eq!(q.with_margin(Duration::from_secs(10)), MS(10_100));
     }
 }

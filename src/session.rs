@@ -170,7 +170,7 @@ impl<'a> Calls<'a> {
     /// carried (see [`Calls::failure`]); waiting for the pace past the hold time hands the
     /// delivery back ([`FlowError::Paced`]): other deliveries took the slots, none of this one's
     /// retries failed.
-    async fn pace(&mut self) -> Result<TakenSlot, FlowError> {
+    async fn pace(&mut self) -> Result<(TakenSlot, Option<Probe<'a>>), FlowError> {
         let deadline = match self.expires {
             Some((e, _)) => self.hold_until.min(e),
             None => self.hold_until,
@@ -185,7 +185,13 @@ impl<'a> Calls<'a> {
                 self.pacer.take_within(deadline - now).await
             };
             match slot {
-                Slot::Now(taken) => return Ok(taken),
+                Slot::Now { taken, probe } => {
+                    let probe = probe.then_some(Probe {
+                        pacer: &self.pacer.local,
+                        session: false,
+                    });
+                    return Ok((taken, probe));
+                }
                 Slot::NotYet(wait) => {
                     self.retry.exclude(wait);
                     // A monotonically growing total, s (metrics' counters hold whole numbers).
@@ -265,9 +271,12 @@ impl<'a> Calls<'a> {
                     ),
                 ));
             }
-            let slot = match endpoint {
-                SESSION_SERVER => Some(self.pace().await?),
-                _ => None,
+            let (slot, mut probe) = match endpoint {
+                SESSION_SERVER => {
+                    let (taken, probe) = self.pace().await?;
+                    (Some(taken), probe)
+                }
+                _ => (None, None),
             };
             // Last thing before the call: the claim is still this delivery's, and renewed to
             // outlast the call (bunq takes no fencing token, so this is as close as it gets).
@@ -288,6 +297,9 @@ impl<'a> Calls<'a> {
                 .get_or_insert_with(OffsetDateTime::now_utc);
             let t0 = Instant::now();
             let result = call().await;
+            if let Some(p) = probe.as_mut() {
+                p.session = result.is_ok();
+            }
             self.last_attempt_at = Some(OffsetDateTime::now_utc());
             let status = match &result {
                 Ok(_) => "200".to_owned(),
@@ -362,6 +374,9 @@ impl<'a> Calls<'a> {
                 RetryClass::Transient => Duration::ZERO,
                 RetryClass::RateLimited { window, .. } => self.pacer.local.pace.window(window),
             };
+            // The probe ends once what bunq said is recorded (a 429's pace and pause), not with
+            // the backoff after it.
+            drop(probe.take());
             let delay = match self.retry.next_delay(floor) {
                 Ok(d) => d,
                 Err(Spent::Attempts) => {
@@ -404,6 +419,20 @@ impl<'a> Calls<'a> {
 }
 
 /// Stands for "no limit" without overflowing clocks: a year.
+/// A session-server call admitted while bunq's pace is unknown
+/// ([`crate::pacing::Pacer::admit_probe`]): ended when dropped, however the call ends.
+struct Probe<'a> {
+    pacer: &'a crate::pacing::Pacer,
+    /// bunq opened a session: the probe limit may grow.
+    session: bool,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        self.pacer.probe_ended(self.session);
+    }
+}
+
 const FAR: Duration = Duration::from_secs(365 * 86_400);
 
 impl SessionFlow {

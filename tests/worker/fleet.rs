@@ -244,10 +244,10 @@ async fn three_replicas_sharing_bunqs_limit_draw_no_429() {
 
 #[tokio::test]
 async fn three_replicas_without_a_limit_learn_bunqs_pace_after_the_first_wave() {
-    // The first concurrent wave (every input at once: nothing is known yet) draws 429s for all
-    // but one call; after it, no call lands inside a window bunq named.
+    // Nothing is known yet: each replica probes with one call at a time, so the first wave
+    // draws at most one 429 per replica; after it, no call lands inside a window bunq named.
     let refused = fleet_against_a_rate_limited_bunq(true, 3, 1, None, 5).await;
-    assert!(refused.len() <= 4, "{refused:?}");
+    assert!(refused.len() <= 3, "{refused:?}");
     assert!(
         refused.iter().all(|t| *t < Duration::from_millis(500)),
         "a 429 after the first wave: {refused:?}"
