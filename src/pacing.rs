@@ -219,6 +219,12 @@ impl Pacer {
         })
     }
 
+    /// When the next slot is due (now at the earliest), taking nothing.
+    pub fn next_due(&self) -> Instant {
+        let st = self.lock();
+        Instant::now().max(st.next_slot).max(st.paused_until)
+    }
+
     /// While the pace is unknown (no configured or documented one, no 429 yet), admits a call
     /// only while fewer than the probe limit are in flight in this process: the limit starts at
     /// 1 and doubles every [`PROBE_SESSIONS_PER_DOUBLING`] sessions ([`Pacer::probe_ended`]),
@@ -239,6 +245,14 @@ impl Pacer {
         }
         st.probes += 1;
         Ok(true)
+    }
+
+    /// Whether a call would wait for a probe to end now ([`Pacer::admit_probe`]), admitting
+    /// nothing.
+    pub fn probes_full(&self) -> bool {
+        let st = self.lock();
+        let limit = 1 << (st.probe_sessions / PROBE_SESSIONS_PER_DOUBLING).min(MAX_PROBE_DOUBLINGS);
+        self.interval(&st).is_none() && st.probes >= limit
     }
 
     /// A call admitted by [`Pacer::admit_probe`] ended; `session`: bunq opened a session.
@@ -323,10 +337,11 @@ pub enum TakenSlot {
 /// A session-server slot, as [`Budget::take_within`] found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
-    /// Taken: call now.
+    /// Due: call now.
     Now {
-        /// The slot, to give back if no call is made.
-        taken: TakenSlot,
+        /// The slot taken, to give back if no call is made (none when only looked at:
+        /// [`Budget::due_within`]).
+        taken: Option<TakenSlot>,
         /// Admitted as a probe ([`Pacer::admit_probe`]): end it with [`Pacer::probe_ended`].
         probe: bool,
     },
@@ -375,12 +390,15 @@ impl Budget {
         };
         let slot = match &self.shared {
             None => match self.local.take() {
-                Ok(taken) => Slot::Now { taken, probe },
+                Ok(taken) => Slot::Now {
+                    taken: Some(taken),
+                    probe,
+                },
                 Err(at) => later(at),
             },
             Some(fleet) => match fleet.take(self.base_with_margin()).await {
                 Ok(Ok(taken)) => Slot::Now {
-                    taken: TakenSlot::Shared(taken),
+                    taken: Some(TakenSlot::Shared(taken)),
                     probe,
                 },
                 Ok(Err(d)) => later(Instant::now() + d),
@@ -391,6 +409,37 @@ impl Budget {
             self.local.probe_ended(false);
         }
         slot
+    }
+
+    /// Whether a slot will be due within `max_wait`, taking nothing: [`Slot::Now`] with no
+    /// slot when it is due now. For a call that must come before the paced one (device-server):
+    /// it is made only when the paced one can follow.
+    pub async fn due_within(&self, max_wait: Duration) -> Slot {
+        if self.local.probes_full() {
+            return Slot::NotYet(PROBE_POLL);
+        }
+        let wait = match &self.shared {
+            None => self
+                .local
+                .next_due()
+                .saturating_duration_since(Instant::now()),
+            Some(fleet) => match fleet.peek().await {
+                Ok(d) => d.max(
+                    self.local
+                        .next_due()
+                        .saturating_duration_since(Instant::now()),
+                ),
+                Err(_) => return Slot::Unavailable,
+            },
+        };
+        match wait {
+            d if d.is_zero() => Slot::Now {
+                taken: None,
+                probe: false,
+            },
+            d if d > max_wait => Slot::TooLate(d),
+            d => Slot::NotYet(d),
+        }
     }
 
     /// The base spacing with this process's margin, for the fleet's scripts (the learned one,

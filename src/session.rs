@@ -69,9 +69,6 @@ pub enum FlowError {
     /// The delivery's claim on the credential was taken (its lease ran out and another delivery
     /// took it, or the record was settled meanwhile): no further call was made.
     Taken(Taken),
-    /// Other deliveries took the session-server slots for as long as this one may be held
-    /// (a backlog at the pace): no call was made for it; hand it back.
-    Paced,
 }
 
 /// One delivery's calls: the retry state, the deadlines and what `session.failed` reports.
@@ -83,7 +80,8 @@ pub(crate) struct Calls<'a> {
     cancel: &'a CancellationToken,
     /// The credential's `expiry_time` as a tokio instant, with its wall-clock form for messages.
     expires: Option<(Instant, OffsetDateTime)>,
-    /// The last moment a paced call may start: `max_hold` after the delivery started.
+    /// The last moment a paced call may start: half the consumer timeout after the delivery
+    /// arrived (its wait for another copy's claim included).
     hold_until: Instant,
     calls: u32,
     first_attempt_at: Option<OffsetDateTime>,
@@ -101,7 +99,7 @@ impl<'a> Calls<'a> {
     pub(crate) fn new(
         policy: RetryPolicy,
         pacer: &'a Budget,
-        max_hold: Duration,
+        hold_until: Instant,
         expiry: Option<OffsetDateTime>,
         lease: Option<&'a Lease>,
         cancel: &'a CancellationToken,
@@ -118,7 +116,7 @@ impl<'a> Calls<'a> {
             lease,
             cancel,
             expires,
-            hold_until: now.checked_add(max_hold).unwrap_or(now + FAR),
+            hold_until,
             calls: 0,
             first_attempt_at: None,
             last_attempt_at: None,
@@ -164,25 +162,44 @@ impl<'a> Calls<'a> {
         self.expires.map(|(_, e)| rfc3339(e)).unwrap_or_default()
     }
 
-    /// Waits for a session-server slot and takes it when it is due. Waiting is not a failure,
-    /// so it is left out of `RETRY_MAX_ELAPSED_S`. A slot past the credential's expiry fails
-    /// the round; a pause (bunq's window) past the hold time ends it with the window's end
-    /// carried (see [`Calls::failure`]); waiting for the pace past the hold time hands the
-    /// delivery back ([`FlowError::Paced`]): other deliveries took the slots, none of this one's
-    /// retries failed.
-    async fn pace(&mut self) -> Result<(TakenSlot, Option<Probe<'a>>), FlowError> {
+    /// Waits for a session-server slot and takes it when it is due (`take`), or only waits
+    /// until one is due (not `take`: before device-server, so that call is made only when
+    /// session-server can follow). Waiting is not a failure, so it is left out of
+    /// `RETRY_MAX_ELAPSED_S`. A slot past the credential's expiry fails the round. A slot past
+    /// the hold time ends the round with the time to come back carried (`not_before`, see
+    /// [`Calls::failure`]): bunq's pause, or the next slot at bunq's pace (others took the
+    /// slots), at least [`MIN_PACED_WAIT`]; the copy waits for it in the broker.
+    async fn pace(
+        &mut self,
+        take: bool,
+    ) -> Result<Option<(TakenSlot, Option<Probe<'a>>)>, FlowError> {
         let deadline = match self.expires {
             Some((e, _)) => self.hold_until.min(e),
             None => self.hold_until,
         };
         let mut unavailable = Retry::new(RetryPolicy::SHARED_STATE, self.cancel);
         loop {
-            let now = Instant::now();
-            let slot = if now >= deadline {
-                // The time this delivery may be held, or its credential, is already over.
-                Slot::TooLate(Duration::ZERO)
-            } else {
-                self.pacer.take_within(deadline - now).await
+            if Instant::now() >= self.hold_until
+                && self
+                    .last_error
+                    .as_ref()
+                    .is_some_and(|e| e.endpoint == SESSION_SERVER)
+            {
+                // Not pacing: this delivery's own retries used up the time it may be held.
+                let last = self
+                    .last_error
+                    .as_ref()
+                    .map_or_else(String::new, |e| format!("; last: {e}"));
+                return Err(self.failure(
+                    FailureReason::RetriesExhausted,
+                    format!("{SESSION_SERVER}: retries took longer than half the consumer timeout (CONSUMER_TIMEOUT_S){last}"),
+                ));
+            }
+            // Past the deadline a slot due now is still taken; a later one is too late.
+            let max_wait = deadline.saturating_duration_since(Instant::now());
+            let slot = match take {
+                true => self.pacer.take_within(max_wait).await,
+                false => self.pacer.due_within(max_wait).await,
             };
             match slot {
                 Slot::Now { taken, probe } => {
@@ -190,7 +207,7 @@ impl<'a> Calls<'a> {
                         pacer: &self.pacer.local,
                         session: false,
                     });
-                    return Ok((taken, probe));
+                    return Ok(taken.map(|t| (t, probe)));
                 }
                 Slot::NotYet(wait) => {
                     self.retry.exclude(wait);
@@ -201,17 +218,6 @@ impl<'a> Calls<'a> {
                         .await
                         .map_err(|_| FlowError::Cancelled)?;
                 }
-                Slot::TooLate(_) if Instant::now() >= self.hold_until && self.calls > 0 => {
-                    // Not pacing: this delivery's own retries used up the time it may be held.
-                    let last = self
-                        .last_error
-                        .as_ref()
-                        .map_or_else(String::new, |e| format!("; last: {e}"));
-                    return Err(self.failure(
-                        FailureReason::RetriesExhausted,
-                        format!("{SESSION_SERVER}: retries took longer than half the consumer timeout (CONSUMER_TIMEOUT_S){last}"),
-                    ));
-                }
                 Slot::TooLate(earliest) => {
                     if self.expired_at(Instant::now() + earliest) {
                         return Err(self.failure(
@@ -219,13 +225,17 @@ impl<'a> Calls<'a> {
                             format!("{SESSION_SERVER} is paced or paused for another {} s (BUNQ_SESSION_RATE_LIMIT or a 429), past the credential's expiry", earliest.as_secs()),
                         ));
                     }
-                    let Some(pause) = self.pacer.paused_for().await else {
-                        return Err(FlowError::Paced);
+                    let (wait, why) = match self.pacer.paused_for().await {
+                        Some(pause) => (pause, "paused (bunq's 429 window)"),
+                        None => (
+                            earliest.max(MIN_PACED_WAIT),
+                            "paced (others took the slots)",
+                        ),
                     };
-                    self.not_before = Some(OffsetDateTime::now_utc() + pause);
+                    self.not_before = Some(OffsetDateTime::now_utc() + wait);
                     return Err(self.failure(
                         FailureReason::RetriesExhausted,
-                        format!("{SESSION_SERVER} is paused for another {} s (bunq's 429 window), past half the consumer timeout (CONSUMER_TIMEOUT_S)", pause.as_secs()),
+                        format!("{SESSION_SERVER} is {why} for another {} s, past half the consumer timeout (CONSUMER_TIMEOUT_S)", wait.as_secs()),
                     ));
                 }
                 Slot::Unavailable => {
@@ -272,10 +282,10 @@ impl<'a> Calls<'a> {
                 ));
             }
             let (slot, mut probe) = match endpoint {
-                SESSION_SERVER => {
-                    let (taken, probe) = self.pace().await?;
-                    (Some(taken), probe)
-                }
+                SESSION_SERVER => match self.pace(true).await? {
+                    Some((taken, probe)) => (Some(taken), probe),
+                    None => (None, None),
+                },
                 _ => (None, None),
             };
             // Last thing before the call: the claim is still this delivery's, and renewed to
@@ -433,6 +443,10 @@ impl Drop for Probe<'_> {
     }
 }
 
+/// The shortest time a copy waits in the broker for bunq's pace, so a copy that comes back
+/// just before its slot does not circle.
+pub const MIN_PACED_WAIT: Duration = Duration::from_secs(1);
+
 const FAR: Duration = Duration::from_secs(365 * 86_400);
 
 impl SessionFlow {
@@ -453,6 +467,7 @@ impl SessionFlow {
         p: &ProvisionReady,
         not_before: Option<OffsetDateTime>,
         lease: Option<&Lease>,
+        hold_until: Instant,
         cancel: &CancellationToken,
     ) -> Result<Opened, FlowError> {
         if let Some(t) = not_before
@@ -463,7 +478,7 @@ impl SessionFlow {
         let mut calls = Calls::new(
             self.policy.clone(),
             &self.pacer,
-            self.max_hold,
+            hold_until,
             p.expiry_time,
             lease,
             cancel,
@@ -477,6 +492,9 @@ impl SessionFlow {
             ));
         }
         if self.register_device {
+            // Registering the device only when session-server can follow: a credential that
+            // must wait for bunq's pace waits before any call, not after one.
+            calls.pace(false).await?;
             calls
                 .run(DEVICE_SERVER, || {
                     self.client.device_server(

@@ -84,6 +84,11 @@ impl Decider {
     /// at shutdown): no new bunq call starts for it then. A panic while working on a credential
     /// becomes a dead letter.
     pub async fn decide(&self, inbound: &Inbound, live: &CancellationToken) -> Decision {
+        // One deadline for the whole delivery: waiting for another copy's claim and then for
+        // bunq's pace together stay within half the consumer timeout.
+        let hold_until = tokio::time::Instant::now()
+            .checked_add(self.flow.max_hold)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(365 * 86_400));
         let lease = match inbound.credential() {
             Some(_) => {
                 let ask = Ask {
@@ -97,7 +102,7 @@ impl Decider {
                     inbound.identity,
                     ask,
                     self.claim_lease,
-                    self.flow.max_hold,
+                    hold_until,
                     live,
                 )
                 .await;
@@ -128,7 +133,9 @@ impl Decider {
                 lease,
             };
         }
-        let outcome = self.claimed(inbound, lease.as_ref(), live).await;
+        let outcome = self
+            .claimed(inbound, lease.as_ref(), hold_until, live)
+            .await;
         // A failure is kept on the claim before its dead letter goes out, as a session is
         // staged: a delivery that takes the claim over settles it again instead of calling
         // bunq. A claim already taken over is the new holder's to settle.
@@ -178,6 +185,7 @@ impl Decider {
         &self,
         inbound: &Inbound,
         lease: Option<&Lease>,
+        hold_until: tokio::time::Instant,
         live: &CancellationToken,
     ) -> Outcome {
         let work = lease.map_or(live, Lease::work);
@@ -210,7 +218,8 @@ impl Decider {
             return Outcome::Returned { counted: false };
         }
         // A bug must not strand a delivery unacked with its prefetch slot held.
-        let opened = AssertUnwindSafe(self.open(inbound, ready, lease, work)).catch_unwind();
+        let opened =
+            AssertUnwindSafe(self.open(inbound, ready, lease, hold_until, work)).catch_unwind();
         let outcome = match opened.await {
             Ok(Some(outcome)) => outcome,
             Ok(None) => {
@@ -246,12 +255,13 @@ impl Decider {
         inbound: &Inbound,
         ready: &ProvisionReady,
         lease: Option<&Lease>,
+        hold_until: tokio::time::Instant,
         work: &CancellationToken,
     ) -> Option<Outcome> {
         Some(
             match self
                 .flow
-                .open(ready, inbound.history.not_before, lease, work)
+                .open(ready, inbound.history.not_before, lease, hold_until, work)
                 .await
             {
                 Ok(opened) => {
@@ -275,9 +285,7 @@ impl Decider {
                 Err(FlowError::Cancelled) => return None,
                 Err(FlowError::Taken(t)) => taken(t),
                 // Nothing is dead-lettered or published because the fleet's Redis is down.
-                Err(FlowError::SharedStateUnavailable | FlowError::Paced) => {
-                    Outcome::Returned { counted: false }
-                }
+                Err(FlowError::SharedStateUnavailable) => Outcome::Returned { counted: false },
                 Err(FlowError::Failed(f)) => after_failure(
                     ready,
                     &inbound.history,

@@ -259,20 +259,18 @@ impl Taken {
 }
 
 /// Takes the claim on the credential `id` (before any bunq call) for `length`, and starts
-/// renewing it. Another delivery's live claim is waited for, at most `max_hold` (half the
-/// consumer timeout); while Redis is unreachable, waits with backoff for as long. `live` ends
+/// renewing it. Another delivery's live claim is waited for, until `hold_until` (the
+/// delivery's deadline: half the consumer timeout after it arrived); while Redis is
+/// unreachable, waits with backoff for as long. `live` ends
 /// the wait, and the lease's work token is its child.
 pub async fn hold(
     records: &Records,
     id: Key,
     ask: Ask,
     length: Duration,
-    max_hold: Duration,
+    hold_until: Instant,
     live: &CancellationToken,
 ) -> Verdict {
-    let hold_until = Instant::now()
-        .checked_add(max_hold)
-        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
     let mut unavailable = Retry::new(RetryPolicy::SHARED_STATE, live);
     let mut told = false;
     loop {

@@ -165,17 +165,15 @@ impl Fleet {
     }
 
     /// Why Redis cannot take the worker's writes, or `None` when it can (for readiness): a
-    /// write is tried (a key under `REDIS_KEY_PREFIX` that expires in 10 s), since a Redis that
-    /// answers PING may still refuse every claim (a read-only replica after a failover,
-    /// `min-replicas-to-write` not met, `maxmemory` reached with `noeviction`).
+    /// write is tried the way claims write, from a Lua script (a key under `REDIS_KEY_PREFIX`
+    /// that expires in 10 s), since a Redis that answers PING may still refuse every claim (a
+    /// read-only replica after a failover, `min-replicas-to-write` not met, `maxmemory` reached
+    /// with `noeviction`, an ACL without `EVAL`/`EVALSHA`).
     pub async fn cannot_write(&self) -> Option<String> {
         let mut conn = self.link.get();
-        let probe = redis::cmd("SET")
-            .arg(format!("{}probe", self.prefix))
-            .arg("1")
-            .arg("PX")
-            .arg(10_000)
-            .query_async::<()>(&mut conn)
+        let probe = scripts::PROBE
+            .key(format!("{}probe", self.prefix))
+            .invoke_async::<i64>(&mut conn)
             .await;
         let e = probe.err()?;
         self.link.after(&e);
@@ -210,6 +208,15 @@ impl Fleet {
         } else {
             Err(Duration::from_millis(a.max(0) as u64))
         })
+    }
+
+    /// How long until the scope's next session-server slot is due, taking nothing.
+    ///
+    /// # Errors
+    /// [`Unavailable`] when Redis cannot be reached.
+    pub async fn peek(&self) -> Result<Duration, Unavailable> {
+        let ms: i64 = self.run(&scripts::PEEK, self.rate_key(), &[]).await?;
+        Ok(Duration::from_millis(ms.max(0) as u64))
     }
 
     /// Gives back a slot taken with [`Fleet::take`] and not used, unless the scope's schedule
@@ -290,6 +297,9 @@ fn refusal(e: &redis::RedisError) -> Option<&'static str> {
         "NOREPLICAS" => Some("no replicas to write (min-replicas-to-write not met)"),
         "OOM" => Some("out of memory (maxmemory reached with noeviction)"),
         "MISCONF" => Some("Redis cannot persist (stop-writes-on-bgsave-error)"),
+        "NOPERM" => {
+            Some("no permission (REDIS_URL's user may not run the scripts: EVAL, EVALSHA, SCRIPT)")
+        }
         _ => None,
     }
 }

@@ -131,6 +131,16 @@ return 1
     ))
 });
 
+/// KEYS[1] the readiness probe key. Writes it from a script, as every claim does.
+pub static PROBE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('SET', KEYS[1], '1', 'PX', 10000)
+return 1
+",
+    )
+});
+
 /// KEYS[1] the fleet's seal key; ARGV a fresh random key (hex). The first replica's key wins;
 /// returns the fleet's.
 pub static SEAL_KEY: LazyLock<Script> = LazyLock::new(|| {
@@ -169,6 +179,15 @@ if interval > 0 then redis.call('HSET', KEYS[1], 'next', now + interval) end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('PEXPIRE', KEYS[1], 86400000)
 return {1, nxt, seq}
+",
+    )
+});
+
+/// KEYS[1] rate hash. Returns ms until the scope's next slot is due (0: now), taking nothing.
+pub static PEEK: LazyLock<Script> = LazyLock::new(|| {
+    with_now(
+        r"
+return math.max(now, nxt, paused) - now
 ",
     )
 });

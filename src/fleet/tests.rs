@@ -111,12 +111,17 @@ async fn a_records_whole_life(a: &Records, b: &Records) {
     let third = acquired(a, &id, ask(1, None)).await;
     // A lost answer stays with the credential; an unconfirmed refusal is handed on.
     a.answer_lost(&id).await.unwrap();
-    a.settle(&id, third.epoch, &Settlement::Answered(Box::new(refusal())))
-        .await
-        .unwrap();
+    let refused = refusal();
+    a.settle(
+        &id,
+        third.epoch,
+        &Settlement::Answered(Box::new(refused.clone())),
+    )
+    .await
+    .unwrap();
     let fourth = acquired(b, &id, ask(1, None)).await;
     assert!(fourth.answer_lost);
-    assert_eq!(fourth.answered.as_deref(), Some(&refusal()));
+    assert_eq!(fourth.answered.as_deref(), Some(&refused));
     b.settle(&id, fourth.epoch, &Settlement::Failed { spent: true })
         .await
         .unwrap();
@@ -294,11 +299,12 @@ async fn a_staged_session_goes_to_the_next_claimant(a: &Records, b: &Records) {
 /// claim over; a holder whose claim was taken keeps nothing.
 async fn a_failure_kept_on_the_claim_goes_to_the_next_holder(a: &Records, b: &Records) {
     let id = [12u8; 32];
+    let refused = refusal();
     let short = Duration::from_millis(50);
     let Ok(Found::Acquired(old)) = a.claim(&id, ask(0, None), short).await else {
         panic!("not acquired");
     };
-    assert_eq!(a.answer(&id, old.epoch, &refusal()).await, Ok(true));
+    assert_eq!(a.answer(&id, old.epoch, &refused).await, Ok(true));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let new = loop {
         if let Ok(Found::Acquired(c)) = b.claim(&id, ask(0, None), LEASE).await {
@@ -310,9 +316,9 @@ async fn a_failure_kept_on_the_claim_goes_to_the_next_holder(a: &Records, b: &Re
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    assert_eq!(new.answered.as_deref(), Some(&refusal()));
+    assert_eq!(new.answered.as_deref(), Some(&refused));
     assert_eq!(
-        a.answer(&id, old.epoch, &refusal()).await,
+        a.answer(&id, old.epoch, &refused).await,
         Ok(false),
         "the claim is the new holder's"
     );
@@ -445,11 +451,31 @@ async fn a_redis_that_refuses_writes_says_why() {
         }
     };
     assert!(why.contains("read-only replica"), "{why}");
-    let records = Records::Shared(replica);
+    let records = Records::Shared(replica.clone());
     assert_eq!(
         records.claim(&[1; 32], Ask::default(), LEASE).await,
         Err(Unavailable)
     );
+    // Promoted, but its user may not run scripts (an ACL): every claim would be refused the
+    // same way, so readiness must say so, not "ready" because a plain SET works.
+    let admin = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-eval")
+        .arg("-evalsha")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let why = replica.cannot_write().await.expect("not ready");
+    assert!(why.contains("no permission"), "{why}");
     child.kill().unwrap();
     child.wait().unwrap();
 }

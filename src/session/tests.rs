@@ -86,7 +86,14 @@ async fn the_expiry_cuts_retries_before_the_wait_that_would_pass_it() {
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 503);
     // Delays 1, 2, 4, 8 s: attempts at 0, 1, 3, 7; the next would be at 15, past the expiry.
-    let mut calls = Calls::new(policy(300), &pacer, FAR, in_s(12), None, &cancel);
+    let mut calls = Calls::new(
+        policy(300),
+        &pacer,
+        Instant::now() + FAR,
+        in_s(12),
+        None,
+        &cancel,
+    );
     let f = failed(calls.run(DEVICE_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::CredentialExpired);
     assert!(f.detail.contains("before the next retry"), "{}", f.detail);
@@ -100,7 +107,7 @@ async fn the_elapsed_budget_ends_retries_with_retries_exhausted() {
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 502);
     // Attempts at 0, 1, 3; waiting 4 more would end at 7, past the 5 s budget.
-    let mut calls = Calls::new(policy(5), &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(policy(5), &pacer, Instant::now() + FAR, None, None, &cancel);
     let f = failed(calls.run(DEVICE_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::RetriesExhausted);
     assert!(
@@ -119,7 +126,7 @@ async fn the_budget_is_shared_by_both_calls_but_attempts_are_per_call() {
         max_attempts: 3,
         ..policy(300)
     };
-    let mut calls = Calls::new(p, &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(p, &pacer, Instant::now() + FAR, None, None, &cancel);
     let device = Script::new(vec![error(RetryClass::Transient, 503); 2]);
     calls.run(DEVICE_SERVER, || device.call()).await.unwrap();
     let session = Script::always(RetryClass::Transient, 503);
@@ -154,14 +161,28 @@ async fn a_429_pauses_every_session_server_call_then_they_go_at_bunqs_pace() {
     let pacer = Budget::from(Pacer::new(Pace::elsewhere(None)));
     let cancel = CancellationToken::new();
     let script = Script::new(vec![too_many(30)]);
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(
+        policy(300),
+        &pacer,
+        Instant::now() + FAR,
+        None,
+        None,
+        &cancel,
+    );
     let t0 = Instant::now();
     let first = calls.run(SESSION_SERVER, || script.call());
     // Another delivery that wants a slot once the 429 has arrived waits out the same window.
     let other_script = Script::new(vec![]);
     let other = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
+        let mut calls = Calls::new(
+            policy(300),
+            &pacer,
+            Instant::now() + FAR,
+            None,
+            None,
+            &cancel,
+        );
         calls.run(SESSION_SERVER, || other_script.call()).await
     };
     let (first, other) = tokio::join!(first, other);
@@ -193,7 +214,7 @@ async fn a_round_whose_attempts_end_on_429s_carries_the_window() {
         ..policy(5)
     };
     let script = Script::new(vec![too_many(10), too_many(10), too_many(10)]);
-    let mut calls = Calls::new(p, &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(p, &pacer, Instant::now() + FAR, None, None, &cancel);
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::RetriesExhausted);
     let at = script.at();
@@ -212,7 +233,7 @@ async fn a_window_past_the_hold_time_ends_the_round_with_the_window_carried() {
     let mut calls = Calls::new(
         policy(30),
         &pacer,
-        Duration::from_secs(60),
+        Instant::now() + Duration::from_secs(60),
         None,
         None,
         &cancel,
@@ -236,7 +257,7 @@ async fn pacing_waits_are_not_charged_to_the_elapsed_budget() {
     let cancel = CancellationToken::new();
     // A new process waits one interval for its first slot: 20 s, more than the 5 s budget.
     let script = Script::new(vec![error(RetryClass::Transient, 503)]);
-    let mut calls = Calls::new(policy(5), &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(policy(5), &pacer, Instant::now() + FAR, None, None, &cancel);
     calls.run(SESSION_SERVER, || script.call()).await.unwrap();
     assert_eq!(
         script.at(),
@@ -256,7 +277,7 @@ async fn a_slot_past_the_hold_time_or_the_expiry_fails_without_a_call() {
     let mut calls = Calls::new(
         policy(300),
         &pacer,
-        Duration::from_secs(10),
+        Instant::now() + Duration::from_secs(10),
         None,
         None,
         &cancel,
@@ -264,11 +285,19 @@ async fn a_slot_past_the_hold_time_or_the_expiry_fails_without_a_call() {
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::RetriesExhausted);
     assert!(
-        f.detail.contains("paused for another 100 s"),
+        f.detail
+            .contains("paused (bunq's 429 window) for another 100 s"),
         "{}",
         f.detail
     );
-    let mut calls = Calls::new(policy(300), &pacer, FAR, in_s(50), None, &cancel);
+    let mut calls = Calls::new(
+        policy(300),
+        &pacer,
+        Instant::now() + FAR,
+        in_s(50),
+        None,
+        &cancel,
+    );
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::CredentialExpired);
     assert!(script.at().is_empty(), "no call was made");
@@ -279,7 +308,14 @@ async fn shutdown_ends_a_retry_wait_at_once() {
     let pacer = Budget::from(Pacer::new(Pace::elsewhere(None)));
     let cancel = CancellationToken::new();
     let script = Script::always(RetryClass::Transient, 503);
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(
+        policy(300),
+        &pacer,
+        Instant::now() + FAR,
+        None,
+        None,
+        &cancel,
+    );
     let t0 = Instant::now();
     let stopper = cancel.clone();
     tokio::spawn(async move {
@@ -300,7 +336,14 @@ async fn a_permanent_answer_is_not_retried() {
         RetryClass::Permanent(FailureReason::CredentialRejected),
         400,
     );
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(
+        policy(300),
+        &pacer,
+        Instant::now() + FAR,
+        None,
+        None,
+        &cancel,
+    );
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::CredentialRejected);
     assert_eq!(f.error_description.as_deref(), Some("from the test"));
@@ -322,14 +365,28 @@ async fn a_refusal_after_a_lost_answer_is_outcome_unknown() {
         400,
     );
     let script = Script::new(vec![lost, spent.clone()]);
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(
+        policy(300),
+        &pacer,
+        Instant::now() + FAR,
+        None,
+        None,
+        &cancel,
+    );
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::OutcomeUnknown);
     assert!(f.detail.contains("token reset"), "{}", f.detail);
     assert!(f.detail.contains("timed out"), "{}", f.detail);
     // Without a lost answer before it, the same refusal is the credential's.
     let script = Script::new(vec![spent]);
-    let mut calls = Calls::new(policy(300), &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(
+        policy(300),
+        &pacer,
+        Instant::now() + FAR,
+        None,
+        None,
+        &cancel,
+    );
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::CredentialRejected);
 }
@@ -350,7 +407,7 @@ async fn a_device_server_refusal_after_a_lost_answer_is_outcome_unknown() {
         max_attempts: 1,
         ..policy(300)
     };
-    let mut calls = Calls::new(p, &pacer, FAR, None, None, &cancel);
+    let mut calls = Calls::new(p, &pacer, Instant::now() + FAR, None, None, &cancel);
     let script = Script::new(vec![lost]);
     let f = failed(calls.run(SESSION_SERVER, || script.call()).await);
     assert_eq!(f.reason, FailureReason::RetriesExhausted);
@@ -371,7 +428,7 @@ async fn retries_past_the_hold_time_say_so_rather_than_blame_pacing() {
     let mut calls = Calls::new(
         policy(300),
         &pacer,
-        Duration::from_secs(5),
+        Instant::now() + Duration::from_secs(5),
         None,
         None,
         &cancel,

@@ -397,3 +397,43 @@ async fn a_restart_leaves_no_idle_slots_in_a_fleet() {
 async fn a_restarted_process_without_redis_waits_one_interval() {
     a_restart_leaves_no_idle_slots(false).await;
 }
+
+/// bunq teaches a pace slower than a delivery may be held (one call a minute, a 2 s hold):
+/// every credential that cannot have a slot in time waits for it in the broker: no hand-back
+/// loop, and no device-server call for a round that cannot reach session-server.
+#[tokio::test]
+async fn a_pace_slower_than_the_hold_parks_without_calling_bunq_again_and_again() {
+    let mut app = TestApp::new().await;
+    app.settings.broker.consumer_timeout = Duration::from_secs(4);
+    app.bunq_registers_every_device().await;
+    app.session_server()
+        .first_calls(1)
+        .answers(
+            429,
+            r#"{"Error":[{"error_description":"Too many requests. You can do a maximum of 1 calls per 60 second to this endpoint."}]}"#,
+        )
+        .await;
+    app.session_server()
+        .answers(200, &fixture("session-server.user-person.json"))
+        .await;
+    app.start_worker().await;
+    for i in 0..3 {
+        app.publish_json(&slim(i, &format!("tok-slow-pace-{i}")))
+            .await;
+    }
+    let wait_queue = format!("{}.wait", app.names.input_queue);
+    eventually("every credential waits in the window queue", || async {
+        app.ready_count(&wait_queue).await == 3
+    })
+    .await;
+    // The first wave registers its devices before bunq's pace is known; none after.
+    let devices = app.requests("device-server").await.len();
+    assert!(
+        devices <= 3,
+        "{devices} device-server calls for 3 credentials"
+    );
+    assert_eq!(app.requests("session-server").await.len(), 1);
+    assert_eq!(app.ready_count(&app.names.input_queue).await, 0);
+    assert_eq!(app.ready_count(&app.names.dead_letter_queue).await, 0);
+    app.cleanup().await;
+}
