@@ -70,14 +70,17 @@ impl Pace {
         named.filter(|w| !w.is_zero()).unwrap_or(DEFAULT_429_WINDOW)
     }
 
-    /// The interval a 429 teaches: the rate bunq stated, else one call per window; never
-    /// faster than the configured pace, else bunq's documented one, else [`OTHER_HOST_FLOOR`].
+    /// The interval a 429 teaches: the rate bunq stated; else one call per window, at most
+    /// bunq's documented interval (a long `Retry-After` is a pause, not a pace: after it calls
+    /// go at bunq's documented rate); never faster than the configured pace, else bunq's
+    /// documented one, else [`OTHER_HOST_FLOOR`].
     pub fn learned(&self, window: Duration, rate: Option<RateLimit>) -> Duration {
         let floor = self
             .configured
             .or(self.documented)
             .unwrap_or(OTHER_HOST_FLOOR);
-        rate.map_or(window, |r| r.interval()).max(floor)
+        rate.map_or(window.min(DOCUMENTED_INTERVAL), |r| r.interval())
+            .max(floor)
     }
 
     /// The spacing of slots before the margin: the slower of the base and the learned
@@ -602,6 +605,16 @@ mod tests {
         assert_eq!(configured.learned(w, fast), Duration::from_secs(10));
         // Slower than the floor is taken as bunq says.
         assert_eq!(fake.learned(w, limit("1/5s")), Duration::from_secs(5));
+        assert_eq!(fake.learned(w, limit("1/600s")), Duration::from_secs(600));
+        // A bare window is a pause: the pace after it is one per window up to bunq's figure.
+        assert_eq!(
+            fake.learned(Duration::from_secs(5), None),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            fake.learned(Duration::from_secs(86_400), None),
+            DOCUMENTED_INTERVAL
+        );
         // bunq's own hosts start at bunq's figure; elsewhere nothing is known before a 429.
         assert_eq!(bunq.spacing(None), Some(DOCUMENTED_INTERVAL));
         assert_eq!(fake.spacing(None), None);
