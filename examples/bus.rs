@@ -138,7 +138,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                         .as_ref()
                         .map(|m| m.as_str())
                         .unwrap_or("-"),
-                    String::from_utf8_lossy(&d.data)
+                    masked(&d.data)
                 );
             }
         }
@@ -213,4 +213,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let _ = conn.close(200, "bye".into()).await;
     Ok(())
+}
+
+/// The event's body for a terminal: a session token (in clear or sealed) shows its first 4
+/// characters only, as the demo shows it; a terminal's scrollback is no place for a bearer
+/// secret. A body that is not JSON is shown as it is.
+fn masked(body: &[u8]) -> String {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return String::from_utf8_lossy(body).into_owned();
+    };
+    for field in ["session_token", "session_token_jwe"] {
+        if let Some(t) = v.get(field).and_then(|t| t.as_str()) {
+            let shown = format!("{}…", t.chars().take(4).collect::<String>());
+            v[field] = serde_json::Value::String(shown);
+        }
+    }
+    v.to_string()
 }

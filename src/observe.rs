@@ -81,13 +81,23 @@ pub fn recorder() -> PrometheusHandle {
 
 /// Why `METRICS_ADDR` could not be served.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on METRICS_ADDR {addr}")]
+#[error("cannot listen on METRICS_ADDR {addr}{}", hint(source))]
 pub struct ServeError {
     /// The address.
     pub addr: SocketAddr,
     /// The I/O error.
     #[source]
     pub source: std::io::Error,
+}
+
+/// What to do when the port is taken: most often a second worker on one host.
+fn hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (the port is in use: another worker on this host? give each its own METRICS_ADDR, e.g. METRICS_ADDR=127.0.0.1:9465, or 127.0.0.1:0 for any free port)"
+        }
+        _ => "",
+    }
 }
 
 #[derive(Clone)]
@@ -166,4 +176,32 @@ async fn readyz(State(p): State<Served>) -> impl IntoResponse {
         [("content-type", "application/json")],
         body.to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_port_suggests_another_metrics_addr() {
+        let e = ServeError {
+            addr: "0.0.0.0:9464".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("cannot listen on METRICS_ADDR 0.0.0.0:9464"),
+            "{text}"
+        );
+        assert!(text.contains("another worker on this host"), "{text}");
+        assert!(text.contains("METRICS_ADDR=127.0.0.1:9465"), "{text}");
+        let other = ServeError {
+            addr: "0.0.0.0:9464".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert_eq!(
+            other.to_string(),
+            "cannot listen on METRICS_ADDR 0.0.0.0:9464"
+        );
+    }
 }

@@ -372,7 +372,8 @@ fn response_id(headers: &HeaderMap) -> Option<String> {
         .map(|s| s.chars().take(100).collect())
 }
 
-/// Names the kind of transport failure without the URL's query or any header.
+/// Names the kind of transport failure without the URL's path, query or any header; one that
+/// never reached bunq (connect, timeout) names the host and `BUNQ_API_URL`, the setting to check.
 fn transport_error(e: &reqwest::Error) -> String {
     let kind = if e.is_builder() {
         "the request could not be built"
@@ -387,6 +388,13 @@ fn transport_error(e: &reqwest::Error) -> String {
     } else {
         "transport error"
     };
+    let place = e
+        .url()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
+    let kind = match place {
+        Some(p) if e.is_connect() || e.is_timeout() => format!("{kind} to {p} (BUNQ_API_URL)"),
+        _ => kind.to_owned(),
+    };
     let mut source = std::error::Error::source(e);
     let mut cause = String::new();
     while let Some(s) = source {
@@ -394,7 +402,7 @@ fn transport_error(e: &reqwest::Error) -> String {
         source = s.source();
     }
     if cause.is_empty() {
-        kind.to_owned()
+        kind
     } else {
         format!("{kind}: {cause}")
     }

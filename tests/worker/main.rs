@@ -24,5 +24,6 @@ mod proxy;
 mod record;
 mod redis_outage;
 mod resilience;
+mod samples;
 mod takeover;
 mod taps;

@@ -14,7 +14,10 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use lapin::{
     Channel, Connection, ConnectionProperties,
-    options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
+    options::{
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
     types::{AMQPValue, FieldTable},
 };
 use secrecy::ExposeSecret;
@@ -26,6 +29,9 @@ use samples::{Expect, Sample, Seen};
 
 /// How long the demo waits for all outcomes.
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long `samples` looks for outcomes when no worker consumes the input queue.
+const NO_CONSUMER_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why the demo or `samples` could not run (as opposed to an unexpected outcome).
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +45,11 @@ pub enum DemoError {
     /// The broker refused or failed.
     #[error("broker: {0}")]
     Broker(String),
+    /// No worker has declared its topology with these settings: nothing to send samples to.
+    #[error(
+        "exchange '{0}' does not exist: no worker has run with these settings yet. Start the worker first (`cargo run --release`, the same INPUT_EXCHANGE, OUTPUT_EXCHANGE and DEAD_LETTER_EXCHANGE), then run samples again"
+    )]
+    NoWorker(String),
     /// The temporary directory could not be made.
     #[error("cannot create a temporary directory")]
     TempDir(#[source] std::io::Error),
@@ -290,8 +301,19 @@ async fn remove_topology(channel: &Channel, s: &Settings) {
 pub async fn publish_samples(settings: &Settings) -> Result<bool, DemoError> {
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let observer = format!("samples-{run}.observer");
+    let consumers = worker_consumers(settings).await?;
     let (conn, channel) = open_observer(settings, &observer).await?;
     let t = &settings.topology;
+    // With no consumer nothing will come back unless one starts: a short look, not a minute.
+    let deadline = if consumers == 0 {
+        println!(
+            "note: no worker consumes '{}' right now; the samples wait there until one does",
+            t.input_queue
+        );
+        NO_CONSUMER_DEADLINE
+    } else {
+        DEADLINE
+    };
     let samples = samples::samples();
     let publisher = conn.create_channel().await.map_err(broker)?;
     samples::publish(
@@ -304,9 +326,10 @@ pub async fn publish_samples(settings: &Settings) -> Result<bool, DemoError> {
     .await
     .map_err(DemoError::Broker)?;
     println!(
-        "published {} sample events to {}; outcomes:",
+        "published {} sample events to {}; outcomes (waiting up to {} s):",
         samples.len(),
-        t.input_exchange
+        t.input_exchange,
+        deadline.as_secs()
     );
     let mut seen = HashMap::new();
     let expected: Vec<(String, &Sample)> = samples
@@ -317,7 +340,7 @@ pub async fn publish_samples(settings: &Settings) -> Result<bool, DemoError> {
         &channel,
         &[observer.as_str()],
         &mut seen,
-        DEADLINE,
+        deadline,
         |seen| {
             expected.iter().all(|(id, s)| {
                 s.expect == Expect::Skipped || seen.get(id).is_some_and(|g| g.complete(s.expect))
@@ -334,10 +357,15 @@ pub async fn publish_samples(settings: &Settings) -> Result<bool, DemoError> {
     )
     .await
     .map_err(DemoError::Broker)?;
+    // Samples still in the input queue were not handled: neither skipped nor settled.
+    let queued = queued_in(&channel, &t.input_queue).await;
     let mut all_ok = true;
     for (id, s) in &expected {
         let got = seen.remove(id).unwrap_or_default();
-        if s.expect == Expect::Skipped && got.matches(s.expect) {
+        if queued > 0 && got.event.is_none() && got.dead_letter.is_none() {
+            all_ok = false;
+            println!("  {:<22} → no outcome: still queued?", s.name);
+        } else if s.expect == Expect::Skipped && got.matches(s.expect) {
             println!("  {:<22} → no event (skipped, as expected)", s.name);
         } else if !got.matches(s.expect) {
             all_ok = false;
@@ -349,6 +377,79 @@ pub async fn publish_samples(settings: &Settings) -> Result<bool, DemoError> {
             );
         }
     }
+    if queued > 0 {
+        println!(
+            "{queued} message(s) still wait in '{}': the worker is not consuming or not processing them (is it running with these settings? its /readyz says why not: no API context, breaker open, Redis unreachable)",
+            t.input_queue
+        );
+    }
     let _ = conn.close(200, "samples done".into()).await;
     Ok(all_ok)
+}
+
+/// How many consumers the worker's input queue has, once its exchanges are known to exist.
+///
+/// # Errors
+/// [`DemoError::NoWorker`] naming the first of the worker's exchanges that does not exist;
+/// [`DemoError::Broker`] when the broker cannot be used.
+async fn worker_consumers(settings: &Settings) -> Result<u32, DemoError> {
+    let t = &settings.topology;
+    let conn = Connection::connect(
+        settings.broker.amqp_url.expose_secret(),
+        ConnectionProperties::default(),
+    )
+    .await
+    .map_err(broker)?;
+    // A passive declare that fails closes its channel: one channel per look.
+    for exchange in [
+        &t.input_exchange,
+        &t.output_exchange,
+        &t.dead_letter_exchange,
+    ] {
+        let ch = conn.create_channel().await.map_err(broker)?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        if ch
+            .exchange_declare(
+                exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_err()
+        {
+            let _ = conn.close(200, "samples".into()).await;
+            return Err(DemoError::NoWorker(exchange.clone()));
+        }
+    }
+    let ch = conn.create_channel().await.map_err(broker)?;
+    let consumers = passive_queue(&ch, &t.input_queue)
+        .await
+        .map_or(0, |q| q.consumer_count());
+    let _ = conn.close(200, "samples".into()).await;
+    Ok(consumers)
+}
+
+/// Ready messages in `queue` (0 when it cannot be looked at).
+async fn queued_in(channel: &Channel, queue: &str) -> u32 {
+    passive_queue(channel, queue)
+        .await
+        .map_or(0, |q| q.message_count())
+}
+
+async fn passive_queue(channel: &Channel, queue: &str) -> Option<lapin::Queue> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
 }
