@@ -41,6 +41,12 @@ pub enum ConnectError {
     Timeout(u64),
 }
 
+/// The brokers of an `AMQP_URL`: one URL, or several separated by commas (the nodes of a
+/// cluster, as Spring's `addresses` takes them), each trimmed; empty entries are skipped.
+pub fn amqp_urls(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
 /// Replaces the password of a `scheme://user:password@host/...` URL with `***`, for logs.
 pub fn redact_url_password(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
@@ -107,10 +113,20 @@ pub async fn bounded<T>(
 /// handshake by filling them, and a worker holds 8 MiB more from its first second.
 pub const FRAME_MAX: u32 = 128 * 1024;
 
+/// One broker of `AMQP_URL`.
+struct Node {
+    uri: AMQPUri,
+    /// The URL without its password, for logs.
+    redacted: String,
+    /// `host:port`, for the metric's label.
+    address: String,
+}
+
 /// The worker's connection to the broker, shared by the consumer loop and the publisher.
 pub struct Link {
-    uri: AMQPUri,
-    redacted_url: String,
+    nodes: Vec<Node>,
+    /// The node of the last connection (the first until one is made).
+    node: std::sync::atomic::AtomicUsize,
     name: String,
     current: Mutex<Option<Arc<Connection>>>,
     blocked: Arc<AtomicBool>,
@@ -121,31 +137,48 @@ pub struct Link {
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Link")
-            .field("url", &self.redacted_url)
+            .field("url", &self.redacted_url())
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
 
 impl Link {
-    /// Prepares a link to `url` with connection name `name` (shown by `rabbitmqctl
+    /// Prepares a link to the brokers of `url` (one, or several comma-separated:
+    /// [`amqp_urls`]) with connection name `name` (shown by `rabbitmqctl
     /// list_connections client_properties` and the management UI) and the heartbeat timeout
-    /// `heartbeat_s` unless the URL sets one, asking for frames of [`FRAME_MAX`] bytes unless it
+    /// `heartbeat_s` unless a URL sets one, asking for frames of [`FRAME_MAX`] bytes unless it
     /// sets `frame_max`.
     ///
     /// # Errors
-    /// [`ConnectError::BadUrl`] when `url` does not parse (start-up validation normally catches
-    /// this first).
+    /// [`ConnectError::BadUrl`] when a URL does not parse or none is given (start-up validation
+    /// normally catches this first).
     pub fn new(url: &SecretString, name: String, heartbeat_s: u16) -> Result<Self, ConnectError> {
-        let url = url.expose_secret();
-        let mut uri: AMQPUri = url.parse().map_err(ConnectError::BadUrl)?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(heartbeat_s);
+        let mut nodes = Vec::new();
+        for url in amqp_urls(url.expose_secret()) {
+            let mut uri: AMQPUri = url
+                .parse()
+                .map_err(|e: String| ConnectError::BadUrl(redact_url_password(&e)))?;
+            if uri.query.heartbeat.is_none() {
+                uri.query.heartbeat = Some(heartbeat_s);
+            }
+            uri.query.frame_max.get_or_insert(FRAME_MAX);
+            nodes.push(Node {
+                address: format!("{}:{}", uri.authority.host, uri.authority.port),
+                uri,
+                redacted: redact_url_password(url),
+            });
         }
-        let frame_max = *uri.query.frame_max.get_or_insert(FRAME_MAX);
+        let frame_max = nodes
+            .first()
+            .ok_or_else(|| ConnectError::BadUrl("no broker given".into()))?
+            .uri
+            .query
+            .frame_max
+            .unwrap_or(FRAME_MAX);
         Ok(Self {
-            uri,
-            redacted_url: redact_url_password(url),
+            nodes,
+            node: std::sync::atomic::AtomicUsize::new(0),
             name,
             current: Mutex::new(None),
             blocked: Arc::new(AtomicBool::new(false)),
@@ -164,9 +197,10 @@ impl Link {
         &self.name
     }
 
-    /// The URL without its password.
+    /// The URL of the broker of the last connection (the first until one is made), without
+    /// its password.
     pub fn redacted_url(&self) -> &str {
-        &self.redacted_url
+        &self.nodes[self.node.load(Ordering::Relaxed) % self.nodes.len()].redacted
     }
 
     /// Whether the broker has blocked publishing on this connection (a memory or disk alarm,
@@ -181,17 +215,42 @@ impl Link {
         guard.as_ref().filter(|c| c.status().connected()).cloned()
     }
 
-    /// Opens a new connection within [`CONNECT_TIMEOUT`] (closing nothing: the old one is
-    /// already dead or is dropped).
+    /// Opens a new connection, each broker tried within [`CONNECT_TIMEOUT`] (closing nothing:
+    /// the old one is already dead or is dropped). With several brokers, tries them in turn:
+    /// the first time from the first, afterwards from the one after the last connection's (the
+    /// node just lost), so a dead node is not tried first again.
     ///
     /// # Errors
-    /// [`ConnectError`] when the broker is unreachable, refuses the login or does not answer in
-    /// time.
+    /// [`ConnectError`] of the last broker tried when none can be reached, all refuse the login
+    /// or none answers in time.
     pub async fn connect(&self) -> Result<Arc<Connection>, ConnectError> {
+        let n = self.nodes.len();
+        let start = match self.current.lock().await.is_some() {
+            true => self.node.load(Ordering::Relaxed) + 1,
+            false => self.node.load(Ordering::Relaxed),
+        };
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match self.connect_to(i).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    if n > 1 {
+                        warn!(node = %self.nodes[i].redacted, error = %crate::telemetry::Chain(&e), "cannot reach this broker node; trying the next");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(ConnectError::BadUrl("no broker given".into())))
+    }
+
+    async fn connect_to(&self, i: usize) -> Result<Arc<Connection>, ConnectError> {
+        let node = &self.nodes[i];
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let conn = match tokio::time::timeout(
             CONNECT_TIMEOUT,
-            Connection::connect_uri(self.uri.clone(), props),
+            Connection::connect_uri(node.uri.clone(), props),
         )
         .await
         {
@@ -199,6 +258,16 @@ impl Link {
             Ok(Err(e)) => return Err(ConnectError::Amqp(e)),
             Err(_) => return Err(ConnectError::Timeout(CONNECT_TIMEOUT.as_secs())),
         };
+        self.node.store(i, Ordering::Relaxed);
+        // Which node the worker is on: 1 for it, 0 for the others (labels: the configured
+        // nodes' host:port, a bounded set).
+        for (j, other) in self.nodes.iter().enumerate() {
+            metrics::gauge!("bunq_session_worker_broker_node", "node" => other.address.clone())
+                .set(if j == i { 1.0 } else { 0.0 });
+        }
+        if self.nodes.len() > 1 {
+            info!(node = %node.redacted, "connected to the broker node");
+        }
         self.blocked.store(false, Ordering::Relaxed);
         self.frame_max
             .store(conn.configuration().frame_max(), Ordering::Relaxed);
@@ -232,7 +301,7 @@ impl Link {
             |_| self.connect(),
             |_| false,
             |e, attempt, _| {
-                warn!(attempt, error = %crate::telemetry::Chain(e), url = %self.redacted_url, "cannot reach the broker; retrying")
+                warn!(attempt, error = %crate::telemetry::Chain(e), url = %self.redacted_url(), "cannot reach the broker; retrying")
             },
         )
         .await;
@@ -278,16 +347,40 @@ mod tests {
             30,
         )
         .unwrap();
-        assert_eq!(plain.uri.query.heartbeat, Some(30));
-        assert_eq!(plain.uri.query.frame_max, Some(FRAME_MAX));
+        assert_eq!(plain.nodes[0].uri.query.heartbeat, Some(30));
+        assert_eq!(plain.nodes[0].uri.query.frame_max, Some(FRAME_MAX));
         let own = Link::new(
             &SecretString::from("amqp://localhost/%2f?heartbeat=5&frame_max=65536"),
             "t".into(),
             30,
         )
         .unwrap();
-        assert_eq!(own.uri.query.heartbeat, Some(5));
-        assert_eq!(own.uri.query.frame_max, Some(65_536));
+        assert_eq!(own.nodes[0].uri.query.heartbeat, Some(5));
+        assert_eq!(own.nodes[0].uri.query.frame_max, Some(65_536));
         assert_eq!(own.frame_max(), 65_536);
+    }
+
+    #[test]
+    fn several_brokers_are_read_in_order_each_with_its_own_settings() {
+        let link = Link::new(
+            &SecretString::from(
+                "amqp://u:secret@rabbit-1:5672/%2f, amqp://u:secret@rabbit-2:5673/%2f?heartbeat=7,,",
+            ),
+            "t".into(),
+            30,
+        )
+        .unwrap();
+        let seen: Vec<(&str, Option<u16>)> = link
+            .nodes
+            .iter()
+            .map(|n| (n.address.as_str(), n.uri.query.heartbeat))
+            .collect();
+        assert_eq!(
+            seen,
+            [("rabbit-1:5672", Some(30)), ("rabbit-2:5673", Some(7))]
+        );
+        assert_eq!(link.redacted_url(), "amqp://u:***@rabbit-1:5672/%2f");
+        assert!(!format!("{link:?}").contains("secret"));
+        assert!(Link::new(&SecretString::from(" , "), "t".into(), 30).is_err());
     }
 }

@@ -10,13 +10,15 @@ use super::{
     ConfigError,
     parse::{parse_ms, parse_s, parse_secret},
 };
-use crate::broker::link::redact_url_password;
+use crate::broker::link::{amqp_urls, redact_url_password};
 
 /// The broker connection and the consumer.
 #[derive(Clone, Args)]
 pub struct BrokerSettings {
     /// AMQP 0-9-1 broker URL; `amqps://` uses TLS. `?heartbeat=N` and other lapin URI query
-    /// parameters are honoured.
+    /// parameters are honoured. Several, comma-separated (a cluster's nodes): the worker
+    /// connects to the first that answers and, on every reconnect, tries the others in turn,
+    /// starting after the one it lost.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -68,7 +70,18 @@ impl std::fmt::Debug for BrokerSettings {
 impl BrokerSettings {
     /// The AMQP URL with its password replaced by `***`, for logs.
     pub fn amqp_url_redacted(&self) -> String {
-        redact_url_password(self.amqp_url.expose_secret())
+        amqp_urls(self.amqp_url.expose_secret())
+            .map(redact_url_password)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The first of `AMQP_URL`'s brokers, for the tools (`demo`, `samples`) that need one.
+    pub fn first_amqp_url(&self) -> String {
+        amqp_urls(self.amqp_url.expose_secret())
+            .next()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// Checks what clap cannot check field by field.
@@ -77,14 +90,26 @@ impl BrokerSettings {
     /// [`ConfigError`] naming the variable when `AMQP_URL` is not `amqp://` or `amqps://` or
     /// does not parse as an AMQP URI, or `PUBLISH_CONFIRM_TIMEOUT_MS` is 0.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.amqp_url.expose_secret();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(ConfigError(
-                "AMQP_URL must start with amqp:// or amqps://".into(),
-            ));
+        let urls: Vec<&str> = amqp_urls(self.amqp_url.expose_secret()).collect();
+        if urls.is_empty() {
+            return Err(ConfigError("AMQP_URL names no broker".into()));
         }
-        if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
-            return Err(ConfigError(format!("AMQP_URL does not parse: {e}")));
+        for (i, url) in urls.iter().enumerate() {
+            let which = match urls.len() {
+                1 => String::new(),
+                _ => format!(" (broker {} of {})", i + 1, urls.len()),
+            };
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err(ConfigError(format!(
+                    "AMQP_URL must start with amqp:// or amqps://{which}"
+                )));
+            }
+            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(ConfigError(format!(
+                    "AMQP_URL does not parse{which}: {}",
+                    redact_url_password(&e)
+                )));
+            }
         }
         if self.publish_confirm_timeout.is_zero() {
             return Err(ConfigError(

@@ -40,6 +40,18 @@ fn invalid_values_name_the_setting() {
     assert!(e.contains("--queue-type"), "{e}");
     let e = parse(&["--amqp-url", "http://x"]).unwrap_err();
     assert!(e.contains("AMQP_URL"), "{e}");
+    let e = parse(&["--amqp-url", "amqp://u:pw@a:5672/%2f,http://b"]).unwrap_err();
+    assert!(e.contains("AMQP_URL") && e.contains("broker 2 of 2"), "{e}");
+    let s = parse(&[
+        "--amqp-url",
+        "amqp://u:pw@a:5672/%2f, amqp://u:pw@b:5672/%2f",
+    ])
+    .unwrap();
+    assert_eq!(
+        s.broker.amqp_url_redacted(),
+        "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"
+    );
+    assert_eq!(s.broker.first_amqp_url(), "amqp://u:pw@a:5672/%2f");
     let e = parse(&["--bunq-permitted-ips", "10.0.0.1,::1"]).unwrap_err();
     assert!(e.contains("BUNQ_PERMITTED_IPS"), "{e}");
     let e = parse(&["--bunq-installation-token", "x"]).unwrap_err();

@@ -339,3 +339,44 @@ async fn shutdown_is_bounded_while_the_broker_is_a_black_hole() {
     proxy.restore();
     app.cleanup().await;
 }
+
+/// `AMQP_URL` names two brokers (here two routes to the one broker, each through a proxy, as
+/// two nodes of a cluster): the worker connects to the first that answers, and when the node it
+/// is on goes away, reconnects to the other by itself; nothing is lost on the way.
+#[tokio::test]
+async fn with_two_broker_nodes_the_worker_moves_to_the_other_when_its_node_goes() {
+    let mut app = TestApp::new().await;
+    let first = TcpProxy::start(amqp_host_port(&app.amqp_url)).await;
+    let second = TcpProxy::start(amqp_host_port(&app.amqp_url)).await;
+    // The first node is down when the worker starts.
+    first.cut();
+    app.settings.broker.amqp_url = SecretString::from(format!(
+        "{},{}",
+        amqp_url_via(&app.amqp_url, first.addr()),
+        amqp_url_via(&app.amqp_url, second.addr())
+    ));
+    app.settings.broker.heartbeat_s = 2;
+    app.bunq_opens_every_session().await;
+    app.start_worker().await;
+    assert!(second.accepted() > 0, "it connected to the second node");
+    app.publish_json(&slim(1, "tok-node-two")).await;
+    assert_eq!(body_json(&app.next_output().await)["provision_id"], 1);
+    // The first node comes back and the second goes away: the worker moves to the first.
+    first.restore();
+    let before = first.accepted();
+    second.cut();
+    app.publish_json(&slim(2, "tok-node-one")).await;
+    let out = loop {
+        let out = app.next_output().await;
+        if body_json(&out)["provision_id"] == 2 {
+            break out;
+        }
+    };
+    assert_eq!(type_of(&out), "session.created");
+    assert!(
+        first.accepted() > before,
+        "it reconnected through the first node"
+    );
+    assert!(app.worker_is_running(), "no process restart needed");
+    app.cleanup().await;
+}

@@ -20,7 +20,6 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable},
 };
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use super::emulator::{self, EmulatorSettings};
@@ -225,7 +224,7 @@ async fn open_observer(
     queue: &str,
 ) -> Result<(Connection, Channel), DemoError> {
     let conn = Connection::connect(
-        settings.broker.amqp_url.expose_secret(),
+        &settings.broker.first_amqp_url(),
         ConnectionProperties::default(),
     )
     .await
@@ -395,7 +394,7 @@ pub async fn publish_samples(settings: &Settings) -> Result<bool, DemoError> {
 async fn worker_consumers(settings: &Settings) -> Result<u32, DemoError> {
     let t = &settings.topology;
     let conn = Connection::connect(
-        settings.broker.amqp_url.expose_secret(),
+        &settings.broker.first_amqp_url(),
         ConnectionProperties::default(),
     )
     .await
