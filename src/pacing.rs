@@ -140,6 +140,16 @@ impl Margin {
     }
 }
 
+impl State {
+    /// Whether as many probes are in flight as the limit allows: 1, doubling every
+    /// [`PROBE_SESSIONS_PER_DOUBLING`] sessions, at most 2^[`MAX_PROBE_DOUBLINGS`].
+    fn probes_full(&self) -> bool {
+        let doublings =
+            (self.probe_sessions / PROBE_SESSIONS_PER_DOUBLING).min(MAX_PROBE_DOUBLINGS);
+        self.probes >= 1 << doublings
+    }
+}
+
 /// Sessions in a row that double the probe limit: a limit of N calls per window shows itself
 /// (a 429) before the limit grows past N, for N under this.
 const PROBE_SESSIONS_PER_DOUBLING: u32 = 8;
@@ -242,8 +252,7 @@ impl Pacer {
         if self.interval(&st).is_some() {
             return Ok(false);
         }
-        let limit = 1 << (st.probe_sessions / PROBE_SESSIONS_PER_DOUBLING).min(MAX_PROBE_DOUBLINGS);
-        if st.probes >= limit {
+        if st.probes_full() {
             return Err(Instant::now() + PROBE_POLL);
         }
         st.probes += 1;
@@ -254,8 +263,7 @@ impl Pacer {
     /// nothing.
     pub fn probes_full(&self) -> bool {
         let st = self.lock();
-        let limit = 1 << (st.probe_sessions / PROBE_SESSIONS_PER_DOUBLING).min(MAX_PROBE_DOUBLINGS);
-        self.interval(&st).is_none() && st.probes >= limit
+        self.interval(&st).is_none() && st.probes_full()
     }
 
     /// A call admitted by [`Pacer::admit_probe`] ended; `session`: bunq opened a session.

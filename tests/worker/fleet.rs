@@ -38,6 +38,33 @@ pub(crate) async fn remove_keys(prefix: &str) {
     }
 }
 
+/// Redis's clock (ms), and the `fields` of every credential record under `prefix` in the test
+/// Redis (in no particular order).
+pub(crate) async fn record_fields(
+    prefix: &str,
+    fields: &[&str],
+) -> (u64, Vec<Vec<Option<String>>>) {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}credential:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    for k in keys {
+        let values: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&k)
+            .arg(fields)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        records.push(values);
+    }
+    (secs * 1000 + micros / 1000, records)
+}
+
 /// session-server calls the fake received for `token`.
 pub(crate) async fn calls_for(app: &TestApp, token: &str) -> usize {
     secrets_sent(app, "session-server")

@@ -13,7 +13,7 @@ use std::{
 use wiremock::{Request, Respond, ResponseTemplate};
 
 use crate::{
-    fleet::{calls_for, redis_url, remove_keys, use_redis},
+    fleet::{calls_for, record_fields, redis_url, remove_keys, use_redis},
     helpers::*,
     proxy::TcpProxy,
 };
@@ -37,27 +37,14 @@ impl Respond for CutsRedis {
 /// Each credential record under `prefix`: its state (`st`) and whether its lease (`le`) is over
 /// on Redis's clock.
 async fn records(prefix: &str) -> Vec<(String, bool)> {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
-    let now_ms = secs * 1000 + micros / 1000;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}credential:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    for k in keys {
-        let (st, le): (Option<String>, Option<u64>) = redis::cmd("HMGET")
-            .arg(&k)
-            .arg("st")
-            .arg("le")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        out.push((st.unwrap_or_default(), le.unwrap_or(0) <= now_ms));
-    }
-    out
+    let (now_ms, records) = record_fields(prefix, &["st", "le"]).await;
+    records
+        .into_iter()
+        .map(|r| {
+            let lease_end: u64 = r[1].as_deref().and_then(|le| le.parse().ok()).unwrap_or(0);
+            (r[0].clone().unwrap_or_default(), lease_end <= now_ms)
+        })
+        .collect()
 }
 
 /// bunq opens the session and the worker loses Redis at that moment, for longer than the

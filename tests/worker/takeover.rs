@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::{
     binary::Running,
-    fleet::{calls_for, redis_url, remove_keys, use_redis},
+    fleet::{calls_for, record_fields, redis_url, remove_keys, use_redis},
     helpers::*,
 };
 
@@ -118,18 +118,6 @@ async fn a_replica_paused_while_publishing_a_session_publishes_it_once() {
 
 /// The fencing epoch of the one credential record under `prefix`.
 async fn epoch(prefix: &str) -> Option<String> {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}credential:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let key = keys.first()?;
-    redis::cmd("HGET")
-        .arg(key)
-        .arg("ep")
-        .query_async(&mut conn)
-        .await
-        .unwrap()
+    let (_, records) = record_fields(prefix, &["ep"]).await;
+    records.into_iter().next().and_then(|mut r| r.remove(0))
 }
