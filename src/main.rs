@@ -3,6 +3,10 @@
 //! demo whose outcomes were all expected), 1 on a start-up or run failure (or an unexpected demo
 //! outcome), 2 on invalid configuration.
 
+// The worker's future (the whole run, its Redis lookups through Sentinel included) is deeper
+// than the compiler's default query depth when it checks that it is `Send`.
+#![recursion_limit = "256"]
+
 use std::process::ExitCode;
 
 use bunq_session_worker::{

@@ -21,6 +21,13 @@ pub(super) fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     })
 }
 
+/// Whether `s` is `host:port` (a name or an address, and a port 1-65535).
+pub(super) fn is_host_port(s: &str) -> bool {
+    s.trim().rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+    })
+}
+
 pub(super) fn parse_secret(s: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(s.to_owned()))
 }

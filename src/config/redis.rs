@@ -8,7 +8,7 @@ use secrecy::SecretString;
 
 use super::{
     ConfigError,
-    parse::{parse_ms, parse_secret},
+    parse::{is_host_port, parse_ms, parse_secret},
 };
 
 /// What a claim's lease must have left beyond one bunq call (`HTTP_TIMEOUT_MS`) after the
@@ -28,6 +28,28 @@ pub struct RedisSettings {
     /// replica.
     #[arg(long = "redis-url", env = "REDIS_URL", value_name = "REDIS_URL", hide_env_values = true, value_parser = parse_secret)]
     pub url: Option<SecretString>,
+
+    /// The Redis Sentinels that watch the fleet's Redis (`host:port`, comma-separated), with
+    /// `REDIS_SENTINEL_MASTER`: the worker asks them for the primary and asks again after a
+    /// failover. `REDIS_URL` then gives only the scheme, credentials and database (its host is
+    /// not used; unset: `redis://`, database 0); the sentinels are reached with its scheme and
+    /// without its credentials.
+    #[arg(
+        long = "redis-sentinels",
+        env = "REDIS_SENTINELS",
+        value_name = "REDIS_SENTINELS",
+        value_delimiter = ','
+    )]
+    pub sentinels: Vec<String>,
+
+    /// The name the sentinels monitor the primary by (`sentinel monitor <name> …`), with
+    /// `REDIS_SENTINELS`.
+    #[arg(
+        long = "redis-sentinel-master",
+        env = "REDIS_SENTINEL_MASTER",
+        value_name = "REDIS_SENTINEL_MASTER"
+    )]
+    pub sentinel_master: Option<String>,
 
     /// Prefix of every Redis key the worker uses.
     #[arg(
@@ -56,13 +78,54 @@ pub struct RedisSettings {
 }
 
 impl RedisSettings {
+    /// Where the fleet's Redis is, or `None` when the fleet's state stays in the process.
+    pub fn location(&self) -> Option<crate::fleet::Location> {
+        let url = self.url.clone();
+        match &self.sentinel_master {
+            Some(master) if !self.sentinels.is_empty() => Some(crate::fleet::Location::Sentinels {
+                url,
+                sentinels: self.sentinels.iter().map(|s| s.trim().to_owned()).collect(),
+                master: master.clone(),
+            }),
+            _ => url.map(crate::fleet::Location::Url),
+        }
+    }
+
     /// Checks what clap cannot check field by field.
     ///
     /// # Errors
-    /// [`ConfigError`] naming the variable when `BUNQ_RATE_LIMIT_SCOPE` is empty, or when
+    /// [`ConfigError`] naming the variable when only one of `REDIS_SENTINELS` and
+    /// `REDIS_SENTINEL_MASTER` is set, when a sentinel is not `host:port`, when `BUNQ_RATE_LIMIT_SCOPE` is empty, or when
     /// `CLAIM_LEASE_MS` does not exceed `http_timeout` (`HTTP_TIMEOUT_MS`) by [`LEASE_MARGIN`]
     /// or is over a day.
     pub fn validate(&self, http_timeout: Duration) -> Result<(), ConfigError> {
+        match (self.sentinels.is_empty(), &self.sentinel_master) {
+            (false, None) => {
+                return Err(ConfigError(
+                    "REDIS_SENTINELS is set but REDIS_SENTINEL_MASTER is not: name the primary the sentinels monitor".into(),
+                ));
+            }
+            (true, Some(_)) => {
+                return Err(ConfigError(
+                    "REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not: list the sentinels (host:port, comma-separated)".into(),
+                ));
+            }
+            (_, Some(m)) if m.trim().is_empty() => {
+                return Err(ConfigError(
+                    "REDIS_SENTINEL_MASTER must not be empty".into(),
+                ));
+            }
+            _ => {}
+        }
+        // Checked here rather than by clap, whose refusal would echo the value: a URL put here
+        // by mistake may carry a password.
+        let n = self.sentinels.len();
+        if let Some(i) = self.sentinels.iter().position(|s| !is_host_port(s)) {
+            return Err(ConfigError(format!(
+                "REDIS_SENTINELS: sentinel {} of {n} is not HOST:PORT such as redis-sentinel-0:26379 (no scheme, no credentials)",
+                i + 1
+            )));
+        }
         if self.rate_limit_scope.trim().is_empty() {
             return Err(ConfigError(
                 "BUNQ_RATE_LIMIT_SCOPE must not be empty".into(),

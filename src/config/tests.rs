@@ -89,6 +89,48 @@ fn invalid_values_name_the_setting() {
     assert!(parse(&["--http-timeout-ms", "10000", "--claim-lease-ms", "12000"]).is_ok());
 }
 
+/// Sentinels come with the name of the primary they monitor, each as `host:port`; a bad entry
+/// is refused without echoing it (a URL there may carry a password).
+#[test]
+fn sentinels_name_their_primary() {
+    let e = parse(&["--redis-sentinels", "s1:26379"]).unwrap_err();
+    assert!(e.contains("REDIS_SENTINEL_MASTER"), "{e}");
+    let e = parse(&["--redis-sentinel-master", "bsw"]).unwrap_err();
+    assert!(e.contains("REDIS_SENTINELS"), "{e}");
+    let e = parse(&[
+        "--redis-sentinels",
+        "redis://u:hunter2@s1:26379",
+        "--redis-sentinel-master",
+        "m",
+    ])
+    .unwrap_err();
+    assert!(
+        e.contains("sentinel 1 of 1 is not HOST:PORT") && !e.contains("hunter2"),
+        "{e}"
+    );
+    let e = parse(&["--redis-sentinels", "s1:0", "--redis-sentinel-master", "m"]).unwrap_err();
+    assert!(e.contains("HOST:PORT"), "{e}");
+    let s = parse(&[
+        "--redis-sentinels",
+        "s1:26379, 10.0.0.2:26379",
+        "--redis-sentinel-master",
+        "bsw",
+    ])
+    .unwrap();
+    match s.redis.location() {
+        Some(crate::fleet::Location::Sentinels {
+            url: None,
+            sentinels,
+            master,
+        }) => {
+            assert_eq!(sentinels, ["s1:26379", "10.0.0.2:26379"]);
+            assert_eq!(master, "bsw");
+        }
+        _ => panic!("sentinels without REDIS_URL are a fleet's Redis"),
+    }
+    assert!(parse(&[]).unwrap().redis.location().is_none());
+}
+
 #[test]
 fn prefetch_is_bounded_under_pacing() {
     let s = parse(&["--bunq-session-rate-limit", "1/30s", "--prefetch", "100"]).unwrap();

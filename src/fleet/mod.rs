@@ -15,16 +15,17 @@
 //! session-server call per credential then in flight (enable persistence to avoid even that).
 
 mod claim;
+mod link;
 mod record;
 mod scripts;
 
 pub use claim::{Fenced, Lease, Verdict, hold};
+pub use link::Location;
 pub use record::Records;
 
 use std::{sync::Arc, time::Duration};
 
-use redis::{Client, aio::ConnectionManager, aio::ConnectionManagerConfig};
-use secrecy::{ExposeSecret, SecretString};
+use link::RedisLink;
 
 use crate::identity::Key;
 
@@ -33,9 +34,12 @@ use crate::identity::Key;
 #[error("the fleet's shared state (Redis, REDIS_URL) is unreachable")]
 pub struct Unavailable;
 
-/// `REDIS_URL` is not a Redis URL.
+/// `REDIS_URL` is not a Redis URL (or, with sentinels, the sentinels' addresses do not make
+/// one).
 #[derive(Debug, thiserror::Error)]
-#[error("REDIS_URL is not a redis:// or rediss:// URL")]
+#[error(
+    "REDIS_URL is not a redis:// or rediss:// URL (or REDIS_SENTINELS holds an address that is not host:port)"
+)]
 pub struct BadUrl(#[source] redis::RedisError);
 
 /// The fleet's shared state.
@@ -44,40 +48,6 @@ pub struct Fleet {
     link: Arc<RedisLink>,
     prefix: String,
     scope: String,
-}
-
-/// The connection, replaced after a timeout: redis-rs's `ConnectionManager` reconnects when a
-/// connection drops, not when it stops answering (a half-open TCP connection after a
-/// partition or a failover), and would wait on it for ever.
-struct RedisLink {
-    client: Client,
-    conn: std::sync::Mutex<ConnectionManager>,
-}
-
-impl RedisLink {
-    fn config() -> ConnectionManagerConfig {
-        ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2))
-    }
-
-    fn get(&self) -> ConnectionManager {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Drops the connection after `e`, when it is a timeout: the next call makes a new one.
-    fn after(&self, e: &redis::RedisError) {
-        if !e.is_timeout() {
-            return;
-        }
-        if let Ok(fresh) =
-            ConnectionManager::new_lazy_with_config(self.client.clone(), Self::config())
-        {
-            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-        }
-    }
 }
 
 impl std::fmt::Debug for Fleet {
@@ -90,19 +60,14 @@ impl std::fmt::Debug for Fleet {
 }
 
 impl Fleet {
-    /// Prepares the connection (made on first use, so start-up does not wait for Redis).
+    /// Prepares the connection to Redis at `location` (made on first use, so start-up does
+    /// not wait for Redis).
     ///
     /// # Errors
-    /// [`BadUrl`] when `url` is not a Redis URL.
-    pub fn new(url: &SecretString, prefix: &str, scope: &str) -> Result<Self, BadUrl> {
-        let client = Client::open(url.expose_secret()).map_err(BadUrl)?;
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), RedisLink::config())
-            .map_err(BadUrl)?;
+    /// [`BadUrl`] when the location does not make a Redis URL.
+    pub fn new(location: &Location, prefix: &str, scope: &str) -> Result<Self, BadUrl> {
         Ok(Self {
-            link: Arc::new(RedisLink {
-                client,
-                conn: std::sync::Mutex::new(conn),
-            }),
+            link: Arc::new(RedisLink::new(location)?),
             prefix: prefix.to_owned(),
             scope: scope.to_owned(),
         })
@@ -126,8 +91,7 @@ impl Fleet {
         for a in args {
             inv.arg(a);
         }
-        let mut conn = self.link.get();
-        inv.invoke_async(&mut conn).await.map_err(|e| {
+        self.invoke(&inv).await.map_err(|e| {
             match refusal(&e) {
                 Some(why) => tracing::warn!(
                     error = %crate::telemetry::Chain(&e),
@@ -138,7 +102,6 @@ impl Fleet {
                     "Redis (REDIS_URL) did not answer"
                 ),
             }
-            self.link.after(&e);
             Unavailable
         })
     }
@@ -156,11 +119,20 @@ impl Fleet {
         for a in args {
             inv.arg(a);
         }
-        let mut conn = self.link.get();
-        inv.invoke_async(&mut conn).await.map_err(|e| {
+        self.invoke(&inv).await.map_err(|e| {
             tracing::warn!(error = %crate::telemetry::Chain(&e), "Redis (REDIS_URL) did not answer or refused");
-            self.link.after(&e);
             Unavailable
+        })
+    }
+
+    /// Runs `inv` on the link's connection, and tells the link when that connection failed.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, redis::RedisError> {
+        let (number, mut conn) = self.link.get().await?;
+        inv.invoke_async(&mut conn).await.inspect_err(|e| {
+            self.link.after(number, e);
         })
     }
 
@@ -168,19 +140,23 @@ impl Fleet {
     /// write is tried the way claims write, from a Lua script (a key under `REDIS_KEY_PREFIX`
     /// that expires in 10 s), since a Redis that answers PING may still refuse every claim (a
     /// read-only replica after a failover, `min-replicas-to-write` not met, `maxmemory` reached
-    /// with `noeviction`, an ACL without `EVAL`/`EVALSHA`).
+    /// with `noeviction`, an ACL without `EVAL`/`EVALSHA`). With sentinels, a primary they
+    /// cannot name counts as unreachable.
     pub async fn cannot_write(&self) -> Option<String> {
-        let mut conn = self.link.get();
-        let probe = scripts::PROBE
-            .key(format!("{}probe", self.prefix))
-            .invoke_async::<i64>(&mut conn)
+        let probe = self
+            .invoke::<i64>(&scripts::PROBE.key(format!("{}probe", self.prefix)))
             .await;
         let e = probe.err()?;
-        self.link.after(&e);
         Some(match refusal(&e) {
             Some(why) => format!("Redis (REDIS_URL) refuses writes: {why}"),
             None => "Redis (REDIS_URL) is unreachable".into(),
         })
+    }
+
+    /// A connection to the fleet's Redis, for tests that read or clear its keys.
+    #[cfg(test)]
+    async fn conn(&self) -> redis::aio::ConnectionManager {
+        self.link.get().await.expect("Redis answers").1
     }
 
     /// Takes the scope's next session-server slot if it is due: `Ok(Ok(taken))`, or
@@ -308,5 +284,7 @@ fn ms(d: Duration) -> String {
     d.as_millis().min(i64::MAX as u128).to_string()
 }
 
+#[cfg(test)]
+mod failover_tests;
 #[cfg(test)]
 mod tests;

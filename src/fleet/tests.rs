@@ -6,11 +6,16 @@ use crate::{
     failure::Failure,
     ledger::{Ask, Claimed, Fence, Found, Settlement, Taken},
 };
+use secrecy::SecretString;
 
-fn url() -> SecretString {
-    SecretString::from(
+fn url() -> Location {
+    Location::Url(SecretString::from(
         std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
-    )
+    ))
+}
+
+fn at(url: &str) -> Location {
+    Location::Url(SecretString::from(url.to_owned()))
 }
 
 /// Two replicas sharing one prefix and scope, and the prefix to clean up.
@@ -26,7 +31,7 @@ async fn pair() -> (Fleet, Fleet, String) {
 }
 
 async fn cleanup(f: &Fleet, prefix: &str) {
-    let mut conn = f.link.get();
+    let mut conn = f.conn().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
         .query_async(&mut conn)
@@ -341,7 +346,7 @@ async fn redis_makes_the_same_transitions_for_the_fleet() {
     a_lapsed_lease_is_taken_over(&ra, &rb).await;
     a_staged_session_goes_to_the_next_claimant(&ra, &rb).await;
     a_failure_kept_on_the_claim_goes_to_the_next_holder(&ra, &rb).await;
-    let mut conn = a.link.get();
+    let mut conn = a.conn().await;
     let ttl: i64 = redis::cmd("TTL")
         .arg(a.record_key(&[7u8; 32]))
         .query_async(&mut conn)
@@ -394,7 +399,7 @@ async fn replicas_share_one_session_server_budget_and_its_pauses() {
 
 #[tokio::test]
 async fn an_unreachable_redis_is_unavailable_not_an_error_of_the_input() {
-    let down = Fleet::new(&SecretString::from("redis://127.0.0.1:1"), "x:", "default").unwrap();
+    let down = Fleet::new(&at("redis://127.0.0.1:1"), "x:", "default").unwrap();
     let records = Records::Shared(down.clone());
     assert_eq!(
         records.claim(&[1; 32], Ask::default(), LEASE).await,
@@ -403,7 +408,7 @@ async fn an_unreachable_redis_is_unavailable_not_an_error_of_the_input() {
     assert_eq!(records.fence(&[1; 32], 1, LEASE).await, Err(Unavailable));
     assert_eq!(down.take(None).await, Err(Unavailable));
     assert!(down.cannot_write().await.unwrap().contains("unreachable"));
-    assert!(Fleet::new(&SecretString::from("http://x"), "x:", "d").is_err());
+    assert!(Fleet::new(&at("http://x"), "x:", "d").is_err());
 }
 
 /// A Redis that answers but refuses writes is told apart from one that does not answer: the
@@ -432,7 +437,7 @@ async fn a_redis_that_refuses_writes_says_why() {
         Err(e) => panic!("redis-server must be installed for this test: {e}"),
     };
     let replica = Fleet::new(
-        &SecretString::from(format!("redis://127.0.0.1:{port}")),
+        &at(&format!("redis://127.0.0.1:{port}")),
         "test-readonly:",
         "default",
     )
@@ -488,7 +493,7 @@ async fn a_lost_record_never_repeats_an_epoch() {
     let (ra, rb) = (Records::Shared(a.clone()), Records::Shared(b));
     let id = [11u8; 32];
     let old = acquired(&ra, &id, ask(0, None)).await;
-    let mut conn = a.link.get();
+    let mut conn = a.conn().await;
     let _: i64 = redis::cmd("DEL")
         .arg(a.record_key(&id))
         .query_async(&mut conn)

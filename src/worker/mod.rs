@@ -322,10 +322,10 @@ impl Worker {
             bunq.verify_response_signature,
         )
         .map_err(StartError::Http)?;
-        let fleet = match &settings.redis.url {
-            Some(url) => Some(
+        let fleet = match settings.redis.location() {
+            Some(location) => Some(
                 Fleet::new(
-                    url,
+                    &location,
                     &settings.redis.key_prefix,
                     &settings.redis.rate_limit_scope,
                 )
