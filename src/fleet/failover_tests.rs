@@ -199,8 +199,34 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
     )
     .await;
 
-    // The same Fleet, without a restart, holds its claim on the new primary: the old one is a
-    // replica now and answers writes with READONLY, after which the sentinels are asked again.
+    // Writes go to the new primary at once (the sentinel's +switch-master), although the old
+    // one takes writes until the sentinel turns it into a replica (up to 10 s later): a claim
+    // made now is on the new primary within 3 s.
+    let mut new_primary = admin(p2).await;
+    let mut k = 0u8;
+    until(
+        Duration::from_secs(3),
+        "a claim landing on the new primary",
+        || {
+            k += 1;
+            let (records, fleet, mut new_primary) =
+                (records.clone(), fleet.clone(), new_primary.clone());
+            async move {
+                let id = [100 + k; 32];
+                let _ = records
+                    .claim(&id, Ask::default(), Duration::from_secs(60))
+                    .await;
+                redis::cmd("EXISTS")
+                    .arg(fleet.record_key(&id))
+                    .query_async::<i64>(&mut new_primary)
+                    .await
+                    .is_ok_and(|n| n == 1)
+            }
+        },
+    )
+    .await;
+
+    // The same Fleet, without a restart, holds its claim on the new primary.
     until(
         Duration::from_secs(15),
         "the claim renewed on the new primary",
@@ -215,7 +241,6 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
     )
     .await;
     assert!(fleet.cannot_write().await.is_none());
-    let mut new_primary = admin(p2).await;
     let role: Vec<redis::Value> = redis::cmd("ROLE")
         .query_async(&mut new_primary)
         .await

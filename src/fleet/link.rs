@@ -7,7 +7,12 @@
 //! `async_master_for`), and ask again when the connection fails or the server says it is no
 //! longer primary (`READONLY`).
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
 
 use redis::{
     Client, ConnectionAddr, IntoConnectionInfo, TlsMode,
@@ -53,6 +58,10 @@ enum Source {
     Sentinels {
         client: tokio::sync::Mutex<SentinelClient>,
         master: String,
+        /// The sentinels as URLs (scheme, host, port), for the `+switch-master` watch.
+        addrs: Vec<String>,
+        /// Whether the watch runs (started by the first call, which runs on Tokio).
+        watching: std::sync::atomic::AtomicBool,
     },
 }
 
@@ -100,13 +109,19 @@ impl RedisLink {
                     .iter()
                     .map(|s| format!("{scheme}://{s}"))
                     .collect();
-                let client =
-                    SentinelClient::build(addrs, master, Some(node), SentinelServerType::Master)
-                        .map_err(BadUrl)?;
+                let client = SentinelClient::build(
+                    addrs.clone(),
+                    master,
+                    Some(node),
+                    SentinelServerType::Master,
+                )
+                .map_err(BadUrl)?;
                 (
                     Source::Sentinels {
                         client: tokio::sync::Mutex::new(client),
                         master: master.clone(),
+                        addrs,
+                        watching: std::sync::atomic::AtomicBool::new(false),
                     },
                     None,
                 )
@@ -133,13 +148,28 @@ impl RedisLink {
     /// # Errors
     /// Redis's error when no sentinel answers, none names a primary that says it is one, or
     /// that takes longer than 3 s.
-    pub(super) async fn get(&self) -> Result<(u64, ConnectionManager), redis::RedisError> {
+    pub(super) async fn get(
+        self: &Arc<Self>,
+    ) -> Result<(u64, ConnectionManager), redis::RedisError> {
         if let Some(c) = self.current().clone() {
             return Ok(c);
         }
-        let Source::Sentinels { client, master } = &self.source else {
+        let Source::Sentinels {
+            client,
+            master,
+            addrs,
+            watching,
+        } = &self.source
+        else {
             unreachable!("a REDIS_URL link always holds a connection")
         };
+        if !watching.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tokio::spawn(watch_switches(
+                Arc::downgrade(self),
+                addrs.clone(),
+                master.clone(),
+            ));
+        }
         // One caller asks the sentinels; the others wait for its answer.
         let mut client = client.lock().await;
         if let Some(c) = self.current().clone() {
@@ -202,5 +232,59 @@ impl RedisLink {
                 }
             }
         }
+    }
+
+    /// Drops the connection, whichever it is: a sentinel announced another primary.
+    fn switched(&self, announcement: &str) {
+        if self.current().take().is_some() {
+            tracing::info!(
+                announcement,
+                "a sentinel announced a new primary for the fleet's Redis (+switch-master); moving to it"
+            );
+        }
+    }
+}
+
+/// Listens to the sentinels' `+switch-master` announcements (`<master> <old ip> <old port>
+/// <new ip> <new port>`) and drops the connection when `master` moves, for as long as the link
+/// lives. Needed because after a failover the old primary keeps taking writes until the
+/// sentinels turn it into a replica (up to 10 s later, on their next `INFO`), and those writes
+/// are lost when it does. Any sentinel will do; when it goes away the next is tried, after 1 s.
+async fn watch_switches(link: Weak<RedisLink>, sentinels: Vec<String>, master: String) {
+    const RECHECK: Duration = Duration::from_secs(5);
+    loop {
+        for url in &sentinels {
+            if link.strong_count() == 0 {
+                return;
+            }
+            let Ok(client) = Client::open(url.as_str()) else {
+                continue;
+            };
+            let Ok(Ok(mut pubsub)) =
+                tokio::time::timeout(FIND_PRIMARY_TIMEOUT, client.get_async_pubsub()).await
+            else {
+                continue;
+            };
+            if pubsub.subscribe("+switch-master").await.is_err() {
+                continue;
+            }
+            let mut messages = pubsub.on_message();
+            loop {
+                match tokio::time::timeout(RECHECK, messages.next()).await {
+                    Ok(Some(msg)) => {
+                        let text: String = msg.get_payload().unwrap_or_default();
+                        if text.split(' ').next() == Some(master.as_str()) {
+                            let Some(link) = link.upgrade() else { return };
+                            link.switched(&text);
+                        }
+                    }
+                    // The sentinel went away: try the next.
+                    Ok(None) => break,
+                    Err(_) if link.strong_count() == 0 => return,
+                    Err(_) => {}
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
