@@ -34,10 +34,10 @@ use lapin::{
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-const INPUTS: usize = 400;
+const INPUTS: usize = 600;
 
-/// The sessions-per-second the replicas are paced at: 400 credentials take about 40 s, so every
-/// disruption happens while credentials flow.
+/// The sessions-per-second the replicas are paced at: 600 credentials take about 60 s, so every
+/// disruption (about 40 s of them here) happens while credentials flow.
 const RATE: &str = "10/1s";
 
 fn cluster_dir() -> String {
