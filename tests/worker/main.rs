@@ -1,4 +1,5 @@
-//! Integration tests: the worker against a real RabbitMQ (`AMQP_URL`) and a wiremock bunq.
+//! Integration tests: the worker against a real RabbitMQ (a container, `AMQP_URL` or localhost:
+//! see `helpers::amqp_url`) and a wiremock bunq.
 
 mod bad_input;
 mod binary;

@@ -1,5 +1,6 @@
-//! Test harness: a real RabbitMQ (from `AMQP_URL`), a wiremock fake of bunq that checks headers
-//! and signatures and signs its answers, and a worker with its own `test-<uuid>` names.
+//! Test harness: a real RabbitMQ (in a container, or at `AMQP_URL`: see `broker::amqp_url`), a
+//! wiremock fake of bunq that checks headers and signatures and signs its answers, and a worker
+//! with its own `test-<uuid>` names.
 //!
 //! - `broker`: the broker under test, its queues, and cleaning up after a test;
 //! - `settings`: one test's names and the worker's settings and flags;
