@@ -1,8 +1,10 @@
-//! Test harness: a real RabbitMQ (in a container, or at `AMQP_URL`: see `broker::amqp_url`), a
+//! Test harness: a real RabbitMQ (in a container, or at `AMQP_URL`: see `container::amqp_url`), a
 //! wiremock fake of bunq that checks headers and signatures and signs its answers, and a worker
 //! with its own `test-<uuid>` names.
 //!
-//! - `broker`: the broker under test, its queues, and cleaning up after a test;
+//! - `container`: where the broker under test is (a container, `AMQP_URL` or localhost), and
+//!   `rabbitmqctl` for it;
+//! - `broker`: connecting to the broker under test, its queues, and cleaning up after a test;
 //! - `settings`: one test's names and the worker's settings and flags;
 //! - `app`: `TestApp`, one test's world, and running its worker;
 //! - `bunq`: what the fake bunq answers and what it received;
@@ -13,6 +15,7 @@ use std::{future::Future, time::Duration};
 mod app;
 mod broker;
 mod bunq;
+mod container;
 mod messages;
 mod settings;
 
@@ -22,6 +25,7 @@ mod fake_bunq;
 pub use app::*;
 pub use broker::*;
 pub use bunq::*;
+pub use container::*;
 pub use fake_bunq::*;
 pub use messages::*;
 pub use settings::*;
