@@ -31,7 +31,8 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-/// What the probes and gauges read, taken at each request.
+/// What `/healthz` and the gauges read, taken at each request: nothing in it waits on Redis, so
+/// liveness answers at once even while the fleet's Redis does not.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// Whether the worker's loops run.
@@ -42,14 +43,16 @@ pub struct Snapshot {
     pub connected: bool,
     /// Whether the broker blocks publishing.
     pub publishing_blocked: bool,
-    /// Why the worker is not ready to take work, if it is not.
-    pub not_ready: Option<String>,
 }
 
 /// Something the probes can look at: the worker's status (see `WorkerStatus`).
 pub trait Probe: Send + Sync + 'static {
     /// The current state.
     fn snapshot(&self) -> std::pin::Pin<Box<dyn Future<Output = Snapshot> + Send + '_>>;
+
+    /// Why the worker is not ready to take work, if it is not (for `/readyz`; may ask Redis,
+    /// within a bound).
+    fn not_ready(&self) -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send + '_>>;
 }
 
 /// Histogram buckets, s: from 5 ms (a fast bunq answer) to 5 min (a delivery paced for long).
@@ -164,7 +167,7 @@ async fn healthz(State(p): State<Served>) -> impl IntoResponse {
 }
 
 async fn readyz(State(p): State<Served>) -> impl IntoResponse {
-    let reason = p.probe.snapshot().await.not_ready;
+    let reason = p.probe.not_ready().await;
     let body = serde_json::json!({"ready": reason.is_none(), "reason": reason});
     let status = if reason.is_none() {
         StatusCode::OK
@@ -181,6 +184,53 @@ async fn readyz(State(p): State<Served>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker whose readiness never answers (a Redis that hangs).
+    struct Hanging;
+
+    impl Probe for Hanging {
+        fn snapshot(&self) -> std::pin::Pin<Box<dyn Future<Output = Snapshot> + Send + '_>> {
+            Box::pin(async {
+                Snapshot {
+                    running: true,
+                    ..Snapshot::default()
+                }
+            })
+        }
+
+        fn not_ready(&self) -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    /// Liveness and metrics never wait on what readiness asks (Redis): a hanging readiness
+    /// check must not get every replica restarted by its liveness probe.
+    #[tokio::test]
+    async fn liveness_and_metrics_do_not_wait_on_readiness() {
+        let stop = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            std::sync::Arc::new(Hanging),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .unwrap();
+        for path in ["healthz", "metrics"] {
+            let r = http.get(format!("http://{addr}/{path}")).send().await;
+            assert_eq!(r.map(|r| r.status().as_u16()).ok(), Some(200), "/{path}");
+        }
+        let ready = http
+            .get(format!("http://{addr}/readyz"))
+            .timeout(std::time::Duration::from_millis(300))
+            .send()
+            .await;
+        assert!(ready.is_err(), "the fake's readiness hangs");
+        stop.cancel();
+    }
 
     #[test]
     fn a_taken_port_suggests_another_metrics_addr() {

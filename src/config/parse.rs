@@ -21,10 +21,15 @@ pub(super) fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     })
 }
 
-/// Whether `s` is `host:port` (a name or an address, and a port 1-65535).
+/// Whether `s` is `host:port`: a name or IPv4 address, or an IPv6 address in brackets, and a
+/// port 1-65535; no scheme, path or credentials.
 pub(super) fn is_host_port(s: &str) -> bool {
     s.trim().rsplit_once(':').is_some_and(|(host, port)| {
-        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+        let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => !host.is_empty() && !host.contains([':', '/', '@', '[', ']']),
+        };
+        host_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
     })
 }
 

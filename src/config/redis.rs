@@ -38,7 +38,8 @@ pub struct RedisSettings {
         long = "redis-sentinels",
         env = "REDIS_SENTINELS",
         value_name = "REDIS_SENTINELS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        hide_env_values = true
     )]
     pub sentinels: Vec<String>,
 
@@ -50,6 +51,11 @@ pub struct RedisSettings {
         value_name = "REDIS_SENTINEL_MASTER"
     )]
     pub sentinel_master: Option<String>,
+
+    /// The sentinels' own password (their `requirepass`), when they have one: it is not
+    /// `REDIS_URL`'s, which is the primary's.
+    #[arg(long = "redis-sentinel-password", env = "REDIS_SENTINEL_PASSWORD", value_name = "REDIS_SENTINEL_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub sentinel_password: Option<SecretString>,
 
     /// Prefix of every Redis key the worker uses.
     #[arg(
@@ -81,14 +87,26 @@ impl RedisSettings {
     /// Where the fleet's Redis is, or `None` when the fleet's state stays in the process.
     pub fn location(&self) -> Option<crate::fleet::Location> {
         let url = self.url.clone();
+        let sentinels = self.sentinels();
         match &self.sentinel_master {
-            Some(master) if !self.sentinels.is_empty() => Some(crate::fleet::Location::Sentinels {
+            Some(master) if !sentinels.is_empty() => Some(crate::fleet::Location::Sentinels {
                 url,
-                sentinels: self.sentinels.iter().map(|s| s.trim().to_owned()).collect(),
+                sentinels,
                 master: master.clone(),
+                password: self.sentinel_password.clone(),
             }),
             _ => url.map(crate::fleet::Location::Url),
         }
+    }
+
+    /// `REDIS_SENTINELS` trimmed, empty entries left out (as `AMQP_URL`'s are).
+    fn sentinels(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Checks what clap cannot check field by field.
@@ -99,7 +117,8 @@ impl RedisSettings {
     /// `CLAIM_LEASE_MS` does not exceed `http_timeout` (`HTTP_TIMEOUT_MS`) by [`LEASE_MARGIN`]
     /// or is over a day.
     pub fn validate(&self, http_timeout: Duration) -> Result<(), ConfigError> {
-        match (self.sentinels.is_empty(), &self.sentinel_master) {
+        let sentinels = self.sentinels();
+        match (sentinels.is_empty(), &self.sentinel_master) {
             (false, None) => {
                 return Err(ConfigError(
                     "REDIS_SENTINELS is set but REDIS_SENTINEL_MASTER is not: name the primary the sentinels monitor".into(),
@@ -119,10 +138,10 @@ impl RedisSettings {
         }
         // Checked here rather than by clap, whose refusal would echo the value: a URL put here
         // by mistake may carry a password.
-        let n = self.sentinels.len();
-        if let Some(i) = self.sentinels.iter().position(|s| !is_host_port(s)) {
+        let n = sentinels.len();
+        if let Some(i) = sentinels.iter().position(|s| !is_host_port(s)) {
             return Err(ConfigError(format!(
-                "REDIS_SENTINELS: sentinel {} of {n} is not HOST:PORT such as redis-sentinel-0:26379 (no scheme, no credentials)",
+                "REDIS_SENTINELS: sentinel {} of {n} is not HOST:PORT such as redis-sentinel-0:26379 or [fd00::1]:26379 (no scheme, no credentials: their password is REDIS_SENTINEL_PASSWORD)",
                 i + 1
             )));
         }

@@ -108,8 +108,21 @@ fn sentinels_name_their_primary() {
         e.contains("sentinel 1 of 1 is not HOST:PORT") && !e.contains("hunter2"),
         "{e}"
     );
-    let e = parse(&["--redis-sentinels", "s1:0", "--redis-sentinel-master", "m"]).unwrap_err();
-    assert!(e.contains("HOST:PORT"), "{e}");
+    for bad in ["s1:0", ":pw@s1:26379", "::1:26379", "s1"] {
+        let e = parse(&["--redis-sentinels", bad, "--redis-sentinel-master", "m"]).unwrap_err();
+        assert!(e.contains("HOST:PORT") && !e.contains("pw@"), "{bad}: {e}");
+    }
+    // Empty entries are left out, as AMQP_URL's are; an empty list is no list.
+    assert!(
+        parse(&[
+            "--redis-sentinels",
+            "[::1]:26379,,s2:26379,",
+            "--redis-sentinel-master",
+            "m"
+        ])
+        .is_ok()
+    );
+    assert!(parse(&["--redis-sentinels", ""]).is_ok());
     let s = parse(&[
         "--redis-sentinels",
         "s1:26379, 10.0.0.2:26379",
@@ -122,6 +135,7 @@ fn sentinels_name_their_primary() {
             url: None,
             sentinels,
             master,
+            password: None,
         }) => {
             assert_eq!(sentinels, ["s1:26379", "10.0.0.2:26379"]);
             assert_eq!(master, "bsw");

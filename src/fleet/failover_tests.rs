@@ -8,7 +8,9 @@ use std::{
 };
 
 use redis::aio::MultiplexedConnection;
+use secrecy::SecretString;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::ledger::{Ask, Fence, Found};
@@ -39,9 +41,13 @@ fn redis_server(args: &[&str]) -> Server {
     }
 }
 
-/// A plain connection to `port`, once something answers there (within 10 s).
-async fn admin(port: u16) -> MultiplexedConnection {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+/// The primary's and the sentinel's passwords: each has its own, as in production.
+const PRIMARY_PASSWORD: &str = "primary-pw";
+const SENTINEL_PASSWORD: &str = "sentinel-pw";
+
+/// A plain connection to `port` with `password`, once something answers there (within 10 s).
+async fn admin(port: u16, password: &str) -> MultiplexedConnection {
+    let client = redis::Client::open(format!("redis://:{password}@127.0.0.1:{port}")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match client.get_multiplexed_async_connection().await {
@@ -75,7 +81,18 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
     let (p1, p2, ps) = (free_port(), free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("sentinel-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let plain = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    let plain = [
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--requirepass",
+        PRIMARY_PASSWORD,
+        "--masterauth",
+        PRIMARY_PASSWORD,
+    ];
     let (s1, s2) = (p1.to_string(), p2.to_string());
     let _primary = redis_server(&[&["--port", s1.as_str()][..], &plain].concat());
     let _replica = redis_server(
@@ -96,7 +113,7 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
     std::fs::write(
         &conf,
         format!(
-            "port {ps}\nbind 127.0.0.1\ndir {}\nsentinel monitor m 127.0.0.1 {p1} 1\nsentinel down-after-milliseconds m 1000\nsentinel failover-timeout m 5000\n",
+            "port {ps}\nbind 127.0.0.1\ndir {}\nrequirepass {SENTINEL_PASSWORD}\nsentinel monitor m 127.0.0.1 {p1} 1\nsentinel auth-pass m {PRIMARY_PASSWORD}\nsentinel down-after-milliseconds m 1000\nsentinel failover-timeout m 5000\n",
             dir.display()
         ),
     )
@@ -105,9 +122,12 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
 
     let fleet = Fleet::new(
         &Location::Sentinels {
-            url: None,
+            url: Some(SecretString::from(format!(
+                "redis://:{PRIMARY_PASSWORD}@unused/0"
+            ))),
             sentinels: vec![format!("127.0.0.1:{ps}")],
             master: "m".into(),
+            password: Some(SecretString::from(SENTINEL_PASSWORD)),
         },
         "test-failover:",
         "default",
@@ -127,7 +147,7 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
     {
         Ok(Found::Acquired(c)) => c,
         other => {
-            let mut c = admin(p1).await;
+            let mut c = admin(p1, PRIMARY_PASSWORD).await;
             let all: Vec<String> = redis::cmd("HGETALL")
                 .arg(fleet.record_key(&id))
                 .query_async(&mut c)
@@ -139,8 +159,8 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
 
     // The sentinel knows the replica, and the replica has the claim (replication is
     // asynchronous: a claim not yet copied would be lost with the old primary).
-    let sentinel = admin(ps).await;
-    let primary = admin(p1).await;
+    let sentinel = admin(ps, SENTINEL_PASSWORD).await;
+    let primary = admin(p1, PRIMARY_PASSWORD).await;
     until(
         Duration::from_secs(20),
         "the replica caught up and known to the sentinel",
@@ -164,6 +184,32 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
         },
     )
     .await;
+    // Claims keep coming while the failover runs, each on a credential of its own: every
+    // one the fleet reports acquired must survive the failover (none written to the old
+    // primary after the replica took over, which it loses when it is demoted).
+    let claiming = CancellationToken::new();
+    let claimer = tokio::spawn({
+        let (records, claiming) = (records.clone(), claiming.clone());
+        async move {
+            let mut acquired = Vec::new();
+            for n in 0u32.. {
+                if claiming.is_cancelled() {
+                    break;
+                }
+                let mut id = [0u8; 32];
+                id[..4].copy_from_slice(&n.to_be_bytes());
+                id[4] = 0xcc;
+                if let Ok(Found::Acquired(_)) = records
+                    .claim(&id, Ask::default(), Duration::from_secs(60))
+                    .await
+                {
+                    acquired.push(id);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            acquired
+        }
+    });
     // Refused (NOGOODSLAVE) until the sentinel has a fresh enough view of the replica.
     until(
         Duration::from_secs(30),
@@ -202,7 +248,7 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
     // Writes go to the new primary at once (the sentinel's +switch-master), although the old
     // one takes writes until the sentinel turns it into a replica (up to 10 s later): a claim
     // made now is on the new primary within 3 s.
-    let mut new_primary = admin(p2).await;
+    let mut new_primary = admin(p2, PRIMARY_PASSWORD).await;
     let mut k = 0u8;
     until(
         Duration::from_secs(3),
@@ -225,6 +271,29 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary_with_its_claims(
         },
     )
     .await;
+
+    claiming.cancel();
+    let acquired = claimer.await.unwrap();
+    let mut lost = 0;
+    for id in &acquired {
+        let kept: i64 = redis::cmd("EXISTS")
+            .arg(fleet.record_key(id))
+            .query_async(&mut new_primary)
+            .await
+            .unwrap();
+        lost += usize::from(kept == 0);
+    }
+    assert!(
+        acquired.len() > 10,
+        "claims went on around the failover: {}",
+        acquired.len()
+    );
+    assert_eq!(
+        lost,
+        0,
+        "claims of {} acquired during the failover were lost",
+        acquired.len()
+    );
 
     // The same Fleet, without a restart, holds its claim on the new primary.
     until(
@@ -266,6 +335,7 @@ async fn without_a_sentinel_that_answers_nothing_is_claimed() {
             url: None,
             sentinels: vec![format!("127.0.0.1:{}", free_port())],
             master: "m".into(),
+            password: None,
         },
         "test-failover:",
         "default",

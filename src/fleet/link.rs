@@ -4,15 +4,13 @@
 //!
 //! Follows Redis's guidance for Sentinel clients (<https://redis.io/docs/latest/develop/reference/sentinel-clients/>):
 //! ask the sentinels for the primary, check that it calls itself primary (redis-rs does, in
-//! `async_master_for`), and ask again when the connection fails or the server says it is no
-//! longer primary (`READONLY`).
+//! `async_master_for`), and ask again when the connection fails, the server says it is no
+//! longer primary (`READONLY`), or a sentinel announces a failover ([`super::watch`]).
 
 use std::{
-    sync::{Arc, Weak},
-    time::Duration,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
-
-use futures_util::StreamExt;
 
 use redis::{
     Client, ConnectionAddr, IntoConnectionInfo, TlsMode,
@@ -37,6 +35,8 @@ pub enum Location {
         sentinels: Vec<String>,
         /// `REDIS_SENTINEL_MASTER`.
         master: String,
+        /// `REDIS_SENTINEL_PASSWORD`: the sentinels' own password (`requirepass` on them).
+        password: Option<SecretString>,
     },
 }
 
@@ -44,25 +44,52 @@ pub enum Location {
 /// primary says it is one): a sentinel that does not answer must not hold a claim for ever.
 const FIND_PRIMARY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The connection, and which one it is (so a caller that saw it fail replaces only that one,
-/// not the one another caller has found since).
+/// After a failed lookup, callers are told so at once for this long rather than each asking the
+/// sentinels again (a queue of lookups, one after another, held every caller for seconds).
+const LOOKUP_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
+/// How long writes wait, at most, once a sentinel announces that it is promoting a replica
+/// (`+failover-state-send-slaveof-noone`), for its `+switch-master`.
+pub(super) const FAILOVER_HOLD: Duration = Duration::from_secs(10);
+
+/// A connection: its number (so a caller that saw it fail replaces only that one, not the one
+/// another caller has found since), and the primary's `host:port` with sentinels.
+type Current = Option<(u64, ConnectionManager, String)>;
+
+/// The link to the fleet's Redis.
 pub(super) struct RedisLink {
     source: Source,
-    current: std::sync::Mutex<Option<(u64, ConnectionManager)>>,
+    current: Mutex<Current>,
     /// The number the next connection gets.
     next: std::sync::atomic::AtomicU64,
 }
 
 enum Source {
     Url(Client),
-    Sentinels {
-        client: tokio::sync::Mutex<SentinelClient>,
-        master: String,
-        /// The sentinels as URLs (scheme, host, port), for the `+switch-master` watch.
-        addrs: Vec<String>,
-        /// Whether the watch runs (started by the first call, which runs on Tokio).
-        watching: std::sync::atomic::AtomicBool,
-    },
+    Sentinels(Sentinels),
+}
+
+/// What the link keeps about the sentinels.
+pub(super) struct Sentinels {
+    /// Boxed: far larger than the rest of the link.
+    client: Box<tokio::sync::Mutex<SentinelClient>>,
+    pub(super) master: String,
+    /// The sentinels as URLs (scheme, password, host, port): secret when a password is set.
+    pub(super) addrs: Vec<SecretString>,
+    /// Whether the watch runs (started by the first call, which runs on Tokio).
+    watching: std::sync::atomic::AtomicBool,
+    /// Until when writes wait for an announced failover to finish.
+    held_until: Mutex<Option<Instant>>,
+    /// The last lookup that failed, and why.
+    failed: Mutex<Option<(Instant, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unavailable(why: String) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, why))
 }
 
 fn config() -> ConnectionManagerConfig {
@@ -81,12 +108,13 @@ impl RedisLink {
                 let client = Client::open(url.expose_secret()).map_err(BadUrl)?;
                 let conn = ConnectionManager::new_lazy_with_config(client.clone(), config())
                     .map_err(BadUrl)?;
-                (Source::Url(client), Some((0, conn)))
+                (Source::Url(client), Some((0, conn, String::new())))
             }
             Location::Sentinels {
                 url,
                 sentinels,
                 master,
+                password,
             } => {
                 let info = url
                     .as_ref()
@@ -105,31 +133,33 @@ impl RedisLink {
                     _ => ("redis", SentinelNodeConnectionInfo::default()),
                 };
                 node = node.set_redis_connection_info(info.redis_settings().clone());
-                let addrs: Vec<String> = sentinels
+                let addrs = sentinels
                     .iter()
-                    .map(|s| format!("{scheme}://{s}"))
-                    .collect();
+                    .map(|s| sentinel_url(scheme, s, password.as_ref()))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let client = SentinelClient::build(
-                    addrs.clone(),
+                    addrs.iter().map(|a| a.expose_secret().to_owned()).collect(),
                     master,
                     Some(node),
                     SentinelServerType::Master,
                 )
                 .map_err(BadUrl)?;
                 (
-                    Source::Sentinels {
-                        client: tokio::sync::Mutex::new(client),
+                    Source::Sentinels(Sentinels {
+                        client: Box::new(tokio::sync::Mutex::new(client)),
                         master: master.clone(),
                         addrs,
                         watching: std::sync::atomic::AtomicBool::new(false),
-                    },
+                        held_until: Mutex::new(None),
+                        failed: Mutex::new(None),
+                    }),
                     None,
                 )
             }
         };
         Ok(Self {
             source,
-            current: std::sync::Mutex::new(current),
+            current: Mutex::new(current),
             next: std::sync::atomic::AtomicU64::new(1),
         })
     }
@@ -138,59 +168,76 @@ impl RedisLink {
         self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn current(&self) -> std::sync::MutexGuard<'_, Option<(u64, ConnectionManager)>> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    fn current(&self) -> MutexGuard<'_, Current> {
+        lock(&self.current)
+    }
+
+    /// Which settings say where Redis is, for messages.
+    pub(super) fn label(&self) -> &'static str {
+        match self.source {
+            Source::Url(_) => "REDIS_URL",
+            Source::Sentinels(_) => "REDIS_SENTINELS",
+        }
     }
 
     /// The connection and its number; with sentinels, the primary is asked for first when
-    /// there is no connection (at start, or after [`Self::after`] dropped it).
+    /// there is no connection (at start, or after [`Self::after`] or an announcement dropped
+    /// it).
     ///
     /// # Errors
-    /// Redis's error when no sentinel answers, none names a primary that says it is one, or
-    /// that takes longer than 3 s.
+    /// With sentinels: while an announced failover is under way (at most [`FAILOVER_HOLD`]);
+    /// when no sentinel answers, none names a primary that says it is one, or that takes
+    /// longer than 3 s; and for 1 s after such a failed lookup, with its reason.
     pub(super) async fn get(
         self: &Arc<Self>,
     ) -> Result<(u64, ConnectionManager), redis::RedisError> {
-        if let Some(c) = self.current().clone() {
-            return Ok(c);
-        }
-        let Source::Sentinels {
-            client,
-            master,
-            addrs,
-            watching,
-        } = &self.source
-        else {
-            unreachable!("a REDIS_URL link always holds a connection")
+        let Source::Sentinels(sentinels) = &self.source else {
+            let (n, conn, _) = self
+                .current()
+                .clone()
+                .expect("a REDIS_URL link holds a connection");
+            return Ok((n, conn));
         };
-        if !watching.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tokio::spawn(watch_switches(
-                Arc::downgrade(self),
-                addrs.clone(),
-                master.clone(),
-            ));
+        if !sentinels
+            .watching
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            super::watch::start(Arc::downgrade(self), sentinels);
         }
-        // One caller asks the sentinels; the others wait for its answer.
-        let mut client = client.lock().await;
-        if let Some(c) = self.current().clone() {
-            return Ok(c);
+        sentinels.may_write()?;
+        if let Some((n, conn, _)) = self.current().clone() {
+            return Ok((n, conn));
         }
-        let primary = tokio::time::timeout(FIND_PRIMARY_TIMEOUT, client.async_get_client())
-            .await
-            .map_err(|_| {
-                redis::RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the sentinels did not name a primary within 3 s",
-                ))
-            })??;
+        // One caller asks the sentinels; the others wait for its answer, or its failure.
+        let mut client = sentinels.client.lock().await;
+        sentinels.may_write()?;
+        if let Some((n, conn, _)) = self.current().clone() {
+            return Ok((n, conn));
+        }
+        let found =
+            match tokio::time::timeout(FIND_PRIMARY_TIMEOUT, client.async_get_client()).await {
+                Ok(Ok(primary)) => Ok(primary),
+                Ok(Err(e)) => Err(crate::telemetry::Chain(&e).to_string()),
+                Err(_) => Err("no answer within 3 s".to_owned()),
+            };
+        let primary = found.map_err(|e| {
+            let why = format!(
+                "the sentinels (REDIS_SENTINELS) name no primary for {} that answers: {e}",
+                sentinels.master
+            );
+            *lock(&sentinels.failed) = Some((Instant::now(), why.clone()));
+            unavailable(why)
+        })?;
+        *lock(&sentinels.failed) = None;
+        let addr = primary.get_connection_info().addr().to_string();
         tracing::info!(
-            primary = %primary.get_connection_info().addr(),
-            master = %master,
+            primary = %addr,
+            master = %sentinels.master,
             "the fleet's Redis primary, as the sentinels (REDIS_SENTINELS) name it"
         );
         let conn = ConnectionManager::new_lazy_with_config(primary, config())?;
         let number = self.number();
-        *self.current() = Some((number, conn.clone()));
+        *self.current() = Some((number, conn.clone(), addr));
         Ok((number, conn))
     }
 
@@ -201,7 +248,7 @@ impl RedisLink {
     /// sentinels for the primary again.
     pub(super) fn after(&self, number: u64, e: &redis::RedisError) {
         let mut current = self.current();
-        if current.as_ref().is_none_or(|(n, _)| *n != number) {
+        if current.as_ref().is_none_or(|(n, _, _)| *n != number) {
             return;
         }
         match &self.source {
@@ -211,10 +258,10 @@ impl RedisLink {
                 }
                 if let Ok(fresh) = ConnectionManager::new_lazy_with_config(client.clone(), config())
                 {
-                    *current = Some((self.number(), fresh));
+                    *current = Some((self.number(), fresh, String::new()));
                 }
             }
-            Source::Sentinels { .. } => {
+            Source::Sentinels(_) => {
                 let role = matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
                 if role
                     || e.is_timeout()
@@ -234,9 +281,31 @@ impl RedisLink {
         }
     }
 
-    /// Drops the connection, whichever it is: a sentinel announced another primary.
-    fn switched(&self, announcement: &str) {
-        if self.current().take().is_some() {
+    /// A sentinel announced that it is promoting a replica of the primary: writes wait (at most
+    /// [`FAILOVER_HOLD`]) for the new primary, since the old one takes writes until it is
+    /// demoted and loses them then.
+    pub(super) fn failover_started(&self, announcement: &str) {
+        let Source::Sentinels(sentinels) = &self.source else {
+            return;
+        };
+        *lock(&sentinels.held_until) = Some(Instant::now() + FAILOVER_HOLD);
+        self.current().take();
+        tracing::warn!(
+            announcement,
+            "a sentinel is promoting a replica of the fleet's Redis; writes wait for the new primary"
+        );
+    }
+
+    /// A sentinel announced the new primary (`host:port`): move to it, unless already there.
+    pub(super) fn switched(&self, primary: &str, announcement: &str) {
+        let Source::Sentinels(sentinels) = &self.source else {
+            return;
+        };
+        *lock(&sentinels.held_until) = None;
+        *lock(&sentinels.failed) = None;
+        let mut current = self.current();
+        if current.as_ref().is_some_and(|(_, _, at)| at != primary) {
+            *current = None;
             tracing::info!(
                 announcement,
                 "a sentinel announced a new primary for the fleet's Redis (+switch-master); moving to it"
@@ -245,46 +314,43 @@ impl RedisLink {
     }
 }
 
-/// Listens to the sentinels' `+switch-master` announcements (`<master> <old ip> <old port>
-/// <new ip> <new port>`) and drops the connection when `master` moves, for as long as the link
-/// lives. Needed because after a failover the old primary keeps taking writes until the
-/// sentinels turn it into a replica (up to 10 s later, on their next `INFO`), and those writes
-/// are lost when it does. Any sentinel will do; when it goes away the next is tried, after 1 s.
-async fn watch_switches(link: Weak<RedisLink>, sentinels: Vec<String>, master: String) {
-    const RECHECK: Duration = Duration::from_secs(5);
-    loop {
-        for url in &sentinels {
-            if link.strong_count() == 0 {
-                return;
+impl Sentinels {
+    /// Whether a write may start: not while an announced failover is under way, nor right
+    /// after a lookup failed.
+    fn may_write(&self) -> Result<(), redis::RedisError> {
+        let mut held = lock(&self.held_until);
+        if let Some(until) = *held {
+            if Instant::now() < until {
+                return Err(unavailable(format!(
+                    "a sentinel announced a failover of {}; writes wait for the new primary",
+                    self.master
+                )));
             }
-            let Ok(client) = Client::open(url.as_str()) else {
-                continue;
-            };
-            let Ok(Ok(mut pubsub)) =
-                tokio::time::timeout(FIND_PRIMARY_TIMEOUT, client.get_async_pubsub()).await
-            else {
-                continue;
-            };
-            if pubsub.subscribe("+switch-master").await.is_err() {
-                continue;
-            }
-            let mut messages = pubsub.on_message();
-            loop {
-                match tokio::time::timeout(RECHECK, messages.next()).await {
-                    Ok(Some(msg)) => {
-                        let text: String = msg.get_payload().unwrap_or_default();
-                        if text.split(' ').next() == Some(master.as_str()) {
-                            let Some(link) = link.upgrade() else { return };
-                            link.switched(&text);
-                        }
-                    }
-                    // The sentinel went away: try the next.
-                    Ok(None) => break,
-                    Err(_) if link.strong_count() == 0 => return,
-                    Err(_) => {}
-                }
-            }
+            *held = None;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        match &*lock(&self.failed) {
+            Some((at, why)) if at.elapsed() < LOOKUP_AGAIN_AFTER => Err(unavailable(why.clone())),
+            _ => Ok(()),
+        }
     }
+}
+
+/// `scheme://[:password@]host:port` for one sentinel.
+fn sentinel_url(
+    scheme: &str,
+    host_port: &str,
+    password: Option<&SecretString>,
+) -> Result<SecretString, BadUrl> {
+    let bad = || {
+        BadUrl(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "a sentinel is not host:port",
+        )))
+    };
+    let mut url = url::Url::parse(&format!("{scheme}://{host_port}")).map_err(|_| bad())?;
+    if let Some(p) = password {
+        url.set_password(Some(p.expose_secret()))
+            .map_err(|()| bad())?;
+    }
+    Ok(SecretString::from(url.to_string()))
 }

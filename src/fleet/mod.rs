@@ -18,6 +18,7 @@ mod claim;
 mod link;
 mod record;
 mod scripts;
+mod watch;
 
 pub use claim::{Fenced, Lease, Verdict, hold};
 pub use link::Location;
@@ -28,6 +29,9 @@ use std::{sync::Arc, time::Duration};
 use link::RedisLink;
 
 use crate::identity::Key;
+
+/// How long the readiness check may wait for Redis, in ms.
+pub const WRITE_CHECK_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// Redis could not be reached or answered an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -91,19 +95,7 @@ impl Fleet {
         for a in args {
             inv.arg(a);
         }
-        self.invoke(&inv).await.map_err(|e| {
-            match refusal(&e) {
-                Some(why) => tracing::warn!(
-                    error = %crate::telemetry::Chain(&e),
-                    "Redis (REDIS_URL) refused writes: {why}"
-                ),
-                None => tracing::warn!(
-                    error = %crate::telemetry::Chain(&e),
-                    "Redis (REDIS_URL) did not answer"
-                ),
-            }
-            Unavailable
-        })
+        self.invoke(&inv).await.map_err(|_| Unavailable)
     }
 
     /// [`Self::run`] with two keys (a record and the fleet's epoch counter: epochs never repeat,
@@ -119,20 +111,27 @@ impl Fleet {
         for a in args {
             inv.arg(a);
         }
-        self.invoke(&inv).await.map_err(|e| {
-            tracing::warn!(error = %crate::telemetry::Chain(&e), "Redis (REDIS_URL) did not answer or refused");
-            Unavailable
-        })
+        self.invoke(&inv).await.map_err(|_| Unavailable)
     }
 
-    /// Runs `inv` on the link's connection, and tells the link when that connection failed.
+    /// Runs `inv` on the link's connection, and tells the link when that connection failed; a
+    /// failure is logged (never with a secret: redis-rs's errors name no password).
     async fn invoke<T: redis::FromRedisValue>(
         &self,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<T, redis::RedisError> {
-        let (number, mut conn) = self.link.get().await?;
-        inv.invoke_async(&mut conn).await.inspect_err(|e| {
-            self.link.after(number, e);
+        let outcome = match self.link.get().await {
+            Ok((number, mut conn)) => inv.invoke_async(&mut conn).await.inspect_err(|e| {
+                self.link.after(number, e);
+            }),
+            Err(e) => Err(e),
+        };
+        outcome.inspect_err(|e| {
+            let via = self.link.label();
+            match refusal(e) {
+                Some(why) => tracing::warn!(error = %crate::telemetry::Chain(e), via, "Redis refused writes: {why}"),
+                None => tracing::warn!(error = %crate::telemetry::Chain(e), via, "Redis did not answer"),
+            }
         })
     }
 
@@ -141,15 +140,32 @@ impl Fleet {
     /// that expires in 10 s), since a Redis that answers PING may still refuse every claim (a
     /// read-only replica after a failover, `min-replicas-to-write` not met, `maxmemory` reached
     /// with `noeviction`, an ACL without `EVAL`/`EVALSHA`). With sentinels, a primary they
-    /// cannot name counts as unreachable.
+    /// cannot name counts as unreachable, with their reason. Answers within
+    /// [`WRITE_CHECK_TIMEOUT`] (a Redis that does not answer is unreachable), so readiness
+    /// answers within a probe's usual 1 s.
     pub async fn cannot_write(&self) -> Option<String> {
-        let probe = self
-            .invoke::<i64>(&scripts::PROBE.key(format!("{}probe", self.prefix)))
-            .await;
-        let e = probe.err()?;
+        let via = self.link.label();
+        let probe = tokio::time::timeout(
+            WRITE_CHECK_TIMEOUT,
+            self.invoke::<i64>(&scripts::PROBE.key(format!("{}probe", self.prefix))),
+        )
+        .await;
+        let e = match probe {
+            Ok(Ok(_)) => return None,
+            Ok(Err(e)) => e,
+            Err(_) => {
+                return Some(format!(
+                    "Redis ({via}) is unreachable: no answer within {} ms",
+                    WRITE_CHECK_TIMEOUT.as_millis()
+                ));
+            }
+        };
         Some(match refusal(&e) {
-            Some(why) => format!("Redis (REDIS_URL) refuses writes: {why}"),
-            None => "Redis (REDIS_URL) is unreachable".into(),
+            Some(why) => format!("Redis ({via}) refuses writes: {why}"),
+            None => format!(
+                "Redis ({via}) is unreachable: {}",
+                crate::telemetry::Chain(&e)
+            ),
         })
     }
 

@@ -109,7 +109,7 @@ pub(super) async fn fleet_seal_key(fleet: &crate::fleet::Fleet) -> Result<Vec<u8
             warn!(
                 attempt,
                 retry_in_ms = delay.as_millis() as u64,
-                "Redis (REDIS_URL) did not answer; waiting for the fleet's seal key"
+                "Redis (REDIS_URL, or the primary of REDIS_SENTINELS) did not answer; waiting for the fleet's seal key"
             )
         },
     )

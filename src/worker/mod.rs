@@ -79,7 +79,7 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     /// Redis (`REDIS_URL`) did not answer at start-up, so the fleet's seal key is unknown.
     #[error(
-        "Redis (REDIS_URL) did not answer within {0} s at start-up: the replicas' shared seal key for bookkeeping headers is kept there"
+        "Redis (REDIS_URL, or the primary of REDIS_SENTINELS) did not answer within {0} s at start-up (the log says why): the replicas' shared seal key for bookkeeping headers is kept there"
     )]
     RedisAtStart(u64),
     /// `METRICS_ADDR` could not be served (the port is taken?).
@@ -278,9 +278,12 @@ impl crate::observe::Probe for WorkerStatus {
                 in_flight: self.in_flight(),
                 connected: self.connected().await,
                 publishing_blocked: self.publishing_blocked(),
-                not_ready: self.not_ready().await,
             }
         })
+    }
+
+    fn not_ready(&self) -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+        Box::pin(WorkerStatus::not_ready(self))
     }
 }
 
