@@ -26,7 +26,9 @@ struct Broker {
     in_container: bool,
 }
 
-static BROKER: tokio::sync::OnceCell<Broker> = tokio::sync::OnceCell::const_new();
+/// The broker, or why it could not be had: kept either way, so that after a failure (an engine
+/// that does not answer, say) every later test fails at once rather than waiting as long again.
+static BROKER: tokio::sync::OnceCell<Result<Broker, String>> = tokio::sync::OnceCell::const_new();
 
 /// The broker under test: `AMQP_URL`; else, where a container engine is configured
 /// (`DOCKER_HOST`, or Docker's socket), a RabbitMQ container started once by testcontainers
@@ -36,30 +38,45 @@ pub async fn amqp_url() -> String {
 }
 
 async fn broker() -> &'static Broker {
-    BROKER
+    let found = BROKER
         .get_or_init(|| async {
-            if let Ok(url) = std::env::var("AMQP_URL") {
-                return Broker {
+            // Empty counts as unset, as CI systems export secrets they do not have.
+            if let Some(url) = std::env::var("AMQP_URL")
+                .ok()
+                .filter(|u| !u.trim().is_empty())
+            {
+                return Ok(Broker {
                     url,
                     in_container: false,
-                };
+                });
             }
-            let docker = std::env::var_os("DOCKER_HOST").is_some()
+            let docker = std::env::var_os("DOCKER_HOST").is_some_and(|h| !h.is_empty())
                 || std::path::Path::new("/var/run/docker.sock").exists();
             if !docker {
-                return Broker {
+                return Ok(Broker {
                     url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
                     in_container: false,
-                };
+                });
             }
-            let url = start_broker_container().await;
-            wait_until_accepting(&url).await;
-            Broker {
+            let url = start_broker_container().await?;
+            wait_until_accepting(&url).await?;
+            // A reused container may keep the memory alarm of a run killed before its drop
+            // guard restored it (the flow-control test): every publish would block for ever.
+            exec_in_broker_container(vec!["set_vm_memory_high_watermark".into(), "0.4".into()])
+                .await
+                .map_err(|e| {
+                    format!("resetting the memory watermark of {BROKER_CONTAINER}: {e}")
+                })?;
+            Ok(Broker {
                 url,
                 in_container: true,
-            }
+            })
         })
-        .await
+        .await;
+    match found {
+        Ok(b) => b,
+        Err(why) => panic!("{why}"),
+    }
 }
 
 /// The image of the tests' broker: `TEST_RABBITMQ_IMAGE` (`name:tag`, as `.ci/containers`
@@ -80,8 +97,8 @@ fn engine_is_local() -> bool {
     std::env::var("DOCKER_HOST").map_or(true, |h| h.starts_with("unix://"))
 }
 
-/// Starts (or finds, reused) [`BROKER_CONTAINER`] and returns its URL.
-async fn start_broker_container() -> String {
+/// Starts (or finds, reused) [`BROKER_CONTAINER`] and returns its URL, or why it could not.
+async fn start_broker_container() -> Result<String, String> {
     use std::collections::HashMap;
     use testcontainers::{
         GenericImage, ImageExt, ReuseDirective,
@@ -111,15 +128,15 @@ async fn start_broker_container() -> String {
         })
         .start()
         .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "AMQP_URL is unset and a container engine is configured (DOCKER_HOST), but RabbitMQ ({name}:{tag}) did not start in it: {e}. Run `.ci/containers start`, or set AMQP_URL."
+        .map_err(|e| {
+            format!(
+                "AMQP_URL is unset and a container engine is configured (DOCKER_HOST), but RabbitMQ ({name}:{tag}) did not start in it: {e}. Run `.ci/containers start` (it removes a leftover {BROKER_CONTAINER} it did not make), or set AMQP_URL."
             )
-        });
+        })?;
     let port = container
         .get_host_port_ipv4(5672)
         .await
-        .expect("the broker container publishes 5672");
+        .map_err(|e| format!("the broker container does not publish 5672: {e}"))?;
     // Not `get_host()` for a local engine: inside a container (/.dockerenv) it names the
     // bridge's gateway, which a test on this machine should not need.
     let host = if local {
@@ -128,25 +145,27 @@ async fn start_broker_container() -> String {
         container
             .get_host()
             .await
-            .expect("the engine's host")
+            .map_err(|e| format!("the engine's host: {e}"))?
             .to_string()
     };
     eprintln!("tests use RabbitMQ in container {BROKER_CONTAINER} ({name}:{tag}) at {host}:{port}");
-    format!("amqp://guest:guest@{host}:{port}/%2f")
+    Ok(format!("amqp://guest:guest@{host}:{port}/%2f"))
 }
 
-/// Waits until the broker at `url` accepts a connection, or fails the test after
+/// Waits until the broker at `url` accepts a connection, or says so after
 /// [`REUSED_BROKER_READY`].
-async fn wait_until_accepting(url: &str) {
+async fn wait_until_accepting(url: &str) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + REUSED_BROKER_READY;
     loop {
         match Connection::connect(url, ConnectionProperties::default()).await {
             Ok(c) => {
                 let _ = c.close(200, "".into()).await;
-                return;
+                return Ok(());
             }
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                panic!("the broker container at {url} did not accept connections: {e}")
+                return Err(format!(
+                    "the broker container at {url} did not accept connections: {e}"
+                ));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
