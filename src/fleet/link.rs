@@ -172,6 +172,13 @@ impl RedisLink {
         lock(&self.current)
     }
 
+    /// The connection held now, and its number.
+    fn connection(&self) -> Option<(u64, ConnectionManager)> {
+        self.current()
+            .as_ref()
+            .map(|(n, conn, _)| (*n, conn.clone()))
+    }
+
     /// Which settings say where Redis is, for messages.
     pub(super) fn label(&self) -> &'static str {
         match self.source {
@@ -192,11 +199,9 @@ impl RedisLink {
         self: &Arc<Self>,
     ) -> Result<(u64, ConnectionManager), redis::RedisError> {
         let Source::Sentinels(sentinels) = &self.source else {
-            let (n, conn, _) = self
-                .current()
-                .clone()
-                .expect("a REDIS_URL link holds a connection");
-            return Ok((n, conn));
+            return Ok(self
+                .connection()
+                .expect("a REDIS_URL link holds a connection"));
         };
         if !sentinels
             .watching
@@ -205,14 +210,14 @@ impl RedisLink {
             super::watch::start(Arc::downgrade(self), sentinels);
         }
         sentinels.may_write()?;
-        if let Some((n, conn, _)) = self.current().clone() {
-            return Ok((n, conn));
+        if let Some(c) = self.connection() {
+            return Ok(c);
         }
         // One caller asks the sentinels; the others wait for its answer, or its failure.
         let mut client = sentinels.client.lock().await;
         sentinels.may_write()?;
-        if let Some((n, conn, _)) = self.current().clone() {
-            return Ok((n, conn));
+        if let Some(c) = self.connection() {
+            return Ok(c);
         }
         let found =
             match tokio::time::timeout(FIND_PRIMARY_TIMEOUT, client.async_get_client()).await {

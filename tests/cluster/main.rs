@@ -16,7 +16,6 @@
 
 use std::{
     collections::HashMap,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -182,15 +181,8 @@ async fn broker_node_losses_and_redis_failovers_lose_nothing_and_repeat_nothing(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     eprintln!("killing node rc{node}, which the first replica is connected to");
-    let pid = std::fs::read_to_string(format!("{}/{node}/pid", cluster_dir())).unwrap();
     let t0 = Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-9", pid.trim()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill_9(&format!("{node}/pid"));
     // Started again once the killed node is gone (its distribution port closed).
     let dist = 25681 + u16::from(node.as_bytes()[0] - b'a');
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -228,15 +220,8 @@ async fn broker_node_losses_and_redis_failovers_lose_nothing_and_repeat_nothing(
 
     // (d) The Redis primary dies (kill -9); the sentinels promote the replica.
     let old = redis_primary(&sentinels, &master).await;
-    let pid = std::fs::read_to_string(format!("{}/redis/{old}.pid", cluster_dir())).unwrap();
     let t0 = Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-9", pid.trim()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill_9(&format!("redis/{old}.pid"));
     let deadline = Instant::now() + Duration::from_secs(60);
     while redis_primary(&sentinels, &master).await == old {
         assert!(

@@ -177,3 +177,16 @@ pub async fn passive_count(ch: &Channel, queue: &str) -> Option<(u32, u32)> {
     .ok()
     .map(|q| (q.message_count(), q.consumer_count()))
 }
+
+/// kill -9 of the process whose pid `pid_file` (under the cluster's directory) holds.
+pub fn kill_9(pid_file: &str) {
+    let pid = std::fs::read_to_string(format!("{}/{pid_file}", cluster_dir())).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .unwrap()
+            .success(),
+        "kill -9 of {pid_file}"
+    );
+}
